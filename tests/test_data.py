@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distgan.config import TrainConfig
+from distgan.data import DataError, build_dataset, check_data_root, mnist5k
+
+
+def test_mnist5k_is_the_embedded_real_digits_split_per_class():
+    train_x, train_y = mnist5k("train")
+    test_x, test_y = mnist5k("test")
+    assert train_x.shape == (4000, 28, 28) and test_x.shape == (1000, 28, 28)
+    assert np.bincount(train_y).tolist() == [400] * 10 and np.bincount(test_y).tolist() == [100] * 10
+    assert train_x.dtype == np.uint8 and train_x.max() == 255 and train_x.mean() > 20
+    # the splits are disjoint
+    train_keys = {x.tobytes() for x in train_x}
+    assert not any(x.tobytes() in train_keys for x in test_x)
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_mnist5k_dataset_is_scaled_to_minus_one_one(size):
+    ds = build_dataset(TrainConfig(image_size=size).validate(), "train")
+    x, y = ds[0]
+    assert x.shape == (1, size, size) and x.dtype == torch.float32
+    assert x.min() == -1.0 and x.max() <= 1.0 and x.max() > 0.9
+
+
+def _write_idx(path, array, magic):
+    import struct
+
+    with open(path, "wb") as fh:
+        fh.write(struct.pack(">I", magic))
+        for dim in array.shape:
+            fh.write(struct.pack(">I", dim))
+        fh.write(array.tobytes())
+
+
+def test_torchvision_mnist_loader_reads_real_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7, dtype=np.uint8)
+    for split in ("train", "t10k"):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images, 2051)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels, 2049)
+    cfg = TrainConfig(dataset="mnist", data_root=str(tmp_path)).validate()
+    check_data_root(cfg)
+    ds = build_dataset(cfg, "train")
+    assert len(ds) == 7
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and y == labels[3]
+    assert torch.allclose(x, torch.from_numpy(images[3]).float() / 127.5 - 1, atol=1e-5)
+
+
+def test_cifar10_and_folder_loaders_resize_and_keep_three_channels(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            arr = np.random.default_rng(i).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), image_size=32).validate()
+    check_data_root(cfg)
+    ds = build_dataset(cfg)
+    x, y = ds[0]
+    assert len(ds) == 4 and x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+
+
+def test_missing_and_empty_roots_are_errors_naming_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        check_data_root(TrainConfig(dataset="mnist", data_root=str(tmp_path / "nope")).validate())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        check_data_root(TrainConfig(dataset="cifar10", data_root=str(tmp_path / "empty")).validate())
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "README").write_text("not mnist")
+    with pytest.raises(DataError, match="mnist not readable"):
+        check_data_root(TrainConfig(dataset="mnist", data_root=str(tmp_path / "wrong")).validate())
+
+
+def test_a_malformed_image_in_a_folder_dataset_is_reported_by_path(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8) + 7).save(tmp_path / "a" / "ok.png")
+    bad = tmp_path / "a" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DataError, match="broken.png"):
+        check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path)).validate())

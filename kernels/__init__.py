@@ -1,0 +1,132 @@
+"""Fused training hot-path ops for distgan, with one switch between Triton and the eager reference.
+
+    impl="triton"  Triton kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
+                   before `kernels` was imported. Anything else is an error, never a silent fallback.
+    impl="eager"   the PyTorch reference in `kernels.reference`.
+    impl="auto"    Triton on CUDA tensors, eager otherwise.
+
+See kernels/README.md for what is fused, the memory traffic and the tolerances.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+# The op modules share their names with the public functions below, so they are imported first and
+# the functions bound afterwards (a later `import kernels.<op>` must not shadow the function).
+try:
+    from . import batch_norm_leaky_relu as _bnlr
+    from . import bce_with_logits as _bce
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # triton is a Linux-only dependency; the eager path must still work
+    _bnlr = _bce = None
+    _TRITON_IMPORT_ERROR = exc
+
+IMPLS = ("auto", "triton", "eager")
+
+
+def triton_can_run(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run on tensors of `device` in this process."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _bnlr.INTERPRET)
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """Map impl ("auto" | "triton" | "eager") and a tensor's device to the path that will run."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "eager":
+        return "eager"
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_can_run(device) else "eager"
+    if triton_can_run(device):
+        return "triton"
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f'impl="triton" needs the triton package: {_TRITON_IMPORT_ERROR}')
+    raise RuntimeError(
+        f'impl="triton" cannot run on {device.type} tensors: Triton needs CUDA tensors, or CPU tensors '
+        f"with TRITON_INTERPRET=1 set before `kernels` is imported. Use impl=\"auto\" or \"eager\"."
+    )
+
+
+def batch_norm_leaky_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    negative_slope: float = 0.2,
+    impl: str = "auto",
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """`F.leaky_relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps),
+    negative_slope)` for x of shape (N, C, *), fused.
+
+    num_batches_tracked: optional int64 counter, incremented in place when training with running
+        statistics (as nn.BatchNorm does); `momentum=None` then means the cumulative average.
+    process_group: synchronised BatchNorm (training only): statistics and the backward sums are
+        reduced over this torch.distributed group; dweight/dbias stay local (DDP sums them).
+    """
+    if _bnlr is not None:
+        _bnlr.check_inputs(x, weight, bias, running_mean, running_var, training, momentum,
+                           num_batches_tracked, process_group)
+    if resolve_impl(impl, x.device) == "triton":
+        return _bnlr.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum,
+                                           eps, negative_slope, num_batches_tracked, process_group)
+    if process_group is not None:
+        return reference.sync_batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, momentum,
+                                                    eps, negative_slope, num_batches_tracked, process_group)
+    return reference.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum,
+                                           eps, negative_slope, num_batches_tracked)
+
+
+def bce_with_logits(logits: torch.Tensor, target, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+    """`F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)`; target may be a float."""
+    if _bce is not None:
+        _bce.check_inputs(logits, target, reduction)
+    if resolve_impl(impl, logits.device) == "triton":
+        return _bce.bce_with_logits(logits, target, reduction)
+    return reference.bce_with_logits(logits, target, reduction)
+
+
+def discriminator_loss(logits: torch.Tensor, num_real: int, real_label: float = 1.0, fake_label: float = 0.0,
+                       impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D loss over one concatenated batch whose first `num_real` rows are real, in one launch.
+
+    Returns (loss, d_real, d_fake): loss = mean BCE(real rows, real_label) + mean BCE(fake rows,
+    fake_label) (DCGAN's errD_real + errD_fake); d_real / d_fake = mean sigmoid of each part, detached
+    0-d float32 tensors for logging (no host sync).
+    """
+    if _bce is not None:
+        _bce.check_discriminator_inputs(logits, num_real)
+    if resolve_impl(impl, logits.device) == "triton":
+        return _bce.discriminator_loss(logits, num_real, real_label, fake_label)
+    return reference.discriminator_loss(logits, num_real, real_label, fake_label)
+
+
+from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl  # noqa: E402
+
+__all__ = [
+    "IMPLS",
+    "BCEWithLogitsLoss",
+    "BatchNormLeakyReLU1d",
+    "BatchNormLeakyReLU2d",
+    "batch_norm_leaky_relu",
+    "bce_with_logits",
+    "discriminator_loss",
+    "reference",
+    "resolve_impl",
+    "set_impl",
+    "triton_can_run",
+]

@@ -177,10 +177,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     w = Worker(cfg)
     _resume(w)
 
-    # (3) G keeps broadcast_buffers so every replica normalises with rank 0's running statistics
-    # (--bn local); D has no buffers, so its broadcast would be a wasted collective per forward.
-    w.g = ray.train.torch.prepare_model(w.g, parallel_strategy_kwargs={"broadcast_buffers": True})
-    w.d = ray.train.torch.prepare_model(w.d, parallel_strategy_kwargs={"broadcast_buffers": False})
+    # (3) DDP's default buffer sync copies rank 0's BatchNorm running statistics into every replica at
+    # each G forward, so all ranks evaluate alike (--bn local); D has no buffers, so it costs D nothing.
+    w.g = ray.train.torch.prepare_model(w.g)
+    w.d = ray.train.torch.prepare_model(w.d)
 
     dataset = build_dataset(cfg, "train")
     sampler = ResumableDistributedSampler(dataset, num_replicas=w.world, rank=w.rank, shuffle=True,

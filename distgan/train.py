@@ -69,7 +69,9 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
 
     from distgan.loop import train_loop_per_worker
 
-    max_failures = cfg.max_failures if cfg.max_failures is not None else 2
+    # On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local
+    # run's failures are bugs or bad input, and retrying them only delays the error.
+    max_failures = cfg.max_failures if cfg.max_failures is not None else (2 if os.environ.get("RAY_ADDRESS") else 0)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": _forwarded_env(), "score_fid": score_fid},

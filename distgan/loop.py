@@ -291,7 +291,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             w.epoch, w.pos = w.epoch + 1, 0
         will_checkpoint = done or w.epoch >= cfg.epochs or (epoch_finished and w.epoch % cfg.checkpoint_every == 0)
         evaluate = will_checkpoint or (epoch_finished and cfg.eval_every and w.epoch % cfg.eval_every == 0)
-        extra = _end_of_epoch(w, tracker, evaluator if evaluate else None) if w.rank == 0 else {}
+        extra = {}
+        if w.rank == 0:
+            # Evaluation draws random numbers (KID subsets); forking the RNG keeps training bit-identical
+            # whether or not a run stopped and evaluated here.
+            with torch.random.fork_rng(devices=[]):
+                extra = _end_of_epoch(w, tracker, evaluator if evaluate else None)
         extra = _broadcast_metrics(extra)
         if will_checkpoint:
             checkpoint(extra)

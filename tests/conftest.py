@@ -8,3 +8,50 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_gpu = __import__("pytest").mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_local import LocalRayCluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray head node on loopback (token auth on) shared by every test that trains."""
+    cluster = LocalRayCluster(num_cpus=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def run_train(cluster, *args, env=None, timeout=300, cwd=None):
+    """`python -m distgan.train ...` as a driver of the test cluster; returns the CompletedProcess."""
+    full_env = cluster.client_env(WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "distgan.train", *map(str, args)], env=full_env, cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(proc) -> dict:
+    """The JSON summary `distgan.train` prints on success."""
+    out = proc.stdout
+    start = out.index("{\n")
+    depth = 0
+    for i, ch in enumerate(out[start:], start):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth == 0:
+            return json.loads(out[start:i + 1])
+    raise ValueError("no summary in output")
+
+
+def describe(proc) -> str:
+    return f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"

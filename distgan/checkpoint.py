@@ -110,7 +110,7 @@ def load_state(directory: str | os.PathLike) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused: holds objects other than plain tensors/containers "
                               f"({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # a torn file fails anywhere in the unpickler (EOFError, struct.error, ...)
         raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict):

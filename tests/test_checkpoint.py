@@ -1,0 +1,101 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distgan.checkpoint import (CheckpointError, capture_rng, check_compatible, load_latest_valid, load_state,
+                                restore_rng, save_state)
+
+
+def _state(step=3, **overrides):
+    torch.manual_seed(step)
+    state = {"format": 1, "config": {"z_dim": 100, "image_size": 28}, "step": step, "epoch": 0,
+             "batch_in_epoch": step, "generator": {"w": torch.randn(4, 3)}, "discriminator": {"w": torch.randn(2)},
+             "opt_g": {"state": {}, "param_groups": []}, "opt_d": {"state": {}, "param_groups": []},
+             "fixed_noise": torch.randn(2, 3), "rng": [capture_rng(torch.Generator())], "world_size": 1,
+             "lr_scale": 1.0, "rollbacks": 0}
+    state.update(overrides)
+    return state
+
+
+def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path):
+    state = _state()
+    save_state(state, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    loaded = load_state(tmp_path)
+    assert torch.equal(loaded["generator"]["w"], state["generator"]["w"]) and loaded["step"] == 3
+
+
+def test_saving_non_finite_weights_is_refused(tmp_path):
+    bad = _state(generator={"w": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(CheckpointError, match="non-finite.*generator.w"):
+        save_state(bad, tmp_path)
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_a_pickled_object_is_refused_without_being_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({**_state(), "payload": Exploit()}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_state(tmp_path)
+    assert not marker.exists()
+
+
+def test_truncated_file_is_an_error_naming_it(tmp_path):
+    save_state(_state(), tmp_path)
+    path = tmp_path / "state.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_state(tmp_path)
+
+
+def test_nan_in_a_saved_file_is_an_error(tmp_path):
+    torch.save(_state(discriminator={"w": torch.tensor([float("inf")])}), tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="non-finite.*discriminator"):
+        load_state(tmp_path)
+
+
+def test_latest_valid_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
+    for step in (2, 4, 6):
+        save_state(_state(step), tmp_path / f"checkpoint_{step:08d}")
+    latest = tmp_path / "checkpoint_00000006"
+    (latest / "state.pt").write_bytes(b"\x00" * 10)
+    logged = []
+    with pytest.warns(UserWarning, match="older checkpoint"):
+        state, where = load_latest_valid(latest, log=logged.append)
+    assert state["step"] == 4 and where.name == "checkpoint_00000004"
+    assert "checkpoint_00000006" in logged[0]
+
+
+def test_no_valid_checkpoint_is_an_error_not_a_restart_from_zero(tmp_path):
+    for step in (2, 4):
+        d = tmp_path / f"checkpoint_{step:08d}"
+        d.mkdir()
+        (d / "state.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*checkpoint_00000004.*checkpoint_00000002"):
+        load_latest_valid(tmp_path / "checkpoint_00000004", log=lambda m: None)
+
+
+def test_incompatible_model_config_is_refused():
+    with pytest.raises(CheckpointError, match="z_dim"):
+        check_compatible(_state(), {"z_dim": 64, "image_size": 28}, "ckpt")
+
+
+def test_rng_capture_and_restore_reproduce_every_stream():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    saved = capture_rng(gen)
+    first = (torch.rand(3), torch.randn(2, generator=gen), np.random.rand(2), random.random())
+    restore_rng(saved, gen)
+    second = (torch.rand(3), torch.randn(2, generator=gen), np.random.rand(2), random.random())
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert np.array_equal(first[2], second[2]) and first[3] == second[3]

@@ -39,10 +39,16 @@ FUSED_MAX_TILE = 4096  # one channel (block) held in registers: 16 fp32 per thre
 STATS_TILE = 2048  # elements per reduction tile: 8 KB fp32, 16 per thread at 4 warps (4 x ld.v4)
 ELEMENTWISE_TILE = 4096  # elements per normalise / dx program: enough bytes in flight per SM
 MAX_BLOCK_K = 1024  # longest contiguous strip per tile row; wider rows are tiled along K
+ROWS_BLOCK_C = 128  # (N, C) layout: channels per fused program (512 B contiguous per row)
+STATS_BLOCK_C = 64  # (N, C) layout: channels per reduction tile
 FINALIZE_BLOCK_C = 64  # channels per finalize program
 FINALIZE_BLOCK_P = 32  # partials merged per finalize step
 PROGRAMS_PER_SM = 4  # split-path reduction grids aim at this many programs per SM (latency hiding)
-CPU_TARGET_PROGRAMS = 8  # interpreter: programs run one after another, so fewer is faster
+# The interpreter runs programs one after another at ~10 ms each whatever their size, so on CPU the
+# grids are few and the channel blocks wide. Same kernels, other constexprs; the compile report
+# checks the GPU ones.
+CPU_TARGET_PROGRAMS = 8
+CPU_BLOCK_C = 1024
 
 
 def _num_warps(tile: int) -> int:
@@ -75,19 +81,31 @@ def _bn_affine(x, mean, scale, shift):
 
 
 @triton.jit
-def _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+def _aligned(K, K_ALIGN: tl.constexpr):
+    """K, with its divisibility by K_ALIGN made visible to the compiler.
+
+    triton only knows an int argument is 16-divisible; a 14x14 map (K = 196) is 4-divisible, which
+    is what fp32 128-bit loads need (row starts 16-byte aligned, masks constant over 4 elements).
+    The value is unchanged: the launcher passes K_ALIGN = gcd(K, 16); the ops fold to a shift pair.
+    """
+    return (K // K_ALIGN) * K_ALIGN
+
+
+@triton.jit
+def _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT: tl.constexpr, K_ALIGN: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Offsets and mask of reduction tile `t` of channel (block) `pid_c`.
 
     ROWS: tile t covers rows [t*BLOCK_R, +BLOCK_R) of channels [pid_c*BLOCK_K, +BLOCK_K).
     PLANES: tile t of channel pid_c covers samples n in row block t // KT and spatial block t % KT.
     """
-    if ROWS_LAYOUT:
+    K = _aligned(K, K_ALIGN)
+    if ROWS_LAYOUT:  # K == C
         rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
         rmask = rows < N_ROWS
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        mask = rmask[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        mask = rmask[:, None] & (cols < K)[None, :]
         count = tl.sum(rmask.to(tl.float32), axis=0)
     else:
         kt = tl.cdiv(K, BLOCK_K)
@@ -129,7 +147,7 @@ def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RS
     Updates running stats with the unbiased variance (nn.BatchNorm's convention) and folds
     weight/bias into scale/shift; stores what the normalise pass and backward need.
     """
-    var = m2 / count
+    var = m2 / tl.maximum(count, 1.0)  # count is 0 only in masked-off lanes past C
     rstd = 1.0 / tl.sqrt(var + eps)
     if UPDATE_RUNNING:
         if CUMULATIVE:  # momentum=None: cumulative average; the launcher already incremented NBT
@@ -158,11 +176,11 @@ def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RS
 @triton.jit
 def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_ROWS, C, K, momentum, eps,
                            slope, ROWS_LAYOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                           UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, K_ALIGN: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Training forward when a whole channel (block) fits one tile: one read and one write of x."""
     pid_c = tl.program_id(0)
-    offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+    offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     mean = _reduce_tile(x, ROWS_LAYOUT) / count
     if ROWS_LAYOUT:
@@ -185,7 +203,7 @@ def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_
 
 @triton.jit
 def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                           K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial (count, mean, M2) of channel (block) program_id(0) over tile range program_id(1).
 
     PART is (3, C, P) fp32; each program owns column p, so the merge is deterministic.
@@ -204,7 +222,7 @@ def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT
         m2_acc = 0.0
     for i in range(0, TILES_PER_PROG):
         t = pid_p * TILES_PER_PROG + i
-        offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+        offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
         mask = mask & (t < n_tiles)
         count = tl.where(t < n_tiles, count, 0.0)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -275,8 +293,9 @@ def _bnlr_fwd_finalize_kernel(PART, P, C, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, 
 
 @triton.jit
 def _bnlr_fwd_kernel(X, Y, MEAN, SCALE, SHIFT, TOTAL_ROWS, C, K, slope, ROWS_LAYOUT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                     K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = leaky((x - mean) * scale + shift) over the (TOTAL_ROWS, K) matrix view of x."""
+    K = _aligned(K, K_ALIGN)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < TOTAL_ROWS
@@ -309,11 +328,11 @@ def _bwd_tile_terms(x, g, mean, rstd, scale, shift, mask, slope, ROWS_LAYOUT: tl
 @triton.jit
 def _bnlr_bwd_fused_kernel(X, G, DX, MEAN, RSTD, SCALE, SHIFT, DW, DB, N_ROWS, C, K, inv_count, slope,
                            ROWS_LAYOUT: tl.constexpr, TRAINING: tl.constexpr, HAS_DW: tl.constexpr,
-                           HAS_DB: tl.constexpr, HAS_DX: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           HAS_DB: tl.constexpr, HAS_DX: tl.constexpr, K_ALIGN: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward when a whole channel (block) fits one tile: one read of x and g, one write of dx."""
     pid_c = tl.program_id(0)
-    offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+    offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     mean = _channel_vector(MEAN, pid_c, C, ROWS_LAYOUT, BLOCK_K)
@@ -346,7 +365,8 @@ def _bnlr_bwd_fused_kernel(X, G, DX, MEAN, RSTD, SCALE, SHIFT, DW, DB, N_ROWS, C
 
 @triton.jit
 def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, TILES_PER_PROG, P, slope,
-                            ROWS_LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                            ROWS_LAYOUT: tl.constexpr, K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
     """Partial per-channel sums of h and h * x_hat; PART is (2, C, P) fp32, one slot per program."""
     pid_c = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -364,7 +384,7 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
         sum_hx = 0.0
     for i in range(0, TILES_PER_PROG):
         t = pid_p * TILES_PER_PROG + i
-        offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+        offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
         mask = mask & (t < n_tiles)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -429,8 +449,9 @@ def _bnlr_bwd_finalize_kernel(PART, P, C, RSTD, SCALE, COUNT, DW, DB, SUMS, COEF
 
 @triton.jit
 def _bnlr_bwd_kernel(X, G, DX, MEAN, SCALE, SHIFT, COEF, TOTAL_ROWS, C, K, slope, ROWS_LAYOUT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                     K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx = scale * h + c1 * (x - mean) + c2 over the (TOTAL_ROWS, K) matrix view."""
+    K = _aligned(K, K_ALIGN)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < TOTAL_ROWS
@@ -485,20 +506,25 @@ def layout_of(x: torch.Tensor):
     return x, False, n, c, s
 
 
-def _target_programs(device: torch.device) -> int:
+def device_limits(device: torch.device) -> dict:
+    """Grid size target and channel-block caps for `device` (see CPU_BLOCK_C)."""
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_TARGET_PROGRAMS
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return dict(programs=PROGRAMS_PER_SM * sms, rows_block_c=ROWS_BLOCK_C, stats_block_c=STATS_BLOCK_C,
+                    finalize_block_c=FINALIZE_BLOCK_C)
+    return dict(programs=CPU_TARGET_PROGRAMS, rows_block_c=CPU_BLOCK_C, stats_block_c=CPU_BLOCK_C,
+                finalize_block_c=min(FINALIZE_BLOCK_C * 16, CPU_BLOCK_C))
 
 
-def plan(n_rows: int, c: int, k: int, rows_layout: bool, target_programs: int) -> dict:
+def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: dict) -> dict:
     """Block sizes and grids for one (layout, shape); `fused` says whether a channel fits one tile."""
+    target_programs = limits["programs"]
     if rows_layout:
-        block_k = min(_np2(c), 128)
+        block_k = min(_np2(c), limits["rows_block_c"])
         fused_r = _np2(n_rows)
         fused_k = min(block_k, max(1, FUSED_MAX_TILE // fused_r))
         fused = fused_r * fused_k <= FUSED_MAX_TILE and fused_r <= FUSED_MAX_TILE
-        stats_k = min(block_k, 64)
+        stats_k = min(_np2(c), limits["stats_block_c"])
         stats_r = min(_np2(n_rows), max(1, STATS_TILE // stats_k))
         c_blocks = triton.cdiv(c, stats_k)
         n_tiles = triton.cdiv(n_rows, stats_r)
@@ -531,7 +557,9 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, target_programs: int) -
         elem_grid=(triton.cdiv(total_rows, elem_r), triton.cdiv(k, elem_k)),
         elem_warps=_num_warps(elem_r * elem_k),
         total_rows=total_rows,
-        finalize_grid=(triton.cdiv(c, FINALIZE_BLOCK_C),),
+        k_align=math.gcd(k, 16),  # rows start 16-byte aligned when K is a multiple of 4 (fp32) -> ld.v4
+        finalize_block_c=limits["finalize_block_c"],
+        finalize_grid=(triton.cdiv(c, limits["finalize_block_c"]),),
     )
 
 
@@ -606,7 +634,7 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
     """Launch the forward; returns (y, saved) with saved = what backward needs."""
     xv, rows_layout, n_rows, c, k = layout_of(x)
     dev = x.device
-    cfg = plan(n_rows, c, k, rows_layout, _target_programs(dev))
+    cfg = plan(n_rows, c, k, rows_layout, device_limits(dev))
     y = _empty_like_x(xv)
     f32 = dict(dtype=torch.float32, device=dev)
     mean, rstd, scale, shift = (_empty((c,), **f32) for _ in range(4))
@@ -627,7 +655,7 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
         br, bk = cfg["fused_block"]
         _bnlr_fwd_fused_kernel[cfg["fused_grid"]](
             xv, y, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], ptrs["NBT"], mean, rstd, scale, shift,
-            n_rows, c, k, mom, eps, negative_slope, ROWS_LAYOUT=rows_layout, **flags, BLOCK_R=br,
+            n_rows, c, k, mom, eps, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], **flags, BLOCK_R=br,
             BLOCK_K=bk, num_warps=cfg["fused_warps"])
         return y.view(x.shape) if y.shape != x.shape else y, (mean, rstd, scale, shift, count)
 
@@ -636,7 +664,7 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
         p = cfg["stats_grid"][1]
         part = _empty((3, c, p), **f32)
         _bnlr_fwd_stats_kernel[cfg["stats_grid"]](
-            xv, part, n_rows, c, k, cfg["tiles_per_prog"], p, ROWS_LAYOUT=rows_layout, BLOCK_R=sr,
+            xv, part, n_rows, c, k, cfg["tiles_per_prog"], p, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=sr,
             BLOCK_K=sk, num_warps=cfg["stats_warps"])
         if process_group is not None:
             # Split point 1 (synchronised BN): merge locally, all-gather every rank's (3, C) triples,
@@ -645,7 +673,7 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
             _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
                 part, p, c, dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, local, 0.0, eps,
                 TRAINING=True, MERGE_ONLY=True, HAS_W=False, HAS_B=False, UPDATE_RUNNING=False,
-                CUMULATIVE=False, BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
+                CUMULATIVE=False, BLOCK_C=cfg["finalize_block_c"], BLOCK_P=FINALIZE_BLOCK_P)
             from .reference import all_gather_stats
 
             gathered = all_gather_stats(local, process_group)  # (world, 3, C)
@@ -654,17 +682,17 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
             count = part[0].sum(1)  # global per-channel count, for the backward coefficients
         _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
             part, p, c, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], ptrs["NBT"], mean, rstd, scale, shift,
-            dummy, mom, eps, TRAINING=True, MERGE_ONLY=False, **flags, BLOCK_C=FINALIZE_BLOCK_C,
+            dummy, mom, eps, TRAINING=True, MERGE_ONLY=False, **flags, BLOCK_C=cfg["finalize_block_c"],
             BLOCK_P=FINALIZE_BLOCK_P)
     else:
         _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
             dummy, 0, c, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], dummy, mean, rstd, scale, shift,
             dummy, 0.0, eps, TRAINING=False, MERGE_ONLY=False, HAS_W=weight is not None,
-            HAS_B=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_C=FINALIZE_BLOCK_C,
+            HAS_B=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_C=cfg["finalize_block_c"],
             BLOCK_P=FINALIZE_BLOCK_P)
     er, ek = cfg["elem_block"]
     _bnlr_fwd_kernel[cfg["elem_grid"]](
-        xv, y, mean, scale, shift, cfg["total_rows"], c, k, negative_slope, ROWS_LAYOUT=rows_layout,
+        xv, y, mean, scale, shift, cfg["total_rows"], c, k, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"],
         BLOCK_R=er, BLOCK_K=ek, num_warps=cfg["elem_warps"])
     return y.view(x.shape) if y.shape != x.shape else y, (mean, rstd, scale, shift, count)
 
@@ -676,7 +704,7 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
     xv, rows_layout, n_rows, c, k = layout_of(x)  # x was saved in its kernel layout: no copy here
     g = _like_layout(g, xv)
     dev = x.device
-    cfg = plan(n_rows, c, k, rows_layout, _target_programs(dev))
+    cfg = plan(n_rows, c, k, rows_layout, device_limits(dev))
     need_dx, need_dw, need_db = needs
     dx = _empty_like_x(xv) if need_dx else None
     dw = _empty((c,), weight_dtype, dev) if need_dw else None
@@ -688,7 +716,7 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
         br, bk = cfg["fused_block"]
         _bnlr_bwd_fused_kernel[cfg["fused_grid"]](
             xv, g, dx if need_dx else dummy, mean, rstd, scale, shift, dw if need_dw else dummy,
-            db if need_db else dummy, n_rows, c, k, inv_count, negative_slope, ROWS_LAYOUT=rows_layout,
+            db if need_db else dummy, n_rows, c, k, inv_count, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"],
             TRAINING=training, HAS_DW=need_dw, HAS_DB=need_db, HAS_DX=need_dx, BLOCK_R=br, BLOCK_K=bk,
             num_warps=cfg["fused_warps"])
     else:
@@ -698,9 +726,9 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
         part = _empty((2, c, p), **f32)
         _bnlr_bwd_reduce_kernel[cfg["stats_grid"]](
             xv, g, mean, rstd, scale, shift, part, n_rows, c, k, cfg["tiles_per_prog"], p, negative_slope,
-            ROWS_LAYOUT=rows_layout, BLOCK_R=sr, BLOCK_K=sk, num_warps=cfg["stats_warps"])
+            ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=sr, BLOCK_K=sk, num_warps=cfg["stats_warps"])
         coef = _empty((2, c), **f32)
-        common = dict(BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
+        common = dict(BLOCK_C=cfg["finalize_block_c"], BLOCK_P=FINALIZE_BLOCK_P)
         if process_group is not None:
             # Split point 2 (synchronised BN): dweight/dbias keep the local sums (DDP all-reduces
             # them); the sums that feed dx are all-reduced across the group first.
@@ -726,7 +754,7 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
             er, ek = cfg["elem_block"]
             _bnlr_bwd_kernel[cfg["elem_grid"]](
                 xv, g, dx, mean, scale, shift, coef, cfg["total_rows"], c, k, negative_slope,
-                ROWS_LAYOUT=rows_layout, BLOCK_R=er, BLOCK_K=ek, num_warps=cfg["elem_warps"])
+                ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=er, BLOCK_K=ek, num_warps=cfg["elem_warps"])
     if dx is not None and dx.shape != x.shape:
         dx = dx.view(x.shape)
     return dx, dw, db

@@ -29,7 +29,7 @@ NUM_WARPS = 4
 def _log1p(e):
     # log(1 + e) accurate for small e (Goldberg): triton.language has no portable log1p.
     u = 1.0 + e
-    return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit

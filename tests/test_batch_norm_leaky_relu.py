@@ -1,0 +1,278 @@
+"""kernels.batch_norm_leaky_relu: Triton (interpreted on CPU) against a float64 eager reference.
+
+Every Triton output (and every partial buffer) is pre-filled with NaN, so an element a kernel forgot to
+write shows up as a mismatch. Each case runs both launch paths: "fused" (a channel in one tile) and
+"split" (statistics / finalize / normalise with tiny tiles, so several programs, several tiles per
+program, masked tails and chunked finalize loops are all exercised).
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+
+BN = importlib.import_module("kernels.batch_norm_leaky_relu")
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # rtol, and atol relative to the largest |expected|
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    monkeypatch.setattr(BN, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+# Tiny tiles for the split path: many programs, several tiles each, masked tails, chunked finalize.
+# DCGAN-sized inputs keep the real tile sizes (the interpreter runs programs one by one).
+SPLIT_TINY = dict(FUSED_MAX_TILE=0, STATS_TILE=16, ELEMENTWISE_TILE=32, CPU_TARGET_PROGRAMS=3, CPU_BLOCK_C=4,
+                  FINALIZE_BLOCK_C=4, FINALIZE_BLOCK_P=2)
+SPLIT_REAL = dict(FUSED_MAX_TILE=0, CPU_TARGET_PROGRAMS=3)
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    def use(numel):
+        if request.param == "split":
+            for name, value in (SPLIT_TINY if numel <= 2048 else SPLIT_REAL).items():
+                monkeypatch.setattr(BN, name, value)
+
+    use.name = request.param
+    return use
+
+
+def assert_close(actual, expected, dtype, what=""):
+    tol = TOL[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def make_inputs(shape, dtype, affine=True, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen) * 1.5 + 0.3 + offset).to(dtype)
+    w = (torch.rand(c, generator=gen) + 0.5) if affine else None
+    b = torch.randn(c, generator=gen) if affine else None
+    g = torch.randn(shape, generator=gen).to(dtype)
+    return x, w, b, g
+
+
+def run(impl, x, w, b, g, rm, rv, training, momentum=0.1, slope=0.2, nbt=None, to64=False):
+    cast = (lambda t: t.double()) if to64 else (lambda t: t.clone())
+    xx = cast(x).requires_grad_()
+    ww = cast(w).requires_grad_() if w is not None else None
+    bb = cast(b).requires_grad_() if b is not None else None
+    y = kernels.batch_norm_leaky_relu(xx, ww, bb, rm, rv, training, momentum, 1e-5, slope, impl=impl,
+                                      num_batches_tracked=nbt)
+    y.backward(cast(g))
+    return y.detach(), xx.grad, ww.grad if ww is not None else None, bb.grad if bb is not None else None
+
+
+SHAPES = [
+    (3, 7, 5, 5),  # odd and prime
+    (2, 13),  # (N, C), prime C
+    (2, 3, 1, 1),  # 4D that is really (N, C)
+    (5, 1, 3, 3),  # C = 1
+    (7, 1),  # C = 1, (N, C)
+    (3, 5, 6, 11),  # M per channel not a multiple of any block
+]
+DCGAN_SHAPES = [  # the 28x28 generator's BN+LReLU layers at batch 4
+    (4, 12544),  # G.project: 256*7*7 features
+    (4, 128, 7, 7),
+    (4, 64, 14, 14),
+]
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [(s, d) for s in SHAPES for d in (FP32, BF16)] + [(s, FP32) for s in DCGAN_SHAPES],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_parity_training_steps_then_eval(shape, dtype, path):
+    path(torch.Size(shape).numel())
+    c = shape[1]
+    state = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("triton", "ref")}
+    for step in range(1 if shape in DCGAN_SHAPES else 2):  # the interpreter is slow; 1 step is enough there
+        x, w, b, g = make_inputs(shape, dtype, seed=step)
+        got = run("triton", x, w, b, g, *state["triton"], training=True)
+        rm, rv = state["ref"]
+        rm64, rv64 = rm.double(), rv.double()
+        want = run("eager", x, w, b, g, rm64, rv64, training=True, to64=True)
+        rm.copy_(rm64), rv.copy_(rv64)
+        for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+            assert_close(a, e, dtype, f"step {step} {name}")
+            assert a.dtype == (dtype if name in ("y", "dx") else torch.float32)
+        assert_close(state["triton"][0], rm, torch.float32, "running_mean")
+        assert_close(state["triton"][1], rv, torch.float32, "running_var")
+    x, w, b, g = make_inputs(shape, dtype, seed=7)
+    got = run("triton", x, w, b, g, *state["triton"], training=False)
+    want = run("eager", x, w, b, g, state["ref"][0].double(), state["ref"][1].double(), training=False, to64=True)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert_close(a, e, dtype, f"eval {name}")
+
+
+@pytest.mark.parametrize(
+    "shape, slope, momentum, affine, offset",
+    [
+        ((3, 7, 5, 5), 0.0, 0.5, True, 0.0),
+        ((2, 13), 0.0, 0.1, False, 0.0),
+        ((3, 7, 5, 5), 0.2, 0.1, False, 1000.0),  # |mean| >> std: raw sum/sum-of-squares would fail here
+        ((6, 13), 0.2, 0.5, True, 1000.0),
+        ((4, 64, 14, 14), 0.2, 0.1, True, 1000.0),
+    ],
+)
+def test_variants(shape, slope, momentum, affine, offset, path):
+    path(torch.Size(shape).numel())
+    c = shape[1]
+    x, w, b, g = make_inputs(shape, torch.float32, affine=affine, offset=offset)
+    rm_t, rv_t = torch.zeros(c), torch.ones(c)
+    rm_r, rv_r = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    got = run("triton", x, w, b, g, rm_t, rv_t, True, momentum, slope)
+    want = run("eager", x, w, b, g, rm_r, rv_r, True, momentum, slope, to64=True)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+        if e is not None:
+            assert_close(a, e, torch.float32, name)
+    assert_close(rm_t, rm_r, torch.float32, "running_mean")
+    assert_close(rv_t, rv_r, torch.float32, "running_var")
+
+
+def test_cumulative_average_and_num_batches_tracked(path):
+    shape, c = (3, 5, 2, 3), 5
+    path(90)
+    rm_t, rv_t, n_t = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
+    rm_r, rv_r, n_r = rm_t.double(), rv_t.double(), n_t.clone()
+    for step in range(3):
+        x, w, b, g = make_inputs(shape, torch.float32, seed=step)
+        run("triton", x, w, b, g, rm_t, rv_t, True, None, nbt=n_t)
+        run("eager", x, w, b, g, rm_r, rv_r, True, None, nbt=n_r, to64=True)
+    assert n_t.item() == n_r.item() == 3
+    assert_close(rm_t, rm_r, torch.float32, "running_mean")
+    assert_close(rv_t, rv_r, torch.float32, "running_var")
+
+
+def test_no_running_stats_and_no_affine(path):
+    path(108)
+    x, _, _, g = make_inputs((4, 3, 3, 3), torch.float32)
+    got = run("triton", x, None, None, g, None, None, True)
+    want = run("eager", x, None, None, g, None, None, True, to64=True)
+    assert_close(got[0], want[0], torch.float32, "y")
+    assert_close(got[1], want[1], torch.float32, "dx")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(layout, path):
+    path(60)
+    if layout == "channels_last":
+        x = torch.randn(3, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(3, 5, 4, 3)
+    elif layout == "transposed":
+        x = torch.randn(7, 6).t()  # (6, 7) with C strided
+        g = torch.randn(7, 6).t()
+    else:
+        x = torch.randn(4, 10, 3, 5)[:, ::2, :, 1:]  # (4, 5, 3, 4), every stride odd
+        g = torch.randn(4, 5, 3, 4)
+    c = x.shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    got = run("triton", x, w, b, g, torch.zeros(c), torch.ones(c), True)
+    want = run("eager", x, w, b, g, torch.zeros(c).double(), torch.ones(c).double(), True, to64=True)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert_close(a, e, torch.float32, name)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_split_path_is_deterministic(monkeypatch):
+    for name, value in dict(FUSED_MAX_TILE=0, STATS_TILE=16, CPU_TARGET_PROGRAMS=5).items():
+        monkeypatch.setattr(BN, name, value)
+    x, w, b, g = make_inputs((6, 3, 5, 7), torch.float32)
+    first = run("triton", x, w, b, g, None, None, True)
+    second = run("triton", x, w, b, g, None, None, True)
+    for a, e in zip(first, second):
+        assert torch.equal(a, e)
+
+
+def test_only_weight_grads_requested():
+    x, w, b, g = make_inputs((3, 4, 2, 2), torch.float32)
+    ww = w.clone().requires_grad_()
+    kernels.batch_norm_leaky_relu(x, ww, b, None, None, impl="triton").backward(g)
+    ref = w.clone().requires_grad_()
+    F.leaky_relu(F.batch_norm(x, None, None, ref, b, True), 0.2).backward(g)
+    assert_close(ww.grad, ref.grad, torch.float32, "dweight")
+
+
+# -------------------------------------------------------------------------------------------------
+# The switch and bad input
+
+
+def test_auto_is_eager_on_cpu(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("auto must not take the Triton path for CPU tensors")
+
+    monkeypatch.setattr(BN, "batch_norm_leaky_relu", boom)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(kernels.batch_norm_leaky_relu(x, impl="auto"),
+                               F.leaky_relu(F.batch_norm(x, None, None, training=True), 0.2))
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setattr(BN, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.batch_norm_leaky_relu(torch.randn(4, 3), impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.batch_norm_leaky_relu(torch.randn(4, 3), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_bad_input(impl):
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
+        kernels.batch_norm_leaky_relu(x, torch.ones(4), None, impl=impl)
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 2"):
+        kernels.batch_norm_leaky_relu(x, None, None, torch.zeros(2), torch.ones(2), impl=impl)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        kernels.batch_norm_leaky_relu(torch.randn(1, 3), impl=impl)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        kernels.batch_norm_leaky_relu(torch.randn(1, 3, 1, 1), impl=impl)
+    with pytest.raises(NotImplementedError, match="not implemented for torch.int64"):
+        kernels.batch_norm_leaky_relu(torch.ones(4, 3, dtype=torch.long), impl=impl)
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        kernels.batch_norm_leaky_relu(x, torch.ones(3, dtype=torch.float64), None, impl=impl)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        kernels.batch_norm_leaky_relu(x, training=False, impl=impl)
+    with pytest.raises(RuntimeError, match="same device"):
+        kernels.batch_norm_leaky_relu(x, torch.ones(3, device="meta"), None, impl=impl)
+    with pytest.raises(ValueError, match="at least 2D"):
+        kernels.batch_norm_leaky_relu(torch.randn(3), impl=impl)
+
+
+def test_eval_with_one_value_per_channel_is_fine():
+    # PyTorch only refuses a single value per channel when it has to compute batch statistics.
+    x = torch.randn(1, 3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    got = kernels.batch_norm_leaky_relu(x, None, None, rm, rv, training=False, impl="triton")
+    torch.testing.assert_close(got, reference.batch_norm_leaky_relu(x, None, None, rm, rv, training=False))
+
+
+# -------------------------------------------------------------------------------------------------
+# On a GPU (skipped here)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 12544), (64, 128, 7, 7), (64, 64, 14, 14), (256, 64, 28, 28)], ids=str)
+def test_gpu_parity(shape, dtype):
+    x, w, b, g = (t.cuda() if t is not None else None for t in make_inputs(shape, dtype))
+    c = shape[1]
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rm64, rv64 = rm.double(), rv.double()
+    got = run("triton", x, w, b, g, rm, rv, True)
+    want = run("eager", x, w, b, g, rm64, rv64, True, to64=True)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert_close(a, e, dtype, name)
+    assert_close(rv, rv64, torch.float32, "running_var")

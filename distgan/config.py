@@ -43,16 +43,16 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "default: use GPUs when the cluster has them"})
     # --- optimisation (the seed's recipe)
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr_g: float = field(default=2e-4, metadata={"help": "generator Adam learning rate"})
+    lr_d: float = field(default=2e-4, metadata={"help": "discriminator Adam learning rate"})
+    beta1: float = field(default=0.5, metadata={"help": "Adam beta1 (both optimizers)"})
+    beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (both optimizers)"})
     n_critic: int = field(default=1, metadata={"help": "D steps per G step"})
     label_smoothing: float = field(default=0.0, metadata={"help": "one-sided: real label = 1 - this"})
-    z_dim: int = 100
+    z_dim: int = field(default=100, metadata={"help": "latent noise dimension"})
     negative_slope: float = field(default=0.2, metadata={"help": "LeakyReLU slope"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of G for samples and metrics; 0 = off"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "init, data order and noise (noise uses seed + rank)"})
     # --- model execution
     kernels: str = field(default="auto", metadata={"help": f"one of {', '.join(KERNEL_IMPLS)}"})
     bn: str = field(default="local", metadata={"help": "BatchNorm statistics: local (per worker) or sync"})
@@ -74,10 +74,10 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between metric logs"})
     eval_every: int = field(default=1, metadata={"help": "epochs between quality evaluations; 0 = off"})
     eval_samples: int = field(default=1000, metadata={"help": "generated images per evaluation"})
-    wandb_project: str = "distgan"
+    wandb_project: str = field(default="distgan", metadata={"help": "W&B project (or WANDB_PROJECT)"})
     wandb_mode: Optional[str] = field(default=None, metadata={"help": "online/offline/disabled; default offline "
                                                                       "unless WANDB_API_KEY is set"})
-    wandb_group: Optional[str] = None
+    wandb_group: Optional[str] = field(default=None, metadata={"help": "W&B group, e.g. for a sweep"})
     config: Optional[str] = field(default=None, metadata={"help": "YAML file whose keys override the defaults"})
 
     # ---------------------------------------------------------------- derived

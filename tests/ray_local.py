@@ -100,7 +100,7 @@ class LocalRayCluster:
         sid = os.getsid(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         for pid in _session_pids(sid):

@@ -102,7 +102,7 @@ def test_no_valid_checkpoint_exits_nonzero_naming_the_files(ray_cluster, storage
     name = "all-bad"
     first = train(ray_cluster, storage, name, 4)
     assert first.returncode == 0, describe(first)
-    for ckpt in (storage / name).glob("checkpoint_*"):
+    for ckpt in (storage / name).glob("checkpoint_0*"):
         (ckpt / "state.pt").write_bytes(b"not a checkpoint")
     second = train(ray_cluster, storage, name, 8, extra=("--max-failures", 0))
     assert second.returncode == 1, describe(second)
@@ -120,7 +120,7 @@ def test_nan_loss_is_caught_on_every_rank_and_rolled_back(ray_cluster, storage, 
     state = final_state(storage, "nan-rollback")
     assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5
     assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
-    for ckpt in sorted((storage / "nan-rollback").glob("checkpoint_*")):
+    for ckpt in sorted((storage / "nan-rollback").glob("checkpoint_0*")):
         load_state(ckpt)  # validates: every saved tensor is finite
 
 
@@ -129,4 +129,4 @@ def test_nan_loss_with_stop_policy_exits_nonzero_with_a_clear_message(ray_cluste
     proc = train(ray_cluster, storage, "nan-stop", 8, env=env, extra=("--nan-policy", "stop"))
     assert proc.returncode == 1, describe(proc)
     assert "training stopped: non-finite loss at step 3" in proc.stderr
-    assert sorted(p.name for p in (storage / "nan-stop").glob("checkpoint_*")) == ["checkpoint_00000002"]
+    assert sorted(p.name for p in (storage / "nan-stop").glob("checkpoint_0*")) == ["checkpoint_00000002"]

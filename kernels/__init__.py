@@ -51,7 +51,7 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
         raise RuntimeError(f'impl="triton" needs the triton package: {_TRITON_IMPORT_ERROR}')
     raise RuntimeError(
         f'impl="triton" cannot run on {device.type} tensors: Triton needs CUDA tensors, or CPU tensors '
-        f"with TRITON_INTERPRET=1 set before `kernels` is imported. Use impl=\"auto\" or \"eager\"."
+        f'with TRITON_INTERPRET=1 set before `kernels` is imported. Use impl="auto" or "eager".'
     )
 
 
@@ -79,19 +79,53 @@ def batch_norm_leaky_relu(
         reduced over this torch.distributed group; dweight/dbias stay local (DDP sums them).
     """
     if _bnlr is not None:
-        _bnlr.check_inputs(x, weight, bias, running_mean, running_var, training, momentum,
-                           num_batches_tracked, process_group)
+        _bnlr.check_inputs(
+            x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked, process_group
+        )
     if resolve_impl(impl, x.device) == "triton":
-        return _bnlr.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum,
-                                           eps, negative_slope, num_batches_tracked, process_group)
+        return _bnlr.batch_norm_leaky_relu(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            negative_slope,
+            num_batches_tracked,
+            process_group,
+        )
     if process_group is not None:
-        return reference.sync_batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, momentum,
-                                                    eps, negative_slope, num_batches_tracked, process_group)
-    return reference.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum,
-                                           eps, negative_slope, num_batches_tracked)
+        return reference.sync_batch_norm_leaky_relu(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            negative_slope,
+            num_batches_tracked,
+            process_group,
+        )
+    return reference.batch_norm_leaky_relu(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        negative_slope,
+        num_batches_tracked,
+    )
 
 
-def bce_with_logits(logits: torch.Tensor, target, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+def bce_with_logits(
+    logits: torch.Tensor, target, reduction: str = "mean", impl: str = "auto"
+) -> torch.Tensor:
     """`F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)`; target may be a float."""
     if _bce is not None:
         _bce.check_inputs(logits, target, reduction)
@@ -100,8 +134,9 @@ def bce_with_logits(logits: torch.Tensor, target, reduction: str = "mean", impl:
     return reference.bce_with_logits(logits, target, reduction)
 
 
-def discriminator_loss(logits: torch.Tensor, num_real: int, real_label: float = 1.0, fake_label: float = 0.0,
-                       impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def discriminator_loss(
+    logits: torch.Tensor, num_real: int, real_label: float = 1.0, fake_label: float = 0.0, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D loss over one concatenated batch whose first `num_real` rows are real, in one launch.
 
     Returns (loss, d_real, d_fake): loss = mean BCE(real rows, real_label) + mean BCE(fake rows,
@@ -115,7 +150,7 @@ def discriminator_loss(logits: torch.Tensor, num_real: int, real_label: float = 
     return reference.discriminator_loss(logits, num_real, real_label, fake_label)
 
 
-from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl  # noqa: E402
+from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl
 
 __all__ = [
     "IMPLS",

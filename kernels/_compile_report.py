@@ -39,6 +39,7 @@ CASES = [
     ("G.bn2 (64,64,14,14)", "bn", (64, 64, 14, 14), torch.float32, "train"),
     ("G.bn2 (64,64,14,14) bf16", "bn", (64, 64, 14, 14), torch.bfloat16, "train"),
     ("G.bn1 (64,128,7,7) bf16", "bn", (64, 128, 7, 7), torch.bfloat16, "train"),
+    ("G.project (64,12544) bf16", "bn", (64, 12544), torch.bfloat16, "train"),
     ("(256,64,28,28) channels_last", "bn", (256, 64, 28, 28), torch.float32, "channels_last"),
     ("G.bn2 (64,64,14,14) eval", "bn", (64, 64, 14, 14), torch.float32, "eval"),
     ("G.bn2 (64,64,14,14) sync", "bn", (64, 64, 14, 14), torch.float32, "sync"),
@@ -55,8 +56,10 @@ _RESOURCE = re.compile(r"Function ([\w$]+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)
 def _op_modules():
     # The op modules share their names with kernels' public functions (`kernels.batch_norm_leaky_relu`
     # is the function), so they are fetched by module path.
-    return (importlib.import_module(f"{__package__}.batch_norm_leaky_relu"),
-            importlib.import_module(f"{__package__}.bce_with_logits"))
+    return (
+        importlib.import_module(f"{__package__}.batch_norm_leaky_relu"),
+        importlib.import_module(f"{__package__}.bce_with_logits"),
+    )
 
 
 class _Recorder:
@@ -79,16 +82,23 @@ def _recording(calls, case):
 
     patches = [(bn, name) for name in dir(bn) if name.startswith("_bnlr_") and name.endswith("_kernel")]
     patches += [(bce, name) for name in dir(bce) if name.startswith("_bce_") and name.endswith("_kernel")]
-    patches += [(bn, "device_limits"), (bce, "_plan_for"), (reference, "all_gather_stats"),
-                (dist, "all_reduce")]
+    patches += [
+        (bn, "device_limits"),
+        (bce, "_plan_for"),
+        (reference, "all_gather_stats"),
+        (dist, "all_reduce"),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in patches]
     try:
         for mod, name, fn in saved:
             if name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(fn, calls, case))
-        bn.device_limits = lambda device: dict(programs=bn.PROGRAMS_PER_SM * H100_SMS,
-                                               rows_block_c=bn.ROWS_BLOCK_C, stats_block_c=bn.STATS_BLOCK_C,
-                                               finalize_block_c=bn.FINALIZE_BLOCK_C)
+        bn.device_limits = lambda device: {
+            "programs": bn.PROGRAMS_PER_SM * H100_SMS,
+            "rows_block_c": bn.ROWS_BLOCK_C,
+            "stats_block_c": bn.STATS_BLOCK_C,
+            "finalize_block_c": bn.FINALIZE_BLOCK_C,
+        }
         bce._plan_for = lambda m, device: bce.plan(m, "cuda", H100_SMS)
         reference.all_gather_stats = lambda stats, group: torch.stack([stats, stats])  # a 2-rank world
         dist.all_reduce = lambda tensor, group=None: None
@@ -103,7 +113,7 @@ def record_launches(cases=CASES):
     bn, bce = _op_modules()
     calls = []
     for case in cases:
-        label, op, shape, dtype, variant = case
+        _label, op, shape, dtype, variant = case
         with _recording(calls, case):
             if op == "bn":
                 c = shape[1]
@@ -114,17 +124,29 @@ def record_launches(cases=CASES):
                 rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
                 training = variant != "eval"
                 group = object() if variant == "sync" else None
-                _, saved = bn.batch_norm_leaky_relu_forward(x, w, b, rm, rv, training, 0.1, 1e-5, 0.2, nbt, group)
+                _, saved = bn.batch_norm_leaky_relu_forward(
+                    x, w, b, rm, rv, training, 0.1, 1e-5, 0.2, nbt, group
+                )
                 xv = bn.layout_of(x)[0]
-                bn.batch_norm_leaky_relu_backward(torch.empty_like(xv), xv, saved, training, 0.2,
-                                                  (True, True, True), w.dtype, b.dtype, group)
+                bn.batch_norm_leaky_relu_backward(
+                    torch.empty_like(xv),
+                    xv,
+                    saved,
+                    training,
+                    0.2,
+                    (True, True, True),
+                    w.dtype,
+                    b.dtype,
+                    group,
+                )
             else:
                 x = torch.empty(shape, dtype=dtype)
                 m = x.numel()
                 if op == "dloss":
                     half = m // 2
-                    _, grad, _ = bce.bce_forward(x, None, half, 1.0, 0.0, 1 / half, 1 / (m - half), False, True,
-                                                 True, True)
+                    _, _grad, _ = bce.bce_forward(
+                        x, None, half, 1.0, 0.0, 1 / half, 1 / (m - half), False, True, True, True
+                    )
                     bce.bce_backward(torch.empty(shape), torch.empty(()), dtype)
                 else:
                     target = torch.empty_like(x) if op == "bce_t" else 1.0
@@ -173,20 +195,28 @@ def compile_one(fn, signature, constexprs, attrs, options, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+    )
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], check=True,
-                              capture_output=True, text=True).stdout
+        dump = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(cubin)], check=True, capture_output=True, text=True
+        ).stdout
     match = _RESOURCE.search(dump.replace("\n", " "))
     if match is None:
         raise RuntimeError(f"cannot parse cuobjdump output:\n{dump}")
     reg, stack, shared, local = (int(v) for v in match.groups()[1:])
-    return dict(regs=reg, stack=stack, shared=shared, local=local,
-                v4_loads=len(_V4_LOAD.findall(ptx)), loads=ptx.count("ld.global"))
+    return {
+        "regs": reg,
+        "stack": stack,
+        "shared": shared,
+        "local": local,
+        "v4_loads": len(_V4_LOAD.findall(ptx)),
+        "loads": ptx.count("ld.global"),
+    }
 
 
 def compile_report(archs=(90, 80), cases=CASES) -> list[dict]:
@@ -197,32 +227,56 @@ def compile_report(archs=(90, 80), cases=CASES) -> list[dict]:
     rows, seen = [], set()
     for label, fn, grid, args, kwargs in record_launches(cases):
         signature, constexprs, attrs, options = _specialise(fn, args, kwargs)
-        key = (fn.__name__, str(sorted(signature.items())), str(sorted(constexprs.items())), str(attrs),
-               str(options))
+        key = (
+            fn.__name__,
+            str(sorted(signature.items())),
+            str(sorted(constexprs.items())),
+            str(attrs),
+            str(options),
+        )
         if key in seen:
             continue
         seen.add(key)
         blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k == "K_ALIGN"}
         flags = sorted(k for k, v in constexprs.items() if v is True)
-        # "aligned": every pointer and the contiguous extent are 16-divisible, so 128-bit loads are legal
+        # "streams": the kernel reads x (or the logits) tile by tile -- where 128-bit loads matter.
+        # "aligned": every pointer is 16-byte aligned and rows start 16-byte aligned, so they are legal.
+        dtype = next((signature[p.name][1:] for p in fn.params if p.name in ("X", "GRAD")), "")
+        itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype, 4)
         ptr_idx = [i for i, p in enumerate(fn.params) if signature[p.name].startswith("*")]
-        aligned = all((i,) in attrs for i in ptr_idx) and constexprs.get("K_ALIGN", 16) >= 4
+        aligned = all((i,) in attrs for i in ptr_idx) and constexprs.get("K_ALIGN", 16) * itemsize >= 16
+        streams = "finalize" not in fn.__name__
         for arch in archs:
             res = compile_one(fn, signature, constexprs, attrs, options, arch)
-            rows.append(dict(kernel=fn.__name__, case=label, arch=arch, grid=list(grid),
-                             num_warps=options.get("num_warps", 4), blocks=blocks, flags=flags,
-                             dtype=next((signature[p.name][1:] for p in fn.params if p.name in ("X", "GRAD")),
-                                        ""), aligned=aligned, **res))
+            rows.append(
+                dict(
+                    kernel=fn.__name__,
+                    case=label,
+                    arch=arch,
+                    grid=list(grid),
+                    num_warps=options.get("num_warps", 4),
+                    blocks=blocks,
+                    flags=flags,
+                    dtype=dtype,
+                    aligned=aligned,
+                    streams=streams,
+                    **res,
+                )
+            )
     return rows
 
 
 def markdown(rows) -> str:
-    lines = ["| kernel | case | sm | warps | blocks | regs | stack | local | ld.v4 / ld |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | case | sm | warps | blocks | regs | stack | local | shared | ld.v4 / ld |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
-        lines.append(f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {blocks} | {r['regs']} | "
-                     f"{r['stack']} | {r['local']} | {r['v4_loads']} / {r['loads']} |")
+        lines.append(
+            f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {blocks} | {r['regs']} | "
+            f"{r['stack']} | {r['local']} | {r['shared']} | {r['v4_loads']} / {r['loads']} |"
+        )
     return "\n".join(lines)
 
 

@@ -92,8 +92,17 @@ def _aligned(K, K_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT: tl.constexpr, K_ALIGN: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_offsets(
+    pid_c,
+    t,
+    N_ROWS,
+    C,
+    K,
+    ROWS_LAYOUT: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Offsets and mask of reduction tile `t` of channel (block) `pid_c`.
 
     ROWS: tile t covers rows [t*BLOCK_R, +BLOCK_R) of channels [pid_c*BLOCK_K, +BLOCK_K).
@@ -139,9 +148,28 @@ def _channel_vector(PTR, pid_c, C, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT,
-                       momentum, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr):
+def _finalize_channels(
+    chan,
+    cmask,
+    count,
+    mean,
+    m2,
+    W,
+    B,
+    RM,
+    RV,
+    NBT,
+    MEAN,
+    RSTD,
+    SCALE,
+    SHIFT,
+    momentum,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+):
     """Per-channel epilogue shared by the fused and the finalize kernels.
 
     Updates running stats with the unbiased variance (nn.BatchNorm's convention) and folds
@@ -174,10 +202,33 @@ def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RS
 
 
 @triton.jit
-def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_ROWS, C, K, momentum, eps,
-                           slope, ROWS_LAYOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                           UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, K_ALIGN: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bnlr_fwd_fused_kernel(
+    X,
+    Y,
+    W,
+    B,
+    RM,
+    RV,
+    NBT,
+    MEAN,
+    RSTD,
+    SCALE,
+    SHIFT,
+    N_ROWS,
+    C,
+    K,
+    momentum,
+    eps,
+    slope,
+    ROWS_LAYOUT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Training forward when a whole channel (block) fits one tile: one read and one write of x."""
     pid_c = tl.program_id(0)
     offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
@@ -192,8 +243,28 @@ def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_
         chan = pid_c
         cmask = pid_c < C
     m2 = _reduce_tile(d * d, ROWS_LAYOUT)
-    scale, shift = _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE,
-                                      SHIFT, momentum, eps, HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
+    scale, shift = _finalize_channels(
+        chan,
+        cmask,
+        count,
+        mean,
+        m2,
+        W,
+        B,
+        RM,
+        RV,
+        NBT,
+        MEAN,
+        RSTD,
+        SCALE,
+        SHIFT,
+        momentum,
+        eps,
+        HAS_W,
+        HAS_B,
+        UPDATE_RUNNING,
+        CUMULATIVE,
+    )
     if ROWS_LAYOUT:
         y = _leaky(_bn_affine(x, mean[None, :], scale[None, :], shift[None, :]), slope)
     else:
@@ -202,8 +273,19 @@ def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_
 
 
 @triton.jit
-def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT: tl.constexpr,
-                           K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bnlr_fwd_stats_kernel(
+    X,
+    PART,
+    N_ROWS,
+    C,
+    K,
+    TILES_PER_PROG,
+    P,
+    ROWS_LAYOUT: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Partial (count, mean, M2) of channel (block) program_id(0) over tile range program_id(1).
 
     PART is (3, C, P) fp32; each program owns column p, so the merge is deterministic.
@@ -220,7 +302,7 @@ def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT
         n_acc = 0.0
         mean_acc = 0.0
         m2_acc = 0.0
-    for i in range(0, TILES_PER_PROG):
+    for i in range(TILES_PER_PROG):
         t = pid_p * TILES_PER_PROG + i
         offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
         mask = mask & (t < n_tiles)
@@ -248,10 +330,31 @@ def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT
 
 
 @triton.jit
-def _bnlr_fwd_finalize_kernel(PART, P, C, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, STATS, momentum, eps,
-                              TRAINING: tl.constexpr, MERGE_ONLY: tl.constexpr, HAS_W: tl.constexpr,
-                              HAS_B: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _bnlr_fwd_finalize_kernel(
+    PART,
+    P,
+    C,
+    W,
+    B,
+    RM,
+    RV,
+    NBT,
+    MEAN,
+    RSTD,
+    SCALE,
+    SHIFT,
+    STATS,
+    momentum,
+    eps,
+    TRAINING: tl.constexpr,
+    MERGE_ONLY: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Merge P partial triples per channel, then the per-channel epilogue.
 
     MERGE_ONLY writes the merged (count, mean, M2) to STATS (3, C) and stops: that is the sync split
@@ -281,19 +384,72 @@ def _bnlr_fwd_finalize_kernel(PART, P, C, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, 
             tl.store(STATS + C + chan, mean_acc, mask=cmask)
             tl.store(STATS + 2 * C + chan, m2_acc, mask=cmask)
         else:
-            _finalize_channels(chan, cmask, n_acc, mean_acc, m2_acc, W, B, RM, RV, NBT, MEAN, RSTD, SCALE,
-                               SHIFT, momentum, eps, HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
+            _finalize_channels(
+                chan,
+                cmask,
+                n_acc,
+                mean_acc,
+                m2_acc,
+                W,
+                B,
+                RM,
+                RV,
+                NBT,
+                MEAN,
+                RSTD,
+                SCALE,
+                SHIFT,
+                momentum,
+                eps,
+                HAS_W,
+                HAS_B,
+                UPDATE_RUNNING,
+                CUMULATIVE,
+            )
     else:
         mean = tl.load(RM + chan, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(RV + chan, mask=cmask, other=1.0).to(tl.float32)
         # count = 1 and m2 = var make the shared epilogue compute rstd = 1 / sqrt(var + eps).
-        _finalize_channels(chan, cmask, 1.0, mean, var, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT,
-                           momentum, eps, HAS_W, HAS_B, False, False)
+        _finalize_channels(
+            chan,
+            cmask,
+            1.0,
+            mean,
+            var,
+            W,
+            B,
+            RM,
+            RV,
+            NBT,
+            MEAN,
+            RSTD,
+            SCALE,
+            SHIFT,
+            momentum,
+            eps,
+            HAS_W,
+            HAS_B,
+            False,
+            False,
+        )
 
 
 @triton.jit
-def _bnlr_fwd_kernel(X, Y, MEAN, SCALE, SHIFT, TOTAL_ROWS, C, K, slope, ROWS_LAYOUT: tl.constexpr,
-                     K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bnlr_fwd_kernel(
+    X,
+    Y,
+    MEAN,
+    SCALE,
+    SHIFT,
+    TOTAL_ROWS,
+    C,
+    K,
+    slope,
+    ROWS_LAYOUT: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y = leaky((x - mean) * scale + shift) over the (TOTAL_ROWS, K) matrix view of x."""
     K = _aligned(K, K_ALIGN)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -326,13 +482,33 @@ def _bwd_tile_terms(x, g, mean, rstd, scale, shift, mask, slope, ROWS_LAYOUT: tl
 
 
 @triton.jit
-def _bnlr_bwd_fused_kernel(X, G, DX, MEAN, RSTD, SCALE, SHIFT, DW, DB, N_ROWS, C, K, inv_count, slope,
-                           ROWS_LAYOUT: tl.constexpr, TRAINING: tl.constexpr, HAS_DW: tl.constexpr,
-                           HAS_DB: tl.constexpr, HAS_DX: tl.constexpr, K_ALIGN: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bnlr_bwd_fused_kernel(
+    X,
+    G,
+    DX,
+    MEAN,
+    RSTD,
+    SCALE,
+    SHIFT,
+    DW,
+    DB,
+    N_ROWS,
+    C,
+    K,
+    inv_count,
+    slope,
+    ROWS_LAYOUT: tl.constexpr,
+    TRAINING: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    HAS_DX: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Backward when a whole channel (block) fits one tile: one read of x and g, one write of dx."""
     pid_c = tl.program_id(0)
-    offs, mask, count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
+    offs, mask, _count = _tile_offsets(pid_c, 0, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     mean = _channel_vector(MEAN, pid_c, C, ROWS_LAYOUT, BLOCK_K)
@@ -364,9 +540,25 @@ def _bnlr_bwd_fused_kernel(X, G, DX, MEAN, RSTD, SCALE, SHIFT, DW, DB, N_ROWS, C
 
 
 @triton.jit
-def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, TILES_PER_PROG, P, slope,
-                            ROWS_LAYOUT: tl.constexpr, K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+def _bnlr_bwd_reduce_kernel(
+    X,
+    G,
+    MEAN,
+    RSTD,
+    SCALE,
+    SHIFT,
+    PART,
+    N_ROWS,
+    C,
+    K,
+    TILES_PER_PROG,
+    P,
+    slope,
+    ROWS_LAYOUT: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Partial per-channel sums of h and h * x_hat; PART is (2, C, P) fp32, one slot per program."""
     pid_c = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -382,9 +574,9 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
         n_tiles = tl.cdiv(N_ROWS, BLOCK_R) * tl.cdiv(K, BLOCK_K)
         sum_h = 0.0
         sum_hx = 0.0
-    for i in range(0, TILES_PER_PROG):
+    for i in range(TILES_PER_PROG):
         t = pid_p * TILES_PER_PROG + i
-        offs, mask, count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
+        offs, mask, _count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
         mask = mask & (t < n_tiles)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -403,10 +595,27 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
 
 
 @triton.jit
-def _bnlr_bwd_finalize_kernel(PART, P, C, RSTD, SCALE, COUNT, DW, DB, SUMS, COEF, inv_count,
-                              TRAINING: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                              WRITE_SUMS: tl.constexpr, WRITE_COEF: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _bnlr_bwd_finalize_kernel(
+    PART,
+    P,
+    C,
+    RSTD,
+    SCALE,
+    COUNT,
+    DW,
+    DB,
+    SUMS,
+    COEF,
+    inv_count,
+    TRAINING: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    WRITE_SUMS: tl.constexpr,
+    WRITE_COEF: tl.constexpr,
+    COUNT_FROM_PTR: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Sum P partials per channel; write dweight/dbias (local sums), and/or the dx coefficients.
 
     dx = scale * h + c1 * (x - mean) + c2 with c1 = -scale * rstd * sum(h x_hat) / n and
@@ -448,8 +657,23 @@ def _bnlr_bwd_finalize_kernel(PART, P, C, RSTD, SCALE, COUNT, DW, DB, SUMS, COEF
 
 
 @triton.jit
-def _bnlr_bwd_kernel(X, G, DX, MEAN, SCALE, SHIFT, COEF, TOTAL_ROWS, C, K, slope, ROWS_LAYOUT: tl.constexpr,
-                     K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bnlr_bwd_kernel(
+    X,
+    G,
+    DX,
+    MEAN,
+    SCALE,
+    SHIFT,
+    COEF,
+    TOTAL_ROWS,
+    C,
+    K,
+    slope,
+    ROWS_LAYOUT: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dx = scale * h + c1 * (x - mean) + c2 over the (TOTAL_ROWS, K) matrix view."""
     K = _aligned(K, K_ALIGN)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -510,10 +734,18 @@ def device_limits(device: torch.device) -> dict:
     """Grid size target and channel-block caps for `device` (see CPU_BLOCK_C)."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return dict(programs=PROGRAMS_PER_SM * sms, rows_block_c=ROWS_BLOCK_C, stats_block_c=STATS_BLOCK_C,
-                    finalize_block_c=FINALIZE_BLOCK_C)
-    return dict(programs=CPU_TARGET_PROGRAMS, rows_block_c=CPU_BLOCK_C, stats_block_c=CPU_BLOCK_C,
-                finalize_block_c=min(FINALIZE_BLOCK_C * 16, CPU_BLOCK_C))
+        return {
+            "programs": PROGRAMS_PER_SM * sms,
+            "rows_block_c": ROWS_BLOCK_C,
+            "stats_block_c": STATS_BLOCK_C,
+            "finalize_block_c": FINALIZE_BLOCK_C,
+        }
+    return {
+        "programs": CPU_TARGET_PROGRAMS,
+        "rows_block_c": CPU_BLOCK_C,
+        "stats_block_c": CPU_BLOCK_C,
+        "finalize_block_c": min(FINALIZE_BLOCK_C * 16, CPU_BLOCK_C),
+    }
 
 
 def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: dict) -> dict:
@@ -544,27 +776,31 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: dict) -> dict:
     tiles_per_prog = triton.cdiv(n_tiles, p)
     p = triton.cdiv(n_tiles, tiles_per_prog)
     elem_r = min(_np2(total_rows), max(1, ELEMENTWISE_TILE // elem_k))
-    return dict(
-        fused=fused,
-        fused_block=(fused_r, fused_k),
-        fused_grid=(triton.cdiv(c, fused_k) if rows_layout else c,),
-        fused_warps=_num_warps(fused_r * fused_k),
-        stats_block=(stats_r, stats_k),
-        stats_grid=(c_blocks, p),
-        tiles_per_prog=tiles_per_prog,
-        stats_warps=_num_warps(stats_r * stats_k),
-        elem_block=(elem_r, elem_k),
-        elem_grid=(triton.cdiv(total_rows, elem_r), triton.cdiv(k, elem_k)),
-        elem_warps=_num_warps(elem_r * elem_k),
-        total_rows=total_rows,
-        k_align=math.gcd(k, 16),  # rows start 16-byte aligned when K is a multiple of 4 (fp32) -> ld.v4
-        finalize_block_c=limits["finalize_block_c"],
-        finalize_grid=(triton.cdiv(c, limits["finalize_block_c"]),),
-    )
+    return {
+        "fused": fused,
+        "fused_block": (fused_r, fused_k),
+        "fused_grid": (triton.cdiv(c, fused_k) if rows_layout else c,),
+        "fused_warps": _num_warps(fused_r * fused_k),
+        "stats_block": (stats_r, stats_k),
+        "stats_grid": (c_blocks, p),
+        "tiles_per_prog": tiles_per_prog,
+        "stats_warps": _num_warps(stats_r * stats_k),
+        "elem_block": (elem_r, elem_k),
+        "elem_grid": (triton.cdiv(total_rows, elem_r), triton.cdiv(k, elem_k)),
+        "elem_warps": _num_warps(elem_r * elem_k),
+        "total_rows": total_rows,
+        "k_align": math.gcd(k, 16),  # rows start 16-byte aligned when K is a multiple of 4 (fp32) -> ld.v4
+        "finalize_block_c": limits["finalize_block_c"],
+        "finalize_grid": (triton.cdiv(c, limits["finalize_block_c"]),),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
+
+
+def _block_p(p: int) -> int:
+    return min(FINALIZE_BLOCK_P, _np2(p))
 
 
 def _empty(shape, dtype, device):
@@ -591,29 +827,39 @@ def _like_layout(t: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def check_inputs(x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked,
-                 process_group):
+def check_inputs(
+    x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked, process_group
+):
     """Reject what F.batch_norm rejects, with the same exception class and wording where it has one."""
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise NotImplementedError(f'"batch_norm_leaky_relu" not implemented for {x.dtype}: '
-                                  f"expected a floating-point input")
+        raise NotImplementedError(
+            f'"batch_norm_leaky_relu" not implemented for {x.dtype}: expected a floating-point input'
+        )
     if x.dim() < 2:
         raise ValueError(f"expected at least 2D input (N, C, *), got {x.dim()}D input")
     c = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is None:
             continue
         if t.device != x.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found x on {x.device} "
-                               f"and {name} on {t.device}")
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found x on {x.device} "
+                f"and {name} on {t.device}"
+            )
         if t.dim() != 1 or t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         if not t.is_floating_point() or t.dtype not in (x.dtype, torch.float32):
-            raise RuntimeError(f"mixed dtype: expected {name} to have dtype {x.dtype} or torch.float32 "
-                               f"(input is {x.dtype}), got {t.dtype}")
+            raise RuntimeError(
+                f"mixed dtype: expected {name} to have dtype {x.dtype} or torch.float32 "
+                f"(input is {x.dtype}), got {t.dtype}"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -623,20 +869,33 @@ def check_inputs(x, weight, bias, running_mean, running_var, training, momentum,
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if num_batches_tracked is not None and num_batches_tracked.device != x.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found x on {x.device} "
-                           f"and num_batches_tracked on {num_batches_tracked.device}")
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found x on {x.device} "
+            f"and num_batches_tracked on {num_batches_tracked.device}"
+        )
     if process_group is not None and not training:
         raise ValueError("process_group (synchronised BatchNorm) needs training=True")
 
 
-def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                  negative_slope, num_batches_tracked=None, process_group=None):
+def batch_norm_leaky_relu_forward(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    negative_slope,
+    num_batches_tracked=None,
+    process_group=None,
+):
     """Launch the forward; returns (y, saved) with saved = what backward needs."""
     xv, rows_layout, n_rows, c, k = layout_of(x)
     dev = x.device
     cfg = plan(n_rows, c, k, rows_layout, device_limits(dev))
     y = _empty_like_x(xv)
-    f32 = dict(dtype=torch.float32, device=dev)
+    f32 = {"dtype": torch.float32, "device": dev}
     mean, rstd, scale, shift = (_empty((c,), **f32) for _ in range(4))
     count = None
     update = training and running_mean is not None
@@ -644,19 +903,48 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
         num_batches_tracked.add_(1)  # on device, no host sync; the kernels read it for momentum=None
     cumulative = update and momentum is None
     dummy = mean  # stands in for absent optional pointers (never dereferenced: constexpr-guarded)
-    ptrs = dict(W=weight if weight is not None else dummy, B=bias if bias is not None else dummy,
-                RM=running_mean if running_mean is not None else dummy,
-                RV=running_var if running_var is not None else dummy,
-                NBT=num_batches_tracked if cumulative else dummy)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative)
+    ptrs = {
+        "W": weight if weight is not None else dummy,
+        "B": bias if bias is not None else dummy,
+        "RM": running_mean if running_mean is not None else dummy,
+        "RV": running_var if running_var is not None else dummy,
+        "NBT": num_batches_tracked if cumulative else dummy,
+    }
+    flags = {
+        "HAS_W": weight is not None,
+        "HAS_B": bias is not None,
+        "UPDATE_RUNNING": update,
+        "CUMULATIVE": cumulative,
+    }
     mom = 0.0 if momentum is None else float(momentum)
 
     if training and cfg["fused"] and process_group is None:
         br, bk = cfg["fused_block"]
         _bnlr_fwd_fused_kernel[cfg["fused_grid"]](
-            xv, y, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], ptrs["NBT"], mean, rstd, scale, shift,
-            n_rows, c, k, mom, eps, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], **flags, BLOCK_R=br,
-            BLOCK_K=bk, num_warps=cfg["fused_warps"])
+            xv,
+            y,
+            ptrs["W"],
+            ptrs["B"],
+            ptrs["RM"],
+            ptrs["RV"],
+            ptrs["NBT"],
+            mean,
+            rstd,
+            scale,
+            shift,
+            n_rows,
+            c,
+            k,
+            mom,
+            eps,
+            negative_slope,
+            ROWS_LAYOUT=rows_layout,
+            K_ALIGN=cfg["k_align"],
+            **flags,
+            BLOCK_R=br,
+            BLOCK_K=bk,
+            num_warps=cfg["fused_warps"],
+        )
         return y.view(x.shape) if y.shape != x.shape else y, (mean, rstd, scale, shift, count)
 
     if training:
@@ -664,16 +952,48 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
         p = cfg["stats_grid"][1]
         part = _empty((3, c, p), **f32)
         _bnlr_fwd_stats_kernel[cfg["stats_grid"]](
-            xv, part, n_rows, c, k, cfg["tiles_per_prog"], p, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=sr,
-            BLOCK_K=sk, num_warps=cfg["stats_warps"])
+            xv,
+            part,
+            n_rows,
+            c,
+            k,
+            cfg["tiles_per_prog"],
+            p,
+            ROWS_LAYOUT=rows_layout,
+            K_ALIGN=cfg["k_align"],
+            BLOCK_R=sr,
+            BLOCK_K=sk,
+            num_warps=cfg["stats_warps"],
+        )
         if process_group is not None:
             # Split point 1 (synchronised BN): merge locally, all-gather every rank's (3, C) triples,
             # and let the finalize kernel Chan-merge them as if they were partials of one grid.
             local = _empty((3, c), **f32)
             _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
-                part, p, c, dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, local, 0.0, eps,
-                TRAINING=True, MERGE_ONLY=True, HAS_W=False, HAS_B=False, UPDATE_RUNNING=False,
-                CUMULATIVE=False, BLOCK_C=cfg["finalize_block_c"], BLOCK_P=FINALIZE_BLOCK_P)
+                part,
+                p,
+                c,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                local,
+                0.0,
+                eps,
+                TRAINING=True,
+                MERGE_ONLY=True,
+                HAS_W=False,
+                HAS_B=False,
+                UPDATE_RUNNING=False,
+                CUMULATIVE=False,
+                BLOCK_C=cfg["finalize_block_c"],
+                BLOCK_P=_block_p(p),
+            )
             from .reference import all_gather_stats
 
             gathered = all_gather_stats(local, process_group)  # (world, 3, C)
@@ -681,24 +1001,84 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
             p = part.shape[2]
             count = part[0].sum(1)  # global per-channel count, for the backward coefficients
         _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
-            part, p, c, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], ptrs["NBT"], mean, rstd, scale, shift,
-            dummy, mom, eps, TRAINING=True, MERGE_ONLY=False, **flags, BLOCK_C=cfg["finalize_block_c"],
-            BLOCK_P=FINALIZE_BLOCK_P)
+            part,
+            p,
+            c,
+            ptrs["W"],
+            ptrs["B"],
+            ptrs["RM"],
+            ptrs["RV"],
+            ptrs["NBT"],
+            mean,
+            rstd,
+            scale,
+            shift,
+            dummy,
+            mom,
+            eps,
+            TRAINING=True,
+            MERGE_ONLY=False,
+            **flags,
+            BLOCK_C=cfg["finalize_block_c"],
+            BLOCK_P=_block_p(p),
+        )
     else:
         _bnlr_fwd_finalize_kernel[cfg["finalize_grid"]](
-            dummy, 0, c, ptrs["W"], ptrs["B"], ptrs["RM"], ptrs["RV"], dummy, mean, rstd, scale, shift,
-            dummy, 0.0, eps, TRAINING=False, MERGE_ONLY=False, HAS_W=weight is not None,
-            HAS_B=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_C=cfg["finalize_block_c"],
-            BLOCK_P=FINALIZE_BLOCK_P)
+            dummy,
+            0,
+            c,
+            ptrs["W"],
+            ptrs["B"],
+            ptrs["RM"],
+            ptrs["RV"],
+            dummy,
+            mean,
+            rstd,
+            scale,
+            shift,
+            dummy,
+            0.0,
+            eps,
+            TRAINING=False,
+            MERGE_ONLY=False,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            UPDATE_RUNNING=False,
+            CUMULATIVE=False,
+            BLOCK_C=cfg["finalize_block_c"],
+            BLOCK_P=1,
+        )
     er, ek = cfg["elem_block"]
     _bnlr_fwd_kernel[cfg["elem_grid"]](
-        xv, y, mean, scale, shift, cfg["total_rows"], c, k, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"],
-        BLOCK_R=er, BLOCK_K=ek, num_warps=cfg["elem_warps"])
+        xv,
+        y,
+        mean,
+        scale,
+        shift,
+        cfg["total_rows"],
+        c,
+        k,
+        negative_slope,
+        ROWS_LAYOUT=rows_layout,
+        K_ALIGN=cfg["k_align"],
+        BLOCK_R=er,
+        BLOCK_K=ek,
+        num_warps=cfg["elem_warps"],
+    )
     return y.view(x.shape) if y.shape != x.shape else y, (mean, rstd, scale, shift, count)
 
 
-def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=(True, True, True),
-                                   weight_dtype=None, bias_dtype=None, process_group=None):
+def batch_norm_leaky_relu_backward(
+    g,
+    x,
+    saved,
+    training,
+    negative_slope,
+    needs=(True, True, True),
+    weight_dtype=None,
+    bias_dtype=None,
+    process_group=None,
+):
     """Launch the backward; returns (dx, dweight, dbias), each None where `needs` says so."""
     mean, rstd, scale, shift, count = saved
     xv, rows_layout, n_rows, c, k = layout_of(x)  # x was saved in its kernel layout: no copy here
@@ -715,20 +1095,57 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
     if cfg["fused"] and process_group is None:
         br, bk = cfg["fused_block"]
         _bnlr_bwd_fused_kernel[cfg["fused_grid"]](
-            xv, g, dx if need_dx else dummy, mean, rstd, scale, shift, dw if need_dw else dummy,
-            db if need_db else dummy, n_rows, c, k, inv_count, negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"],
-            TRAINING=training, HAS_DW=need_dw, HAS_DB=need_db, HAS_DX=need_dx, BLOCK_R=br, BLOCK_K=bk,
-            num_warps=cfg["fused_warps"])
+            xv,
+            g,
+            dx if need_dx else dummy,
+            mean,
+            rstd,
+            scale,
+            shift,
+            dw if need_dw else dummy,
+            db if need_db else dummy,
+            n_rows,
+            c,
+            k,
+            inv_count,
+            negative_slope,
+            ROWS_LAYOUT=rows_layout,
+            K_ALIGN=cfg["k_align"],
+            TRAINING=training,
+            HAS_DW=need_dw,
+            HAS_DB=need_db,
+            HAS_DX=need_dx,
+            BLOCK_R=br,
+            BLOCK_K=bk,
+            num_warps=cfg["fused_warps"],
+        )
     else:
         sr, sk = cfg["stats_block"]
         p = cfg["stats_grid"][1]
-        f32 = dict(dtype=torch.float32, device=dev)
+        f32 = {"dtype": torch.float32, "device": dev}
         part = _empty((2, c, p), **f32)
         _bnlr_bwd_reduce_kernel[cfg["stats_grid"]](
-            xv, g, mean, rstd, scale, shift, part, n_rows, c, k, cfg["tiles_per_prog"], p, negative_slope,
-            ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=sr, BLOCK_K=sk, num_warps=cfg["stats_warps"])
+            xv,
+            g,
+            mean,
+            rstd,
+            scale,
+            shift,
+            part,
+            n_rows,
+            c,
+            k,
+            cfg["tiles_per_prog"],
+            p,
+            negative_slope,
+            ROWS_LAYOUT=rows_layout,
+            K_ALIGN=cfg["k_align"],
+            BLOCK_R=sr,
+            BLOCK_K=sk,
+            num_warps=cfg["stats_warps"],
+        )
         coef = _empty((2, c), **f32)
-        common = dict(BLOCK_C=cfg["finalize_block_c"], BLOCK_P=FINALIZE_BLOCK_P)
+        common = {"BLOCK_C": cfg["finalize_block_c"], "BLOCK_P": _block_p(p)}
         if process_group is not None:
             # Split point 2 (synchronised BN): dweight/dbias keep the local sums (DDP all-reduces
             # them); the sums that feed dx are all-reduced across the group first.
@@ -736,25 +1153,89 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
 
             sums = _empty((2, c), **f32)
             _bnlr_bwd_finalize_kernel[cfg["finalize_grid"]](
-                part, p, c, rstd, scale, dummy, dw if need_dw else dummy, db if need_db else dummy, sums,
-                dummy, 0.0, TRAINING=training, HAS_DW=need_dw, HAS_DB=need_db, WRITE_SUMS=True,
-                WRITE_COEF=False, COUNT_FROM_PTR=False, **common)
+                part,
+                p,
+                c,
+                rstd,
+                scale,
+                dummy,
+                dw if need_dw else dummy,
+                db if need_db else dummy,
+                sums,
+                dummy,
+                0.0,
+                TRAINING=training,
+                HAS_DW=need_dw,
+                HAS_DB=need_db,
+                WRITE_SUMS=True,
+                WRITE_COEF=False,
+                COUNT_FROM_PTR=False,
+                **common,
+            )
             dist.all_reduce(sums, group=process_group)
             if need_dx:
                 _bnlr_bwd_finalize_kernel[cfg["finalize_grid"]](
-                    sums, 1, c, rstd, scale, count, dummy, dummy, dummy, coef, 0.0, TRAINING=training,
-                    HAS_DW=False, HAS_DB=False, WRITE_SUMS=False, WRITE_COEF=True, COUNT_FROM_PTR=True,
-                    **common)
+                    sums,
+                    1,
+                    c,
+                    rstd,
+                    scale,
+                    count,
+                    dummy,
+                    dummy,
+                    dummy,
+                    coef,
+                    0.0,
+                    TRAINING=training,
+                    HAS_DW=False,
+                    HAS_DB=False,
+                    WRITE_SUMS=False,
+                    WRITE_COEF=True,
+                    COUNT_FROM_PTR=True,
+                    BLOCK_C=cfg["finalize_block_c"],
+                    BLOCK_P=1,
+                )
         else:
             _bnlr_bwd_finalize_kernel[cfg["finalize_grid"]](
-                part, p, c, rstd, scale, dummy, dw if need_dw else dummy, db if need_db else dummy, dummy,
-                coef, inv_count, TRAINING=training, HAS_DW=need_dw, HAS_DB=need_db, WRITE_SUMS=False,
-                WRITE_COEF=need_dx, COUNT_FROM_PTR=False, **common)
+                part,
+                p,
+                c,
+                rstd,
+                scale,
+                dummy,
+                dw if need_dw else dummy,
+                db if need_db else dummy,
+                dummy,
+                coef,
+                inv_count,
+                TRAINING=training,
+                HAS_DW=need_dw,
+                HAS_DB=need_db,
+                WRITE_SUMS=False,
+                WRITE_COEF=need_dx,
+                COUNT_FROM_PTR=False,
+                **common,
+            )
         if need_dx:
             er, ek = cfg["elem_block"]
             _bnlr_bwd_kernel[cfg["elem_grid"]](
-                xv, g, dx, mean, scale, shift, coef, cfg["total_rows"], c, k, negative_slope,
-                ROWS_LAYOUT=rows_layout, K_ALIGN=cfg["k_align"], BLOCK_R=er, BLOCK_K=ek, num_warps=cfg["elem_warps"])
+                xv,
+                g,
+                dx,
+                mean,
+                scale,
+                shift,
+                coef,
+                cfg["total_rows"],
+                c,
+                k,
+                negative_slope,
+                ROWS_LAYOUT=rows_layout,
+                K_ALIGN=cfg["k_align"],
+                BLOCK_R=er,
+                BLOCK_K=ek,
+                num_warps=cfg["elem_warps"],
+            )
     if dx is not None and dx.shape != x.shape:
         dx = dx.view(x.shape)
     return dx, dw, db
@@ -762,10 +1243,33 @@ def batch_norm_leaky_relu_backward(g, x, saved, training, negative_slope, needs=
 
 class BatchNormLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, negative_slope,
-                num_batches_tracked, process_group):
-        y, saved = batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, training, momentum,
-                                                 eps, negative_slope, num_batches_tracked, process_group)
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        negative_slope,
+        num_batches_tracked,
+        process_group,
+    ):
+        y, saved = batch_norm_leaky_relu_forward(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            negative_slope,
+            num_batches_tracked,
+            process_group,
+        )
         mean, rstd, scale, shift, count = saved
         # Only x (in its kernel layout) and per-channel vectors: the LeakyReLU mask is recomputed.
         ctx.save_for_backward(layout_of(x)[0], mean, rstd, scale, shift, count)
@@ -782,17 +1286,45 @@ class BatchNormLeakyReLUFunction(torch.autograd.Function):
         xv, mean, rstd, scale, shift, count = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         dx, dw, db = batch_norm_leaky_relu_backward(
-            g, xv, (mean, rstd, scale, shift, count), ctx.training, ctx.negative_slope, needs, ctx.weight_dtype,
-            ctx.bias_dtype, ctx.process_group)
+            g,
+            xv,
+            (mean, rstd, scale, shift, count),
+            ctx.training,
+            ctx.negative_slope,
+            needs,
+            ctx.weight_dtype,
+            ctx.bias_dtype,
+            ctx.process_group,
+        )
         if dx is not None and dx.shape != ctx.x_shape:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
-def batch_norm_leaky_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-                          momentum=0.1, eps=1e-5, negative_slope=0.2, num_batches_tracked=None,
-                          process_group=None):
+def batch_norm_leaky_relu(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    negative_slope=0.2,
+    num_batches_tracked=None,
+    process_group=None,
+):
     """Triton path of `kernels.batch_norm_leaky_relu` (inputs already checked)."""
-    return BatchNormLeakyReLUFunction.apply(x, weight, bias, running_mean, running_var, bool(training), momentum,
-                                            float(eps), float(negative_slope), num_batches_tracked,
-                                            process_group)
+    return BatchNormLeakyReLUFunction.apply(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        momentum,
+        float(eps),
+        float(negative_slope),
+        num_batches_tracked,
+        process_group,
+    )

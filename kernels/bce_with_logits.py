@@ -33,15 +33,33 @@ def _log1p(e):
 
 
 @triton.jit
-def _bce_fwd_kernel(X, T, LOSS, GRAD, PART, M, M_FIRST, TILES_PER_PROG, P, label_a, label_b, w_a, w_b,
-                    HAS_TARGET: tl.constexpr, STORE_LOSS: tl.constexpr, STORE_GRAD: tl.constexpr,
-                    REDUCE: tl.constexpr, WANT_SIGMOID: tl.constexpr, BLOCK: tl.constexpr):
+def _bce_fwd_kernel(
+    X,
+    T,
+    LOSS,
+    GRAD,
+    PART,
+    M,
+    M_FIRST,
+    TILES_PER_PROG,
+    P,
+    label_a,
+    label_b,
+    w_a,
+    w_b,
+    HAS_TARGET: tl.constexpr,
+    STORE_LOSS: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    REDUCE: tl.constexpr,
+    WANT_SIGMOID: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Loss and gradient in one pass; PART (3, P): sum(w * loss), sum(sigmoid) of each part."""
     pid = tl.program_id(0)
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     sig_a = tl.zeros([BLOCK], dtype=tl.float32)
     sig_b = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, TILES_PER_PROG):
+    for i in range(TILES_PER_PROG):
         offs = (pid * TILES_PER_PROG + i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -97,7 +115,7 @@ def plan(m: int, device_type: str = "cuda", sm_count: int = 132) -> dict:
         p = min(n_tiles, PROGRAMS_PER_SM * sm_count)
     tiles_per_prog = triton.cdiv(n_tiles, p)
     p = triton.cdiv(n_tiles, tiles_per_prog)
-    return dict(grid=(p,), tiles_per_prog=tiles_per_prog, bwd_grid=(n_tiles,), num_warps=NUM_WARPS)
+    return {"grid": (p,), "tiles_per_prog": tiles_per_prog, "bwd_grid": (n_tiles,), "num_warps": NUM_WARPS}
 
 
 def _plan_for(m: int, device: torch.device) -> dict:
@@ -116,19 +134,24 @@ def check_inputs(logits, target, reduction):
     if not torch.is_tensor(logits):
         raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
-        raise NotImplementedError(f'"bce_with_logits" not implemented for {logits.dtype}: '
-                                  f"expected floating-point logits")
+        raise NotImplementedError(
+            f'"bce_with_logits" not implemented for {logits.dtype}: expected floating-point logits'
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if torch.is_tensor(target):
         if target.shape != logits.shape:
             raise ValueError(f"Target size ({target.shape}) must be the same as input size ({logits.shape})")
         if target.device != logits.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found logits on "
-                               f"{logits.device} and target on {target.device}")
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found logits on "
+                f"{logits.device} and target on {target.device}"
+            )
         if target.dtype != logits.dtype:
-            raise RuntimeError(f"mixed dtype: expected target to have dtype {logits.dtype} like the logits, "
-                               f"got {target.dtype} (or pass the label as a Python float)")
+            raise RuntimeError(
+                f"mixed dtype: expected target to have dtype {logits.dtype} like the logits, "
+                f"got {target.dtype} (or pass the label as a Python float)"
+            )
     elif not isinstance(target, numbers.Real) or isinstance(target, bool):
         raise TypeError(f"target must be a tensor or a float label, got {type(target).__name__}")
 
@@ -138,12 +161,15 @@ def check_discriminator_inputs(logits, num_real):
     if logits.dim() == 0:
         raise ValueError("logits must have a batch dimension")
     if not isinstance(num_real, numbers.Integral) or not 0 < num_real < logits.shape[0]:
-        raise ValueError(f"num_real must be an int in [1, {logits.shape[0] - 1}] (the batch holds real "
-                         f"then fake rows), got {num_real!r}")
+        raise ValueError(
+            f"num_real must be an int in [1, {logits.shape[0] - 1}] (the batch holds real "
+            f"then fake rows), got {num_real!r}"
+        )
 
 
-def bce_forward(logits, target, m_first, label_a, label_b, w_a, w_b, store_loss, store_grad, reduce,
-                want_sigmoid):
+def bce_forward(
+    logits, target, m_first, label_a, label_b, w_a, w_b, store_loss, store_grad, reduce, want_sigmoid
+):
     """Launch the forward; returns (loss or None, grad or None, partials (3,) or None)."""
     x = logits.contiguous()
     m = x.numel()
@@ -156,11 +182,27 @@ def bce_forward(logits, target, m_first, label_a, label_b, w_a, w_b, store_loss,
     part = _empty((3, p), torch.float32, dev) if (reduce or want_sigmoid) else None
     dummy = x
     _bce_fwd_kernel[cfg["grid"]](
-        x, t if t is not None else dummy, loss if store_loss else dummy, grad if store_grad else dummy,
-        part if part is not None else dummy, m, m_first, cfg["tiles_per_prog"], p, float(label_a),
-        float(label_b), float(w_a), float(w_b), HAS_TARGET=t is not None, STORE_LOSS=store_loss,
-        STORE_GRAD=store_grad, REDUCE=reduce, WANT_SIGMOID=want_sigmoid, BLOCK=BLOCK,
-        num_warps=cfg["num_warps"])
+        x,
+        t if t is not None else dummy,
+        loss if store_loss else dummy,
+        grad if store_grad else dummy,
+        part if part is not None else dummy,
+        m,
+        m_first,
+        cfg["tiles_per_prog"],
+        p,
+        float(label_a),
+        float(label_b),
+        float(w_a),
+        float(w_b),
+        HAS_TARGET=t is not None,
+        STORE_LOSS=store_loss,
+        STORE_GRAD=store_grad,
+        REDUCE=reduce,
+        WANT_SIGMOID=want_sigmoid,
+        BLOCK=BLOCK,
+        num_warps=cfg["num_warps"],
+    )
     if part is not None:
         part = part[:, 0] if p == 1 else part.sum(1)  # deterministic: fixed-order sum of P partials
     return loss, grad, part
@@ -172,8 +214,15 @@ def bce_backward(grad, grad_output, dtype):
     dx = _empty(grad.shape, dtype, grad.device)
     go = grad_output.contiguous()
     cfg = _plan_for(m, grad.device)
-    _bce_bwd_kernel[cfg["bwd_grid"]](grad, go, dx, m, GO_IS_SCALAR=go.numel() == 1 and m != 1 or go.dim() == 0,
-                                     BLOCK=BLOCK, num_warps=cfg["num_warps"])
+    _bce_bwd_kernel[cfg["bwd_grid"]](
+        grad,
+        go,
+        dx,
+        m,
+        GO_IS_SCALAR=go.numel() == 1 and m != 1 or go.dim() == 0,
+        BLOCK=BLOCK,
+        num_warps=cfg["num_warps"],
+    )
     return dx
 
 
@@ -184,8 +233,19 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         reduce = reduction != "none"
         w = 1.0 / m if reduction == "mean" else 1.0
         label = 0.0 if torch.is_tensor(target) else float(target)
-        loss, grad, part = bce_forward(logits, target, m, label, label, w, w, store_loss=not reduce,
-                                       store_grad=ctx.needs_input_grad[0], reduce=reduce, want_sigmoid=False)
+        loss, grad, part = bce_forward(
+            logits,
+            target,
+            m,
+            label,
+            label,
+            w,
+            w,
+            store_loss=not reduce,
+            store_grad=ctx.needs_input_grad[0],
+            reduce=reduce,
+            want_sigmoid=False,
+        )
         ctx.reduction = reduction
         ctx.logits_dtype = logits.dtype
         ctx.target_is_tensor = torch.is_tensor(target)
@@ -212,9 +272,19 @@ class DiscriminatorLossFunction(torch.autograd.Function):
         per_row = logits.numel() // logits.shape[0]
         m_real = num_real * per_row
         m_fake = logits.numel() - m_real
-        _, grad, part = bce_forward(logits, None, m_real, real_label, fake_label, 1.0 / m_real, 1.0 / m_fake,
-                                    store_loss=False, store_grad=ctx.needs_input_grad[0], reduce=True,
-                                    want_sigmoid=True)
+        _, grad, part = bce_forward(
+            logits,
+            None,
+            m_real,
+            real_label,
+            fake_label,
+            1.0 / m_real,
+            1.0 / m_fake,
+            store_loss=False,
+            store_grad=ctx.needs_input_grad[0],
+            reduce=True,
+            want_sigmoid=True,
+        )
         ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(grad)
         d_real = part[1] / m_real

@@ -24,9 +24,20 @@ def _check_impl(impl: str) -> str:
 
 
 class _BatchNormLeakyReLU(_NormBase):
-    def __init__(self, num_features: int, negative_slope: float = 0.2, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 impl: str = "auto", sync: bool = False, process_group=None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        negative_slope: float = 0.2,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        impl: str = "auto",
+        sync: bool = False,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.negative_slope = float(negative_slope)
         self.impl = _check_impl(impl)
@@ -62,8 +73,9 @@ class _BatchNormLeakyReLU(_NormBase):
         )
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, negative_slope={self.negative_slope}, impl={self.impl!r}"
-                + (", sync=True" if self.sync else ""))
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}, impl={self.impl!r}" + (
+            ", sync=True" if self.sync else ""
+        )
 
 
 class BatchNormLeakyReLU1d(_BatchNormLeakyReLU):

@@ -90,9 +90,10 @@ def all_gather_stats(stats, group):
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    out = stats.new_empty((world,) + tuple(stats.shape))
-    dist.all_gather_into_tensor(out, stats.contiguous(), group=group)
-    return out
+    out = stats.new_empty((world * stats.shape[0],) + tuple(stats.shape[1:]))  # ranks concatenated on dim 0
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10+
+    gather(out, stats.contiguous(), group=group)
+    return out.view((world,) + tuple(stats.shape))
 
 
 class _SyncBatchNormLeakyReLU(torch.autograd.Function):
@@ -104,8 +105,19 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, negative_slope,
-                num_batches_tracked, group):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        negative_slope,
+        num_batches_tracked,
+        group,
+    ):
         import torch.distributed as dist
 
         c = x.shape[1]
@@ -119,8 +131,10 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
         gathered = all_gather_stats(stats, group)
         count, mean, m2 = merge_welford(gathered[:, 0], gathered[:, 1], gathered[:, 2])
         if (count <= 1).any():
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{x.shape} on each of {dist.get_world_size(group)} ranks")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{x.shape} on each of {dist.get_world_size(group)} ranks"
+            )
         var = m2 / count
         rstd = torch.rsqrt(var + eps)
         if running_mean is not None:
@@ -162,8 +176,19 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
         return dx.to(x.dtype), dweight, dbias, None, None, None, None, None, None, None
 
 
-def sync_batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,
-                               negative_slope=0.2, num_batches_tracked=None, group=None):
+def sync_batch_norm_leaky_relu(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    momentum=0.1,
+    eps=1e-5,
+    negative_slope=0.2,
+    num_batches_tracked=None,
+    group=None,
+):
     """Training-mode BN + LeakyReLU with statistics over every rank of `group` (eager reference)."""
-    return _SyncBatchNormLeakyReLU.apply(x, weight, bias, running_mean, running_var, momentum, eps,
-                                         negative_slope, num_batches_tracked, group)
+    return _SyncBatchNormLeakyReLU.apply(
+        x, weight, bias, running_mean, running_var, momentum, eps, negative_slope, num_batches_tracked, group
+    )

@@ -22,15 +22,23 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # rtol, and atol relative to 
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    monkeypatch.setattr(BN, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                              device=device))
+    monkeypatch.setattr(
+        BN, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
 
 
 # Tiny tiles for the split path: many programs, several tiles each, masked tails, chunked finalize.
 # DCGAN-sized inputs keep the real tile sizes (the interpreter runs programs one by one).
-SPLIT_TINY = dict(FUSED_MAX_TILE=0, STATS_TILE=16, ELEMENTWISE_TILE=32, CPU_TARGET_PROGRAMS=3, CPU_BLOCK_C=4,
-                  FINALIZE_BLOCK_C=4, FINALIZE_BLOCK_P=2)
-SPLIT_REAL = dict(FUSED_MAX_TILE=0, CPU_TARGET_PROGRAMS=3)
+SPLIT_TINY = {
+    "FUSED_MAX_TILE": 0,
+    "STATS_TILE": 16,
+    "ELEMENTWISE_TILE": 32,
+    "CPU_TARGET_PROGRAMS": 3,
+    "CPU_BLOCK_C": 4,
+    "FINALIZE_BLOCK_C": 4,
+    "FINALIZE_BLOCK_P": 2,
+}
+SPLIT_REAL = {"FUSED_MAX_TILE": 0, "CPU_TARGET_PROGRAMS": 3}
 
 
 @pytest.fixture(params=["fused", "split"])
@@ -48,7 +56,9 @@ def assert_close(actual, expected, dtype, what=""):
     tol = TOL[dtype]
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def make_inputs(shape, dtype, affine=True, offset=0.0, seed=0):
@@ -66,8 +76,9 @@ def run(impl, x, w, b, g, rm, rv, training, momentum=0.1, slope=0.2, nbt=None, t
     xx = cast(x).requires_grad_()
     ww = cast(w).requires_grad_() if w is not None else None
     bb = cast(b).requires_grad_() if b is not None else None
-    y = kernels.batch_norm_leaky_relu(xx, ww, bb, rm, rv, training, momentum, 1e-5, slope, impl=impl,
-                                      num_batches_tracked=nbt)
+    y = kernels.batch_norm_leaky_relu(
+        xx, ww, bb, rm, rv, training, momentum, 1e-5, slope, impl=impl, num_batches_tracked=nbt
+    )
     y.backward(cast(g))
     return y.detach(), xx.grad, ww.grad if ww is not None else None, bb.grad if bb is not None else None
 
@@ -111,7 +122,9 @@ def test_parity_training_steps_then_eval(shape, dtype, path):
         assert_close(state["triton"][1], rv, torch.float32, "running_var")
     x, w, b, g = make_inputs(shape, dtype, seed=7)
     got = run("triton", x, w, b, g, *state["triton"], training=False)
-    want = run("eager", x, w, b, g, state["ref"][0].double(), state["ref"][1].double(), training=False, to64=True)
+    want = run(
+        "eager", x, w, b, g, state["ref"][0].double(), state["ref"][1].double(), training=False, to64=True
+    )
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
         assert_close(a, e, dtype, f"eval {name}")
 
@@ -187,7 +200,7 @@ def test_non_contiguous_inputs(layout, path):
 
 
 def test_split_path_is_deterministic(monkeypatch):
-    for name, value in dict(FUSED_MAX_TILE=0, STATS_TILE=16, CPU_TARGET_PROGRAMS=5).items():
+    for name, value in {"FUSED_MAX_TILE": 0, "STATS_TILE": 16, "CPU_TARGET_PROGRAMS": 5}.items():
         monkeypatch.setattr(BN, name, value)
     x, w, b, g = make_inputs((6, 3, 5, 7), torch.float32)
     first = run("triton", x, w, b, g, None, None, True)
@@ -215,8 +228,10 @@ def test_auto_is_eager_on_cpu(monkeypatch):
 
     monkeypatch.setattr(BN, "batch_norm_leaky_relu", boom)
     x = torch.randn(4, 3)
-    torch.testing.assert_close(kernels.batch_norm_leaky_relu(x, impl="auto"),
-                               F.leaky_relu(F.batch_norm(x, None, None, training=True), 0.2))
+    torch.testing.assert_close(
+        kernels.batch_norm_leaky_relu(x, impl="auto"),
+        F.leaky_relu(F.batch_norm(x, None, None, training=True), 0.2),
+    )
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
@@ -265,7 +280,9 @@ def test_eval_with_one_value_per_channel_is_fine():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(64, 12544), (64, 128, 7, 7), (64, 64, 14, 14), (256, 64, 28, 28)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(64, 12544), (64, 128, 7, 7), (64, 64, 14, 14), (256, 64, 28, 28)], ids=str
+)
 def test_gpu_parity(shape, dtype):
     x, w, b, g = (t.cuda() if t is not None else None for t in make_inputs(shape, dtype))
     c = shape[1]

@@ -15,8 +15,11 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    monkeypatch.setattr(BCE, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                               device=device))
+    monkeypatch.setattr(
+        BCE,
+        "_empty",
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
+    )
 
 
 @pytest.fixture(params=["one_program", "many_programs"])
@@ -31,8 +34,9 @@ def assert_close(actual, expected, dtype, what=""):
     tol = TOL[dtype]
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def run(impl, logits, target, reduction, to64=False):
@@ -88,8 +92,9 @@ def test_discriminator_loss(shape, num_real, real_label, dtype, programs):
     loss, d_real, d_fake = kernels.discriminator_loss(x, num_real, real_label, 0.0, impl="triton")
     loss.backward()
     ref = logits.double().requires_grad_()
-    want = (F.binary_cross_entropy_with_logits(ref[:num_real], torch.full_like(ref[:num_real], real_label))
-            + F.binary_cross_entropy_with_logits(ref[num_real:], torch.zeros_like(ref[num_real:])))
+    want = F.binary_cross_entropy_with_logits(
+        ref[:num_real], torch.full_like(ref[:num_real], real_label)
+    ) + F.binary_cross_entropy_with_logits(ref[num_real:], torch.zeros_like(ref[num_real:]))
     want.backward()
     assert loss.dtype == dtype and loss.dim() == 0
     assert_close(loss.detach(), want.detach(), dtype, "loss")
@@ -110,14 +115,18 @@ def test_discriminator_loss_matches_eager_impl():
 def test_module():
     logits, target = torch.randn(4, 3), torch.rand(4, 3)
     for reduction in ("mean", "sum", "none"):
-        torch.testing.assert_close(kernels.BCEWithLogitsLoss(reduction, impl="triton")(logits, target),
-                                   torch.nn.BCEWithLogitsLoss(reduction=reduction)(logits, target))
+        torch.testing.assert_close(
+            kernels.BCEWithLogitsLoss(reduction, impl="triton")(logits, target),
+            torch.nn.BCEWithLogitsLoss(reduction=reduction)(logits, target),
+        )
 
 
 @pytest.mark.parametrize("impl", ["eager", "triton"])
 def test_bad_input(impl):
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"Target size \(torch.Size\(\[4, 2\]\)\) must be the same as input size"):
+    with pytest.raises(
+        ValueError, match=r"Target size \(torch.Size\(\[4, 2\]\)\) must be the same as input size"
+    ):
         kernels.bce_with_logits(x, torch.rand(4, 2), impl=impl)
     with pytest.raises(RuntimeError, match="mixed dtype"):
         kernels.bce_with_logits(x, torch.rand(4, 3, dtype=torch.float64), impl=impl)
@@ -152,8 +161,9 @@ def test_gpu_parity_and_no_host_sync(m):
     torch.cuda.set_sync_debug_mode("error")  # any host sync in forward or backward raises
     try:
         got = run("triton", logits, 1.0, "mean")
-        loss, d_real, d_fake = kernels.discriminator_loss(logits.view(-1, 1)[:128].requires_grad_(), 64,
-                                                          impl="triton")
+        loss, _d_real, _d_fake = kernels.discriminator_loss(
+            logits.view(-1, 1)[:128].requires_grad_(), 64, impl="triton"
+        )
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

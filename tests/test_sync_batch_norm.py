@@ -1,0 +1,130 @@
+"""Synchronised BatchNorm+LeakyReLU: 2 gloo processes, each holding part of a batch, must match one
+process holding the whole batch with sync off -- outputs, dx, running stats, num_batches_tracked, and
+dweight/dbias once summed over ranks (DDP's all-reduce, before its division by the world size).
+
+One spawn runs every case for both impls; the interpreter runs the Triton kernels in the workers.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+
+WORLD = 2
+STEPS = 2
+# name, full-batch shape, rows per rank (uneven on purpose), momentum, through the module or the functional op
+CASES = [
+    ("nchw-module", (8, 3, 4, 4), (4, 4), 0.1, "module"),
+    ("nchw-cumulative", (8, 3, 4, 4), (3, 5), None, "module"),
+    ("nc-functional", (8, 5), (3, 5), 0.5, "functional"),
+]
+IMPLS = ("eager", "triton")
+
+
+def _inputs(shape, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(shape, generator=gen) * 2 + 5
+    g = torch.randn(shape, generator=gen)
+    return x, g
+
+
+def _params(c):
+    gen = torch.Generator().manual_seed(7)
+    return torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+
+
+def _run_case(case, impl, rows=None, group=None):
+    """STEPS training steps on rows [lo, hi) of each batch (all rows when rows is None)."""
+    _name, shape, _, momentum, api = case
+    c = shape[1]
+    w0, b0 = _params(c)
+    module = (kernels.BatchNormLeakyReLU2d if len(shape) == 4 else kernels.BatchNormLeakyReLU1d)(
+        c, momentum=momentum, impl=impl, sync=group is not None
+    )
+    with torch.no_grad():
+        module.weight.copy_(w0), module.bias.copy_(b0)
+    out = []
+    for step in range(STEPS):
+        x, g = _inputs(shape, step)
+        if rows is not None:
+            x, g = x[rows[0] : rows[1]], g[rows[0] : rows[1]]
+        x = x.clone().requires_grad_()
+        module.zero_grad()
+        if api == "module":
+            y = module(x)
+        else:
+            y = kernels.batch_norm_leaky_relu(
+                x,
+                module.weight,
+                module.bias,
+                module.running_mean,
+                module.running_var,
+                True,
+                momentum,
+                module.eps,
+                0.2,
+                impl=impl,
+                num_batches_tracked=module.num_batches_tracked,
+                process_group=group,
+            )
+        y.backward(g)
+        out.append(
+            {
+                "y": y.detach(),
+                "dx": x.grad,
+                "dweight": module.weight.grad.clone(),
+                "dbias": module.bias.grad.clone(),
+                "running_mean": module.running_mean.clone(),
+                "running_var": module.running_var.clone(),
+                "nbt": module.num_batches_tracked.clone(),
+            }
+        )
+    return out
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for case in CASES:
+            sizes = case[2]
+            lo = sum(sizes[:rank])
+            for impl in IMPLS:
+                results[(case[0], impl)] = _run_case(case, impl, (lo, lo + sizes[rank]), dist.group.WORLD)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sync_bn")
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()  # inherited by the workers
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_two_ranks_match_one_process_with_the_full_batch(case, impl, rank_results):
+    full = _run_case(case, "eager")  # one process, whole batch, sync off: the ground truth
+    sizes = case[2]
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    for step in range(STEPS):
+        want = full[step]
+        parts = [r[(case[0], impl)][step] for r in rank_results]
+        lo = 0
+        for rank, got in enumerate(parts):
+            hi = lo + sizes[rank]
+            torch.testing.assert_close(got["y"], want["y"][lo:hi], **tol, msg=f"step {step} rank {rank} y")
+            torch.testing.assert_close(got["dx"], want["dx"][lo:hi], **tol, msg=f"step {step} rank {rank} dx")
+            for key in ("running_mean", "running_var", "nbt"):
+                torch.testing.assert_close(got[key], want[key], **tol, msg=f"step {step} rank {rank} {key}")
+            lo = hi
+        for key in ("dweight", "dbias"):
+            summed = sum(p[key] for p in parts)
+            torch.testing.assert_close(summed, want[key], **tol, msg=f"step {step} {key} summed over ranks")

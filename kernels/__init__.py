@@ -36,15 +36,21 @@ def triton_can_run(device: torch.device | str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _bnlr.INTERPRET)
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """Map impl ("auto" | "triton" | "eager") and a tensor's device to the path that will run."""
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation covers these, not fp64
+
+
+def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """Map impl ("auto" | "triton" | "eager") and a tensor's device and dtype to the path that will run."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = torch.device(device)
-    if impl == "eager":
+    if impl == "eager" or not dtype.is_floating_point:  # the op's own check names the bad dtype
         return "eager"
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_can_run(device) else "eager"
+        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and triton_can_run(device) else "eager"
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f'impl="triton" supports {", ".join(str(d) for d in TRITON_DTYPES)}; got {dtype} '
+                        f'(the kernels accumulate in fp32). Use impl="eager" or "auto" for it.')
     if triton_can_run(device):
         return "triton"
     if _TRITON_IMPORT_ERROR is not None:
@@ -82,7 +88,7 @@ def batch_norm_leaky_relu(
         _bnlr.check_inputs(
             x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked, process_group
         )
-    if resolve_impl(impl, x.device) == "triton":
+    if resolve_impl(impl, x.device, x.dtype) == "triton":
         return _bnlr.batch_norm_leaky_relu(
             x,
             weight,
@@ -129,7 +135,7 @@ def bce_with_logits(
     """`F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)`; target may be a float."""
     if _bce is not None:
         _bce.check_inputs(logits, target, reduction)
-    if resolve_impl(impl, logits.device) == "triton":
+    if resolve_impl(impl, logits.device, logits.dtype) == "triton":
         return _bce.bce_with_logits(logits, target, reduction)
     return reference.bce_with_logits(logits, target, reduction)
 
@@ -145,7 +151,7 @@ def discriminator_loss(
     """
     if _bce is not None:
         _bce.check_discriminator_inputs(logits, num_real)
-    if resolve_impl(impl, logits.device) == "triton":
+    if resolve_impl(impl, logits.device, logits.dtype) == "triton":
         return _bce.discriminator_loss(logits, num_real, real_label, fake_label)
     return reference.discriminator_loss(logits, num_real, real_label, fake_label)
 

@@ -267,15 +267,25 @@ def compile_report(archs=(90, 80), cases=CASES) -> list[dict]:
 
 
 def markdown(rows) -> str:
-    lines = [
-        "| kernel | case | sm | warps | blocks | regs | stack | local | shared | ld.v4 / ld |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """One line per (kernel, case, specialisation), registers side by side for each arch."""
+    merged: dict = {}
     for r in rows:
+        key = (r["kernel"], r["case"], str(r["blocks"]), str(r["flags"]))
+        merged.setdefault(key, {"row": r, "arch": {}})["arch"][r["arch"]] = r
+    archs = sorted({r["arch"] for r in rows})
+    head = " | ".join(f"regs sm_{a}" for a in archs)
+    lines = [
+        f"| kernel | case | warps | blocks | {head} | stack / local | ld.global.v4 / ld.global |",
+        "|---|---|---|---|" + "---|" * len(archs) + "---|---|",
+    ]
+    for entry in merged.values():
+        r, per_arch = entry["row"], entry["arch"]
         blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
+        regs = " | ".join(str(per_arch[a]["regs"]) if a in per_arch else "" for a in archs)
+        spill = max(x["stack"] + x["local"] for x in per_arch.values())
         lines.append(
-            f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {blocks} | {r['regs']} | "
-            f"{r['stack']} | {r['local']} | {r['shared']} | {r['v4_loads']} / {r['loads']} |"
+            f"| `{r['kernel']}` | {r['case']} | {r['num_warps']} | {blocks} | {regs} | "
+            f"{'0 / 0' if spill == 0 else 'SPILLS'} | {r['v4_loads']} / {r['loads']} |"
         )
     return "\n".join(lines)
 

@@ -54,7 +54,7 @@ def _bce_fwd_kernel(
     WANT_SIGMOID: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Loss and gradient in one pass; PART (3, P): sum(w * loss), sum(sigmoid) of each part."""
+    """Loss and gradient in one pass; PART (3, P): sum(w * loss), sum(w * sigmoid) of each part."""
     pid = tl.program_id(0)
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     sig_a = tl.zeros([BLOCK], dtype=tl.float32)
@@ -85,8 +85,9 @@ def _bce_fwd_kernel(
     if REDUCE:
         tl.store(PART + pid, tl.sum(loss_acc, axis=0))
     if WANT_SIGMOID:
-        tl.store(PART + P + pid, tl.sum(sig_a, axis=0))
-        tl.store(PART + 2 * P + pid, tl.sum(sig_b, axis=0))
+        # Scaled by w (1 / part size for the D loss): the partials sum straight to the means.
+        tl.store(PART + P + pid, tl.sum(sig_a, axis=0) * w_a)
+        tl.store(PART + 2 * P + pid, tl.sum(sig_b, axis=0) * w_b)
 
 
 @triton.jit
@@ -287,8 +288,7 @@ class DiscriminatorLossFunction(torch.autograd.Function):
         )
         ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(grad)
-        d_real = part[1] / m_real
-        d_fake = part[2] / m_fake
+        d_real, d_fake = part[1], part[2]  # already means: one launch in all (for P == 1)
         ctx.mark_non_differentiable(d_real, d_fake)
         return part[0].to(logits.dtype), d_real, d_fake
 

@@ -293,3 +293,12 @@ def test_gpu_parity(shape, dtype):
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), got, want):
         assert_close(a, e, dtype, name)
     assert_close(rv, rv64, torch.float32, "running_var")
+
+
+def test_float64_is_eager_only():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="accumulate in fp32"):
+        kernels.batch_norm_leaky_relu(x, impl="triton")
+    with pytest.raises(TypeError, match="accumulate in fp32"):
+        kernels.bce_with_logits(x, 1.0, impl="triton")
+    torch.testing.assert_close(kernels.batch_norm_leaky_relu(x, impl="auto"), reference.batch_norm_leaky_relu(x))

@@ -1,0 +1,422 @@
+"""Every rank-0 side effect: W&B, metrics.jsonl, sample grids, curves.png, collapse/divergence warnings.
+
+Only rank 0 constructs a Tracker, and wandb is imported inside it: the other ranks never import wandb.
+The local artifacts are written whatever the W&B mode, for users without W&B:
+
+    <run_dir>/metrics.jsonl          one JSON object a line: kind = start | step | eval | alert | finish
+    <run_dir>/samples/epoch_NNNN.png the fixed-noise grid of each evaluation (and samples/latest.png)
+    <run_dir>/curves.png             losses, D(x) vs D(G(z)), quality metrics over steps
+    <run_dir>/wandb/                 the W&B run files (unless WANDB_DIR points elsewhere)
+
+W&B settings, the first that is set wins:
+
+    mode          --wandb-mode > WANDB_MODE > "online" if WANDB_API_KEY is set, else "offline"
+    project       --wandb-project when not left at its default "distgan" > WANDB_PROJECT > "distgan"
+    files         WANDB_DIR > <run_dir>
+    init timeout  WANDB_INIT_TIMEOUT > 30 s
+    run id, name  the run name (--name): resubmitting the same name continues the same W&B run
+                  (resume="allow"); an offline resume writes a second offline-run directory with the same id
+
+W&B never stops or slows training: a failing wandb.init (no key, unreachable server, timeout) falls back
+to offline, then to no W&B, with one warning line; a failing log call disables W&B with one warning;
+finish() waits at most FINISH_TIMEOUT_S for uploads. The API key is never written anywhere: the W&B config
+is the TrainConfig plus run facts, and any string holding the key's value is redacted. Console output is
+not mirrored into W&B (Ray keeps the worker logs; set WANDB_CONSOLE=wrap to mirror it).
+
+Offline runs upload later with `wandb sync <run_dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The logged metric names, one list for the loop, the W&B run and the dashboard (dashboard.py builds its
+# panels from these groups, and its test checks them against a real run's keys).
+LOSS_KEYS = ("loss_d", "loss_g")
+D_OUTPUT_KEYS = ("d_real", "d_fake")  # mean sigmoid D(x) and D(G(z)) of the last step
+GRAD_NORM_KEYS = ("grad_norm_d", "grad_norm_g")
+LR_KEYS = ("lr_d", "lr_g")
+THROUGHPUT_KEYS = ("images_per_s", "step_time_s")  # images_per_s is global: all workers together
+STEP_KEYS = LOSS_KEYS + D_OUTPUT_KEYS + GRAD_NORM_KEYS + LR_KEYS + THROUGHPUT_KEYS + ("epoch",)
+QUALITY_KEYS = ("fid", "kid", "kid_std", "classifier_score", "coverage", "diversity")  # metrics.py
+HEALTH_KEYS = ("d_gap",)  # d_real - d_fake at the evaluation
+EPOCH_KEYS = QUALITY_KEYS + HEALTH_KEYS
+SAMPLES_KEY = "samples"  # the wandb.Image of the fixed-noise grid
+BENCH_TABLE_KEY = "bench/kernels"  # the wandb.Table that `bench/kernels.py --wandb` logs
+
+DEFAULT_PROJECT = "distgan"
+INIT_TIMEOUT_S = 30.0  # wandb's own default is 90 s: too long to hold up the start of training
+FINISH_TIMEOUT_S = 120.0  # after this, finish() returns and the local run files can be synced later
+# Collapse / divergence signals, checked at each evaluation:
+COVERAGE_COLLAPSE = 0.5  # normalised entropy of predicted digits: 0.48 = three digits equally often
+D_WINS_GAP = 0.9  # D(x) - D(G(z)): D separates real from fake outright, G's gradient vanishes
+PATIENCE = 3  # consecutive evaluations before warning: early epochs are noisy
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: distgan: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_mode(flag: str | None) -> tuple[str, str]:
+    """(mode, where it came from): the --wandb-mode flag, then WANDB_MODE, then the API key's presence."""
+    if flag:
+        return flag, "--wandb-mode"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    aliases = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+               "disabled": "disabled"}
+    if env in aliases:
+        return aliases[env], "WANDB_MODE"
+    if env:
+        _warn(f"WANDB_MODE={env!r} is not one of online, offline, disabled; using the default")
+    if os.environ.get("WANDB_API_KEY"):
+        return "online", "WANDB_API_KEY is set"
+    return "offline", "default (no WANDB_API_KEY)"
+
+
+def resolve_project(flag: str) -> str:
+    if flag and flag != DEFAULT_PROJECT:
+        return flag
+    return os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+
+
+def _init_timeout() -> float:
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+    except ValueError:
+        return INIT_TIMEOUT_S
+
+
+def versions() -> dict[str, str | None]:
+    """Library and accelerator versions for the W&B config (read from package metadata: no imports)."""
+
+    def dist(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": dist("torchvision"),
+        "triton": dist("triton"), "ray": dist("ray"), "wandb": dist("wandb"), "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _redact(value: Any) -> Any:
+    """Defence in depth: no string that holds the API key's value leaves this module."""
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        return value
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact(v) for v in value)
+    if isinstance(value, str) and key in value:
+        return value.replace(key, "<redacted>")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly number: tensors become floats, non-finite floats become None (strict JSON)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _replace_atomically(write, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class Tracker:
+    def __init__(self, cfg, run_dir: Path, world_size: int, resumed: bool, kernel_backend: str,
+                 run_id: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.samples_dir = self.run_dir / "samples"
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.curves_path = self.run_dir / "curves.png"
+        self.world_size, self.resumed, self.kernel_backend = world_size, resumed, kernel_backend
+        # Earlier rows (a resume, a restart) stay in the file; curves keep the last row of each step.
+        self.history = read_metrics(self.metrics_path)
+        self.last_step_metrics: dict[str, Any] = {}
+        self.streaks = {"coverage": 0, "d_gap": 0}
+        self.run = None
+        self.mode = "disabled"
+        self._wandb_floor = 0  # W&B drops steps below its last one (resumes, rollbacks); jsonl keeps them
+        self._noted: set[str] = set()
+        self._finished = False
+        self.run_id = run_id or cfg.name or self.run_dir.name
+        self._init_wandb()
+        self._append({"kind": "start", "time": time.time(), "resumed": resumed, "world_size": world_size,
+                      "kernel_backend": kernel_backend, "wandb_mode": self.mode, "wandb_id": self.run_id})
+
+    # ------------------------------------------------------------------ W&B
+    def wandb_config(self) -> dict[str, Any]:
+        cfg = self.cfg.to_dict()
+        return _redact({**cfg, "world_size": self.world_size,
+                        "per_worker_batch": cfg["batch_size"] // max(self.world_size, 1),
+                        "kernel_backend": self.kernel_backend, "versions": versions()})
+
+    def _init_wandb(self) -> None:
+        mode, source = resolve_mode(self.cfg.wandb_mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError as e:
+            _warn(f"W&B off: cannot import wandb ({e}); local metrics.jsonl and PNGs are still written")
+            return
+        settings = {"init_timeout": _init_timeout(),
+                    # quiet also skips the "logged in as" banner, whose user lookup has its own ~10 s
+                    # timeout that init_timeout does not bound
+                    "quiet": True}
+        if "WANDB_CONSOLE" not in os.environ:
+            settings["console"] = "off"
+        kwargs = {"project": resolve_project(self.cfg.wandb_project), "name": self.cfg.name or self.run_id,
+                  "id": self.run_id, "resume": "allow", "group": self.cfg.wandb_group, "job_type": "train",
+                  "config": self.wandb_config(), "reinit": "finish_previous"}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(self.run_dir)
+        failures = []
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            t0 = time.perf_counter()
+            try:
+                self.run = wandb.init(mode=attempt, settings=wandb.Settings(**settings), **kwargs)
+                self.mode = attempt
+                break
+            except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                failures.append(f"{attempt} init failed after {time.perf_counter() - t0:.0f}s: "
+                                f"{type(e).__name__}: {reason}")
+                # the failed run keeps its id registered in the wandb service; free it for the retry
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
+        if self.run is None:
+            _warn(f"W&B off ({'; '.join(failures)}); local metrics.jsonl and PNGs are still written")
+            return
+        if failures:
+            _warn(f"W&B {mode} mode ({source}) unavailable ({'; '.join(failures)}); logging offline "
+                  f"to {self.run.dir}: upload later with `wandb sync {Path(self.run.dir).parent}`")
+        self._wandb_floor = int(getattr(self.run, "starting_step", 0) or 0)
+        if self.mode == "online":
+            print(f"W&B run: {self.run.url}", flush=True)
+
+    def _wandb_log(self, data: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        if step < self._wandb_floor:
+            self._note("floor", f"W&B already holds steps up to {self._wandb_floor}; step {step} (a resume "
+                                f"or rollback) is kept in metrics.jsonl only until the run passes it")
+            return
+        try:
+            self.run.log(data, step=step)
+            self._wandb_floor = step
+        except Exception as e:  # noqa: BLE001
+            _warn(f"W&B log failed ({type(e).__name__}: {e}); W&B off for the rest of this run")
+            self.run = None
+
+    def _note(self, key: str, message: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            print(f"distgan: {message}", flush=True)
+
+    # ------------------------------------------------------------------ what the loop calls
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        values = {k: _plain(v) for k, v in metrics.items()}
+        self.last_step_metrics = values
+        self._append({"kind": "step", "step": step, "time": time.time(), **values})
+        self._wandb_log(values, step)
+
+    def log_epoch(self, step: int, epoch: int, samples: torch.Tensor, metrics: dict[str, float]) -> Path:
+        path = self.save_grid(samples, epoch)
+        values = {k: _plain(v) for k, v in metrics.items()}
+        if "d_gap" not in values and {"d_real", "d_fake"} <= self.last_step_metrics.keys():
+            values["d_gap"] = self.last_step_metrics["d_real"] - self.last_step_metrics["d_fake"]
+        self._append({"kind": "eval", "step": step, "epoch": epoch, "time": time.time(),
+                      "samples": str(path.relative_to(self.run_dir)), **values})
+        self._check_health(step, epoch, values)
+        self.plot_curves()
+        if self.run is not None:
+            try:
+                import wandb
+
+                image = wandb.Image(str(path), caption=f"epoch {epoch}, step {step}")
+            except Exception as e:  # noqa: BLE001
+                _warn(f"W&B image failed ({type(e).__name__}: {e}); the grid is still at {path}")
+                image = None
+            self._wandb_log({**({SAMPLES_KEY: image} if image is not None else {}), "epoch": epoch, **values},
+                            step)
+            fids = [r["fid"] for r in self.history if r.get("kind") == "eval" and r.get("fid") is not None]
+            if fids and self.run is not None:
+                try:
+                    self.run.summary["best_fid"] = min(fids)
+                except Exception as e:  # noqa: BLE001
+                    _warn(f"W&B summary failed ({type(e).__name__}: {e})")
+        return path
+
+    def finish(self, summary: dict) -> None:
+        """Final summary, curves and W&B finish. Never raises; waits at most FINISH_TIMEOUT_S for W&B."""
+        if self._finished:
+            return
+        self._finished = True
+        values = _redact({k: _plain(v) for k, v in summary.items()})
+        try:
+            self._append({"kind": "finish", "time": time.time(), **values})
+            self.plot_curves()
+        except Exception as e:  # noqa: BLE001
+            _warn(f"could not write the final metrics ({type(e).__name__}: {e})")
+        run, self.run = self.run, None
+        if run is None:
+            return
+        try:
+            for key, value in values.items():
+                run.summary[key] = value
+        except Exception as e:  # noqa: BLE001
+            _warn(f"W&B summary failed ({type(e).__name__}: {e})")
+
+        def finish_quietly() -> None:
+            try:
+                import wandb
+
+                run.finish()
+                # wandb 0.31 can return from finish() before wandb-core has written out the run file;
+                # teardown waits for the service to exit, which closes it. Nothing else uses W&B here.
+                wandb.teardown()
+            except Exception as e:  # noqa: BLE001
+                _warn(f"W&B finish failed ({type(e).__name__}: {e}); local files are complete")
+
+        worker = threading.Thread(target=finish_quietly, name="wandb-finish", daemon=True)
+        worker.start()
+        worker.join(FINISH_TIMEOUT_S)
+        if worker.is_alive():
+            _warn(f"W&B still uploading after {FINISH_TIMEOUT_S:.0f}s; not waiting. The run files are in "
+                  f"{run.dir}: `wandb sync {Path(run.dir).parent}` uploads what is missing")
+
+    # ------------------------------------------------------------------ local artifacts
+    def _append(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def save_grid(self, samples: torch.Tensor, epoch: int) -> Path:
+        """samples (N, C, H, W) in [-1, 1] -> samples/epoch_NNNN.png and samples/latest.png, ~square grid."""
+        from torchvision.utils import save_image
+
+        images = samples.detach().float().cpu()
+        nrow = math.ceil(math.sqrt(images.shape[0]))
+        path = self.samples_dir / f"epoch_{epoch:04d}.png"
+        _replace_atomically(lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
+                                                   format="png"), path)
+        _replace_atomically(lambda tmp: shutil.copyfile(path, tmp), self.samples_dir / "latest.png")
+        return path
+
+    def _check_health(self, step: int, epoch: int, values: dict[str, Any]) -> None:
+        signals = {
+            "coverage": (lambda v: v < COVERAGE_COLLAPSE, "mode collapse",
+                         f"coverage below {COVERAGE_COLLAPSE} (few distinct digits generated)"),
+            "d_gap": (lambda v: v > D_WINS_GAP, "discriminator wins",
+                      f"D(x) - D(G(z)) above {D_WINS_GAP} (the generator gets no useful gradient)"),
+        }
+        for key, (bad, title, what) in signals.items():
+            value = values.get(key)
+            self.streaks[key] = self.streaks[key] + 1 if value is not None and bad(value) else 0
+            if self.streaks[key] != PATIENCE:
+                continue
+            text = f"{title} at step {step} (epoch {epoch}): {what} for {PATIENCE} evaluations in a row, " \
+                   f"{key} = {value:.3f}"
+            _warn(text)
+            self._append({"kind": "alert", "step": step, "epoch": epoch, "time": time.time(), "title": title,
+                          "text": text})
+            if self.run is not None and self.mode == "online":
+                try:
+                    import wandb
+
+                    self.run.alert(title=f"distgan: {title}", text=text, level=wandb.AlertLevel.WARN)
+                except Exception as e:  # noqa: BLE001
+                    _warn(f"W&B alert failed ({type(e).__name__}: {e})")
+
+    def plot_curves(self) -> None:
+        """Rewrites curves.png from the history (the last row of each step wins). A plotting failure only
+        warns: the numbers are in metrics.jsonl."""
+        try:
+            _replace_atomically(lambda tmp: plot_curves(self.history, tmp), self.curves_path)
+        except Exception as e:  # noqa: BLE001
+            _warn(f"curves.png not written ({type(e).__name__}: {e})")
+
+
+def _series(rows: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
+    by_step = {}
+    for row in rows:
+        if row.get("kind") == kind and row.get(key) is not None:
+            by_step[row["step"]] = row[key]
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot: no global backend state, safe beside other threads
+    (ax_loss, ax_d), (ax_fid, ax_cls) = fig.subplots(2, 2)
+    panels = [(ax_loss, "losses", "step", LOSS_KEYS), (ax_d, "discriminator outputs", "step", D_OUTPUT_KEYS),
+              (ax_fid, "Fréchet distance (classifier features)", "eval", ("fid",)),
+              (ax_cls, "classes and diversity", "eval", ("coverage", "diversity"))]
+    for ax, title, kind, keys in panels:
+        for key in keys:
+            steps, values = _series(rows, kind, key)
+            if steps:
+                ax.plot(steps, values, marker="o" if kind == "eval" else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    ax_d.set_ylim(-0.02, 1.02)
+    ax_d.set_ylabel("mean sigmoid output")
+    if ax_fid.lines:
+        ax_fid.set_yscale("log")
+        steps, values = _series(rows, "eval", "kid")
+        if steps:
+            twin = ax_fid.twinx()
+            twin.plot(steps, values, color="tab:red", marker="s", markersize=3, label="kid")
+            twin.set_ylabel("kid", color="tab:red")
+    steps, values = _series(rows, "eval", "classifier_score")
+    if steps:
+        twin = ax_cls.twinx()
+        twin.plot(steps, values, color="tab:green", marker="^", markersize=3, label="classifier_score")
+        twin.set_ylabel("classifier score (1-10)", color="tab:green")
+        twin.set_ylim(0.8, 10.2)
+    ax_cls.set_ylim(-0.02, 1.1)
+    fig.savefig(path, format="png", dpi=90)

@@ -52,8 +52,8 @@ def run(impl, logits, target, reduction, to64=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("target", ["tensor", 1.0, 0.9, 0.0])
-@pytest.mark.parametrize("shape", [(7,), (5, 3), (2, 3, 1), (1,), (37,)], ids=str)
+@pytest.mark.parametrize("target", ["tensor", 1.0, 0.0])
+@pytest.mark.parametrize("shape", [(5, 3), (1,), (37,)], ids=str)
 def test_parity(shape, target, reduction, dtype, programs):
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(shape, generator=gen) * 4).to(dtype)

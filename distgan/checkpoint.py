@@ -6,6 +6,7 @@ so `torch.load(weights_only=True)` can read it without unpickling code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -180,3 +181,41 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
 def latest_checkpoint_dir(run_dir: Path) -> Optional[Path]:
     dirs = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
     return max(dirs, key=lambda p: _step_of(p.name)) if dirs else None
+
+
+# ------------------------------------------------------------------ run-level notes in the storage path
+
+STOP_FILE = "stopped.json"
+
+
+def _run_fs(storage_path: str, name: str):
+    """(pyarrow filesystem, path) of the run directory, for local paths and URIs (s3://, gs://) alike."""
+    import pyarrow.fs
+
+    if "://" in storage_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), storage_path
+    return fs, f"{root.rstrip('/')}/{name}"
+
+
+def write_stop_reason(storage_path: str, name: str, reason: str) -> None:
+    """Ray Train hands the driver only checkpointed metrics, so a graceful stop leaves its reason here."""
+    fs, run = _run_fs(storage_path, name)
+    fs.create_dir(run, recursive=True)
+    with fs.open_output_stream(f"{run}/{STOP_FILE}") as fh:
+        fh.write(json.dumps({"reason": reason}).encode())
+
+
+def pop_stop_reason(storage_path: str, name: str) -> Optional[str]:
+    """Reads and removes the stop note (a resubmission must not inherit an old one)."""
+    import pyarrow.fs
+
+    fs, run = _run_fs(storage_path, name)
+    path = f"{run}/{STOP_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as fh:
+        reason = json.loads(fh.read().decode())["reason"]
+    fs.delete_file(path)
+    return reason

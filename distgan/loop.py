@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from distgan.checkpoint import (CheckpointError, capture_rng, check_compatible, load_into, load_latest_valid,
-                                load_state, restore_rng, save_state)
+                                load_state, restore_rng, save_state, write_stop_reason)
 from distgan.config import TrainConfig, config_from_dict
 from distgan.data import build_dataset
 from distgan.models import build_models
@@ -185,8 +185,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dataset = build_dataset(cfg, "train")
     sampler = ResumableDistributedSampler(dataset, num_replicas=w.world, rank=w.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
+    # The loader's own generator: each iter() draws a base seed, and drawing it from the global RNG would
+    # shift dropout masks after a mid-epoch resume (the resumed run starts an iterator the original did not).
     loader = DataLoader(dataset, batch_size=cfg.per_worker_batch, sampler=sampler, drop_last=True,
-                        num_workers=0 if isinstance(dataset, torch.utils.data.TensorDataset) else 2)
+                        num_workers=0 if isinstance(dataset, torch.utils.data.TensorDataset) else 2,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)  # (4) sampler is ours
     steps_per_epoch = (len(dataset) // w.world // cfg.per_worker_batch) // cfg.n_critic
     if steps_per_epoch == 0:
@@ -303,7 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bar.close()
     if stop_reason:
         print(f"[rank {w.rank}] STOPPING: {stop_reason}", flush=True)
-        ray.train.report({"step": w.step, "stopped": stop_reason})
+        if w.rank == 0:
+            write_stop_reason(cfg.storage_path, cfg.name, stop_reason)
     if tracker is not None:
         tracker.finish({"final_step": w.step, "rollbacks": w.rollbacks, "stopped": stop_reason or "",
                         **w.last_metrics})

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from distgan.checkpoint import pop_stop_reason
 from distgan.config import ConfigError, TrainConfig, parse_args
 
 # Forwarded to the workers through the train-loop config (not the job's runtime env, which the dashboard
@@ -107,6 +108,7 @@ def run(cfg: TrainConfig) -> dict:
     trainer = build_trainer(cfg, use_gpu, score_fid)
     resumed = (Path(cfg.run_dir) / "checkpoint_manager_snapshot.json").exists() if "://" not in cfg.storage_path \
         else None
+    pop_stop_reason(cfg.storage_path, cfg.name)  # a note left by an earlier submission is stale now
     result = trainer.fit()
     wall = time.perf_counter() - t_submit
     metrics = result.metrics or {}
@@ -128,8 +130,9 @@ def run(cfg: TrainConfig) -> dict:
         "num_workers": cfg.num_workers,
         "use_gpu": use_gpu,
     }
-    if metrics.get("stopped"):
-        summary["stopped"] = metrics["stopped"]
+    stopped = pop_stop_reason(cfg.storage_path, cfg.name)
+    if stopped:
+        summary["stopped"] = stopped
     return summary
 
 

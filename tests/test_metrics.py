@@ -57,6 +57,14 @@ def test_tampered_weights_are_refused(tmp_path):
         metrics.load_classifier(assets=tmp_path / "assets")
 
 
+@pytest.mark.slow  # ~5-15 s for one epoch; the full rebuild (12 epochs) takes about a minute
+def test_rebuild_writes_weights_that_load(tmp_path):
+    record = metrics.rebuild_classifier(tmp_path, epochs=1, log=lambda message: None)
+    assert json.loads((tmp_path / metrics.RECORD_FILE).read_text()) == record
+    model = metrics.load_classifier(assets=tmp_path)
+    assert metrics.classifier_accuracy(model) == pytest.approx(record["test_accuracy"], abs=1.5e-3)
+
+
 def test_reference_is_the_held_out_split():
     ref = metrics.reference_images(TrainConfig())
     test_images, _ = mnist5k("test")

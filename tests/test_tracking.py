@@ -141,12 +141,36 @@ def test_mode_project_and_dir_precedence(tmp_path, wandb_env):
     assert read_offline_run(tmp_path / "elsewhere")["project"] == "from-env"
 
 
-def test_collapse_and_divergence_warn_once_after_patience(tmp_path, wandb_env, capfd):
-    wandb_env.setenv("WANDB_MODE", "disabled")
-    cfg = TrainConfig(name="t-health", storage_path=str(tmp_path)).validate()
+class StubRun:
+    """Stands in for an online wandb Run (no server here): records what the Tracker sends it."""
+
+    def __init__(self):
+        self.logged, self.alerts, self.summary, self.finished, self.fail = [], [], {}, False, False
+        self.dir = "/nonexistent/files"
+
+    def log(self, data, step):
+        if self.fail:
+            raise ConnectionError("server went away")
+        self.logged.append((step, data))
+
+    def alert(self, title, text, level):
+        self.alerts.append(title)
+
+    def finish(self):
+        self.finished = True
+
+
+def stubbed_tracker(tmp_path, name: str) -> tuple[Tracker, StubRun]:
+    cfg = TrainConfig(name=name, storage_path=str(tmp_path), wandb_mode="disabled").validate()
     tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    tracker.run, tracker.mode = StubRun(), "online"
+    return tracker, tracker.run
+
+
+def test_collapse_and_divergence_warn_once_after_patience(tmp_path, wandb_env, capfd):
+    tracker, run = stubbed_tracker(tmp_path, "t-health")
     samples = torch.zeros(4, 1, 28, 28)
-    for epoch in range(1, tracking.PATIENCE + 3):
+    for epoch in range(1, tracking.PATIENCE + 2):
         # D wins outright: the loop's d_gap is absent here, so the tracker derives it from the last step
         tracker.log_step(epoch, {**step_metrics(epoch), "d_real": 0.99, "d_fake": 0.01})
         tracker.log_epoch(epoch, epoch, samples, {**QUALITY, "coverage": 0.1})
@@ -154,10 +178,29 @@ def test_collapse_and_divergence_warn_once_after_patience(tmp_path, wandb_env, c
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("WARNING: distgan")]
     assert len(warnings) == 2, warnings
     assert any("mode collapse" in w for w in warnings) and any("discriminator wins" in w for w in warnings)
-    lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(run.alerts) == ["distgan: discriminator wins", "distgan: mode collapse"]
+    lines = [json.loads(line) for line in (tracker.metrics_path).read_text().splitlines()]
     alerts = [r for r in lines if r["kind"] == "alert"]
     assert [a["epoch"] for a in alerts] == [tracking.PATIENCE] * 2
     assert all(r["d_gap"] == pytest.approx(0.98) for r in lines if r["kind"] == "eval")
+    assert run.finished and run.summary["best_fid"] == 42.0
+
+
+def test_rollbacks_and_wandb_failures_never_reach_training(tmp_path, wandb_env, capfd):
+    tracker, run = stubbed_tracker(tmp_path, "t-failures")
+    for step in (10, 20, 15, 25):  # 15: the loop rolled back to a snapshot; W&B would drop a step < 20
+        tracker.log_step(step, step_metrics(step))
+    assert [step for step, _ in run.logged] == [10, 20, 25]
+    run.fail = True
+    tracker.log_step(30, step_metrics(30))  # the server goes away mid-run: one warning, W&B off
+    tracker.log_step(40, step_metrics(40))
+    tracker.log_epoch(40, 1, torch.zeros(4, 1, 28, 28), dict(QUALITY))
+    tracker.finish({"final_step": 40})
+    assert tracker.run is None
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("WARNING: distgan")]
+    assert len(warnings) == 1 and "W&B off" in warnings[0]
+    steps = [r["step"] for r in map(json.loads, tracker.metrics_path.read_text().splitlines()) if r["kind"] == "step"]
+    assert steps == [10, 20, 15, 25, 30, 40]  # the local record keeps everything
 
 
 def test_non_finite_values_are_strict_json(tmp_path, wandb_env):

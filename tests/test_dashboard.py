@@ -1,9 +1,7 @@
 """The dashboard-as-code: built offline, every panel's key is one that real runs log."""
 
-import sys
-
 import pytest
-from wandb_offline import isolate_wandb_env, read_offline_run, short_tracker_run
+from wandb_offline import isolated_wandb, read_offline_run, short_tracker_run
 
 from distgan import dashboard
 from distgan.tracking import BENCH_TABLE_KEY, EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS
@@ -14,11 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture
 def wandb_env(monkeypatch):
-    isolate_wandb_env(monkeypatch)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    yield monkeypatch
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
+    yield from isolated_wandb(monkeypatch, mode="offline")
 
 
 def bench_table_run(directory):

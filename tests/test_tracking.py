@@ -15,7 +15,7 @@ from PIL import Image
 from wandb_offline import (
     FAKE_KEY,
     QUALITY,
-    isolate_wandb_env,
+    isolated_wandb,
     iter_records,
     read_offline_run,
     short_tracker_run,
@@ -29,10 +29,7 @@ from distgan.tracking import EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS, Tracker
 
 @pytest.fixture
 def wandb_env(monkeypatch):
-    isolate_wandb_env(monkeypatch)
-    yield monkeypatch
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
+    yield from isolated_wandb(monkeypatch)
 
 
 def assert_key_nowhere(root: Path) -> None:

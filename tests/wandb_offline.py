@@ -13,7 +13,7 @@ sdk/internal/datastore.py, which wandb-core still writes):
 History and summary items carry either `key` or `nested_key` (a path: an image logged as "samples" arrives
 as samples._type, samples.path, ...); values are JSON. Rows are rebuilt as nested dicts.
 
-Also here, for the tests that need a real run to read: `isolate_wandb_env` and `short_tracker_run`.
+Also here, for the tests that need a real run to read: `isolated_wandb` and `short_tracker_run`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,15 +164,19 @@ WANDB_ENV = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_BASE_URL", "WAND
 QUALITY = {"fid": 42.0, "kid": 0.5, "kid_std": 0.05, "classifier_score": 6.5, "coverage": 0.9, "diversity": 0.8}
 
 
-def isolate_wandb_env(monkeypatch, api_key: str = FAKE_KEY) -> None:
-    """No W&B settings from the caller's environment; a fake API key that must never reach a file. wandb
-    reads its environment once per process, when it first sets up: tear that down so this test's
-    variables count, as they would in a fresh Ray worker (call wandb.teardown() again when done)."""
-    import sys
-
+def isolated_wandb(monkeypatch, mode: str | None = None, api_key: str = FAKE_KEY):
+    """Fixture body (`yield from isolated_wandb(monkeypatch)`): no W&B settings from the caller's
+    environment, and a fake API key that must never reach a file. wandb reads its environment once per
+    process, when it first sets up; tearing that down before and after lets each test's variables count,
+    as they would in a fresh Ray worker."""
     for var in WANDB_ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_API_KEY", api_key)
+    if mode is not None:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    yield monkeypatch
     if "wandb" in sys.modules:
         sys.modules["wandb"].teardown()
 

@@ -37,7 +37,7 @@ class TrainConfig:
     image_size: int = field(default=28, metadata={"help": f"square image side, one of {IMAGE_SIZES}"})
     channels: Optional[int] = field(default=None, metadata={"help": "1 or 3; default from the dataset"})
     # --- schedule
-    epochs: int = field(default=25, metadata={"help": "passes over the training split"})
+    epochs: int = field(default=20, metadata={"help": "passes over the training split"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many G steps"})
     batch_size: int = field(default=64, metadata={"help": "GLOBAL batch, split evenly across workers"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
@@ -59,7 +59,7 @@ class TrainConfig:
     # --- outputs and checkpoints
     storage_path: str = field(default="./runs", metadata={"help": "Ray storage path (local dir, NFS or s3://)"})
     name: Optional[str] = field(default=None, metadata={"help": "run name; same name = resume"})
-    checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
+    checkpoint_every: int = field(default=5, metadata={"help": "epochs between checkpoints (each is also evaluated)"})
     checkpoint_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps; 0 = off"})
     num_to_keep: int = field(default=3, metadata={"help": "checkpoints kept (best by FID when measured)"})
     # --- fault tolerance
@@ -72,7 +72,7 @@ class TrainConfig:
     placement_strategy: str = field(default="PACK", metadata={"help": "PACK or SPREAD workers over nodes"})
     # --- tracking and evaluation
     log_every: int = field(default=10, metadata={"help": "steps between metric logs"})
-    eval_every: int = field(default=1, metadata={"help": "epochs between quality evaluations; 0 = off"})
+    eval_every: int = field(default=5, metadata={"help": "epochs between quality evaluations; 0 = off"})
     eval_samples: int = field(default=1000, metadata={"help": "generated images per evaluation"})
     wandb_project: str = field(default="distgan", metadata={"help": "W&B project (or WANDB_PROJECT)"})
     wandb_mode: Optional[str] = field(default=None, metadata={"help": "online/offline/disabled; default offline "

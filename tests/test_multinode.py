@@ -26,7 +26,7 @@ def cluster():
 
 def _driver(cluster, storage, name, *args):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ADDRESS=cluster.address, WANDB_MODE="offline", WANDB_SILENT="true")
+    env.update(RAY_ADDRESS=cluster.address, WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "distgan.train", "--num-workers", "2", "--batch-size", "32", "--epochs", "1",
            "--placement-strategy", "STRICT_SPREAD", "--eval-every", "0", "--storage-path", str(storage),
            "--name", name, *map(str, args)]

@@ -74,7 +74,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between metric logs"})
     eval_every: int = field(default=5, metadata={"help": "epochs between quality evaluations; 0 = off"})
     eval_samples: int = field(default=1000, metadata={"help": "generated images per evaluation"})
-    wandb_project: str = field(default="distgan", metadata={"help": "W&B project (or WANDB_PROJECT)"})
+    wandb_project: Optional[str] = field(default=None, metadata={"help": "W&B project; default WANDB_PROJECT, "
+                                                                      "else distgan"})
     wandb_mode: Optional[str] = field(default=None, metadata={"help": "online/offline/disabled; default offline "
                                                                       "unless WANDB_API_KEY is set"})
     wandb_group: Optional[str] = field(default=None, metadata={"help": "W&B group, e.g. for a sweep"})

@@ -86,10 +86,9 @@ def resolve_mode(flag: str | None) -> tuple[str, str]:
     return "offline", "default (no WANDB_API_KEY)"
 
 
-def resolve_project(flag: str) -> str:
-    if flag and flag != DEFAULT_PROJECT:
-        return flag
-    return os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+def resolve_project(flag: Optional[str]) -> str:
+    """--wandb-project > WANDB_PROJECT > "distgan"."""
+    return flag or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
 
 
 def _init_timeout() -> float:

@@ -26,7 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real Ray head node on loopback (token auth on) shared by every test that trains."""
-    cluster = LocalRayCluster(num_cpus=3).start()
+    from wandb_offline import FAKE_KEY
+
+    # Like a provisioned cloud node, the workers' environment holds a W&B key: the tests check it never
+    # reaches a file (runs default to offline here: the drivers pass WANDB_MODE).
+    cluster = LocalRayCluster(num_cpus=3, node_env={"WANDB_API_KEY": FAKE_KEY}).start()
     try:
         yield cluster
     finally:

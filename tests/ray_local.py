@@ -37,8 +37,9 @@ def _session_pids(sid: int) -> list[int]:
 
 
 class LocalRayCluster:
-    def __init__(self, num_cpus: int = 3):
+    def __init__(self, num_cpus: int = 3, node_env: dict[str, str] | None = None):
         self.num_cpus = num_cpus
+        self.node_env = node_env or {}  # what a provisioned node's environment holds (e.g. WANDB_API_KEY)
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a limit
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.token = secrets.token_hex(32)
@@ -59,7 +60,7 @@ class LocalRayCluster:
         return env
 
     def start(self, timeout: float = 120) -> "LocalRayCluster":
-        env = self.client_env()
+        env = {**self.client_env(), **self.node_env}
         env.pop("RAY_ADDRESS")
         ray_bin = str(Path(sys.executable).parent / "ray")
         cmd = [ray_bin, "start", "--head", "--block", f"--num-cpus={self.num_cpus}", "--num-gpus=0",

@@ -12,6 +12,8 @@ from PIL import Image
 
 from conftest import REPO, describe, run_train, summary_of
 from distgan.checkpoint import load_state
+from distgan.tracking import EPOCH_KEYS, STEP_KEYS
+from wandb_offline import FAKE_KEY, read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +87,24 @@ def test_too_many_workers_fails_fast_naming_the_flag(ray_cluster, tmp_path):
                      "--storage-path", tmp_path, "--name", "toomany", timeout=120)
     assert proc.returncode == 2
     assert "--num-workers 8: cannot place" in proc.stderr
+
+
+def test_wandb_offline_run_of_the_two_worker_training(two_worker_run):
+    run_dir, _, proc = two_worker_run
+    run = read_offline_run(run_dir / "wandb")
+    assert run["num_runs"] == 1 and run["complete"] and run["offline"] and run["name"] == "e2e"
+    step_rows = [r for r in run["history"] if "loss_d" in r]
+    assert [r["_step"] for r in step_rows] == [1, 2, 4, 6]
+    for row in step_rows:
+        for key in STEP_KEYS:
+            assert math.isfinite(row[key]), key
+    assert run["image_keys"]
+    eval_row = next(r for r in run["history"] if "fid" in r)
+    assert all(math.isfinite(eval_row[k]) for k in EPOCH_KEYS)
+    assert run["config"]["world_size"] == 2 and run["config"]["kernel_backend"] == "eager"
+    assert run["config"]["per_worker_batch"] == 16
+    # the workers' environment held a W&B key: nothing the run wrote or printed contains it
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path

@@ -125,9 +125,10 @@ def test_mode_project_and_dir_precedence(tmp_path, wandb_env):
     wandb_env.setenv("WANDB_MODE", "disabled")
     assert tracking.resolve_mode(None)[0] == "disabled"
     assert tracking.resolve_mode("offline") == ("offline", "--wandb-mode")
-    assert tracking.resolve_project("distgan") == "distgan"
+    assert tracking.resolve_project(None) == "distgan"
     wandb_env.setenv("WANDB_PROJECT", "from-env")
-    assert tracking.resolve_project("distgan") == "from-env"  # the flag left at its default
+    assert tracking.resolve_project(None) == "from-env"  # no flag: the environment decides
+    assert tracking.resolve_project("distgan") == "distgan"  # an explicit flag wins, even the default name
     assert tracking.resolve_project("mine") == "mine"
 
     wandb_env.setenv("WANDB_MODE", "offline")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -85,6 +86,8 @@ class Worker:
         ctx = ray.train.get_context()  # (1)
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        print(f"[rank {self.rank}] of {self.world} on node {ray.get_runtime_context().get_node_id()[:12]} "
+              f"({self.device})", flush=True)
         torch.manual_seed(cfg.seed)  # identical init everywhere; DDP also broadcasts rank 0's weights
         self.g, self.d = build_models(cfg)
         self.g.to(self.device)

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_distgan_sample_loads_the_checkpoint(two_worker_run, tmp_path, suffix):
 
 def test_ray_job_submit_runs_the_trainer(ray_cluster, tmp_path):
     proc = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ray") if (REPO / ".venv" / "bin" / "ray").exists() else "ray",
+        [str(Path(sys.executable).parent / "ray"),
          "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".", "--",
          "python", "-m", "distgan.train", "--epochs", "1", "--max-steps", "5", "--batch-size", "32",
          "--eval-every", "0", "--storage-path", str(tmp_path), "--name", "job"],

@@ -173,7 +173,8 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
             log(f"WARNING: skipping checkpoint: {e}")
             continue
         if errors:
-            warnings.warn(f"resumed from older checkpoint {directory} because the newer one is bad: {errors[0]}")
+            warnings.warn(f"resumed from older checkpoint {directory} because the newer one is bad: {errors[0]}",
+                          stacklevel=2)
         return state, directory
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
 

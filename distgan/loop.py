@@ -27,8 +27,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from distgan.checkpoint import (CheckpointError, capture_rng, check_compatible, load_into, load_latest_valid,
-                                load_state, restore_rng, save_state, write_stop_reason)
+from distgan.checkpoint import (
+    capture_rng,
+    check_compatible,
+    load_into,
+    load_latest_valid,
+    load_state,
+    restore_rng,
+    save_state,
+    write_stop_reason,
+)
 from distgan.config import TrainConfig, config_from_dict
 from distgan.data import build_dataset
 from distgan.models import build_models

@@ -86,7 +86,7 @@ def resolve_mode(flag: str | None) -> tuple[str, str]:
     return "offline", "default (no WANDB_API_KEY)"
 
 
-def resolve_project(flag: Optional[str]) -> str:
+def resolve_project(flag: str | None) -> str:
     """--wandb-project > WANDB_PROJECT > "distgan"."""
     return flag or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
 

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from distgan.checkpoint import (CheckpointError, capture_rng, check_compatible, load_latest_valid, load_state,
-                                restore_rng, save_state)
+from distgan.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    load_latest_valid,
+    load_state,
+    restore_rng,
+    save_state,
+)
 
 
 def _state(step=3, **overrides):

@@ -1,10 +1,11 @@
 """The dashboard-as-code: built offline, every panel's key is one that real runs log."""
 
 import pytest
-from wandb_offline import isolated_wandb, read_offline_run, short_tracker_run
 
 from distgan import dashboard
 from distgan.tracking import BENCH_TABLE_KEY, EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS
+
+from wandb_offline import isolated_wandb, read_offline_run, short_tracker_run
 
 # wandb_workspaces still uses pydantic-v1-style validators; their deprecation notices are not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

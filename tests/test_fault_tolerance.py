@@ -7,8 +7,9 @@ uninterrupted run is the bitwise reference for every recovered one.
 import pytest
 import torch
 
-from conftest import describe, run_train
 from distgan.checkpoint import load_state
+
+from conftest import describe, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ import time
 import pytest
 from ray.cluster_utils import Cluster
 
-from conftest import REPO, describe, summary_of
 from distgan.checkpoint import load_state
+
+from conftest import REPO, describe, summary_of
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from distgan import tracking
+from distgan.config import TrainConfig
+from distgan.tracking import EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS, Tracker
+
 from wandb_offline import (
     FAKE_KEY,
     QUALITY,
@@ -21,10 +26,6 @@ from wandb_offline import (
     short_tracker_run,
     step_metrics,
 )
-
-from distgan import tracking
-from distgan.config import TrainConfig
-from distgan.tracking import EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS, Tracker
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, describe, run_train, summary_of
 from distgan.checkpoint import load_state
 from distgan.tracking import EPOCH_KEYS, STEP_KEYS
+
+from conftest import REPO, describe, run_train, summary_of
 from wandb_offline import FAKE_KEY, read_offline_run
 
 pytestmark = pytest.mark.slow

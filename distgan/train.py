@@ -161,6 +161,11 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint']} "
           f"(FID {summary['best_fid']})\nsample images : python -m distgan.sample --checkpoint "
           f"{summary['checkpoint']} --num-samples 64 --output samples.png")
+    final = summary["final"]
+    if "fid" in final:
+        print(f"quality (EMA G, {summary['final'].get('step')} steps, vs the held-out digits): "
+              f"FID {final['fid']:.2f}  KID {final['kid']:.4f}  classifier score {final['classifier_score']:.2f}  "
+              f"coverage {final['coverage']:.3f}")
     if summary.get("stopped"):
         print(f"error: training stopped: {summary['stopped']}", file=sys.stderr)
         return 1

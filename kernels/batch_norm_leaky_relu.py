@@ -148,6 +148,31 @@ def _channel_vector(PTR, pid_c, C, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _tile(pid_r, pid_k, TOTAL_ROWS, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows, columns, their masks, the 2-D mask and int64 offsets of elementwise tile (pid_r, pid_k)
+    of the (TOTAL_ROWS, K) matrix view (K already passed through _aligned, so loads stay 128-bit)."""
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < TOTAL_ROWS
+    kmask = cols < K
+    mask = rmask[:, None] & kmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    return rows, cols, rmask, kmask, mask, offs
+
+
+@triton.jit
+def _channel_param(PTR, rows, cols, rmask, kmask, C, ROWS_LAYOUT: tl.constexpr):
+    """Per-channel fp32 vector for an elementwise tile, broadcastable against it.
+
+    ROWS: channel = column, one value per column. PLANES: channel of row r = r % C, one per row.
+    """
+    if ROWS_LAYOUT:
+        return tl.load(PTR + cols, mask=kmask, other=0.0)[None, :]
+    else:
+        return tl.load(PTR + rows % C, mask=rmask, other=0.0)[:, None]
+
+
+@triton.jit
 def _finalize_channels(
     chan,
     cmask,
@@ -452,21 +477,12 @@ def _bnlr_fwd_kernel(
 ):
     """y = leaky((x - mean) * scale + shift) over the (TOTAL_ROWS, K) matrix view of x."""
     K = _aligned(K, K_ALIGN)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < TOTAL_ROWS
-    kmask = cols < K
-    mask = rmask[:, None] & kmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    if ROWS_LAYOUT:
-        mean = tl.load(MEAN + cols, mask=kmask, other=0.0)[None, :]
-        scale = tl.load(SCALE + cols, mask=kmask, other=0.0)[None, :]
-        shift = tl.load(SHIFT + cols, mask=kmask, other=0.0)[None, :]
-    else:
-        chan = rows % C
-        mean = tl.load(MEAN + chan, mask=rmask, other=0.0)[:, None]
-        scale = tl.load(SCALE + chan, mask=rmask, other=0.0)[:, None]
-        shift = tl.load(SHIFT + chan, mask=rmask, other=0.0)[:, None]
+    rows, cols, rmask, kmask, mask, offs = _tile(
+        tl.program_id(0), tl.program_id(1), TOTAL_ROWS, K, BLOCK_R, BLOCK_K
+    )
+    mean = _channel_param(MEAN, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    scale = _channel_param(SCALE, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    shift = _channel_param(SHIFT, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = _leaky(_bn_affine(x, mean, scale, shift), slope)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -676,25 +692,14 @@ def _bnlr_bwd_kernel(
 ):
     """dx = scale * h + c1 * (x - mean) + c2 over the (TOTAL_ROWS, K) matrix view."""
     K = _aligned(K, K_ALIGN)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < TOTAL_ROWS
-    kmask = cols < K
-    mask = rmask[:, None] & kmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    if ROWS_LAYOUT:
-        mean = tl.load(MEAN + cols, mask=kmask, other=0.0)[None, :]
-        scale = tl.load(SCALE + cols, mask=kmask, other=0.0)[None, :]
-        shift = tl.load(SHIFT + cols, mask=kmask, other=0.0)[None, :]
-        c1 = tl.load(COEF + cols, mask=kmask, other=0.0)[None, :]
-        c2 = tl.load(COEF + C + cols, mask=kmask, other=0.0)[None, :]
-    else:
-        chan = rows % C
-        mean = tl.load(MEAN + chan, mask=rmask, other=0.0)[:, None]
-        scale = tl.load(SCALE + chan, mask=rmask, other=0.0)[:, None]
-        shift = tl.load(SHIFT + chan, mask=rmask, other=0.0)[:, None]
-        c1 = tl.load(COEF + chan, mask=rmask, other=0.0)[:, None]
-        c2 = tl.load(COEF + C + chan, mask=rmask, other=0.0)[:, None]
+    rows, cols, rmask, kmask, mask, offs = _tile(
+        tl.program_id(0), tl.program_id(1), TOTAL_ROWS, K, BLOCK_R, BLOCK_K
+    )
+    mean = _channel_param(MEAN, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    scale = _channel_param(SCALE, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    shift = _channel_param(SHIFT, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    c1 = _channel_param(COEF, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
+    c2 = _channel_param(COEF + C, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     y = _bn_affine(x, mean, scale, shift)

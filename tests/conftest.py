@@ -39,7 +39,7 @@ def ray_cluster():
 
 def run_train(cluster, *args, env=None, timeout=300, cwd=None):
     """`python -m distgan.train ...` as a driver of the test cluster; returns the CompletedProcess."""
-    full_env = cluster.client_env(WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
+    full_env = cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})})
     return subprocess.run([sys.executable, "-m", "distgan.train", *map(str, args)], env=full_env, cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout)
 

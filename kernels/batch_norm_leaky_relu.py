@@ -138,6 +138,16 @@ def _reduce_tile(v, ROWS_LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _channels(pid_c, C, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Channel index (vector for ROWS, scalar for PLANES) and mask of reduction program pid_c."""
+    if ROWS_LAYOUT:
+        chan = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+        return chan, chan < C
+    else:
+        return pid_c, pid_c < C
+
+
+@triton.jit
 def _channel_vector(PTR, pid_c, C, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr):
     """Load a per-channel fp32 vector for a reduction tile, broadcastable against it."""
     if ROWS_LAYOUT:
@@ -261,12 +271,9 @@ def _bnlr_fwd_fused_kernel(
     mean = _reduce_tile(x, ROWS_LAYOUT) / count
     if ROWS_LAYOUT:
         d = tl.where(mask, x - mean[None, :], 0.0)
-        chan = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-        cmask = chan < C
     else:
         d = tl.where(mask, x - mean, 0.0)
-        chan = pid_c
-        cmask = pid_c < C
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
     m2 = _reduce_tile(d * d, ROWS_LAYOUT)
     scale, shift = _finalize_channels(
         chan,
@@ -340,13 +347,10 @@ def _bnlr_fwd_stats_kernel(
             d = tl.where(mask, x - t_mean, 0.0)
         t_m2 = _reduce_tile(d * d, ROWS_LAYOUT)
         n_acc, mean_acc, m2_acc = _chan_merge(n_acc, mean_acc, m2_acc, count, t_mean, t_m2)
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
     if ROWS_LAYOUT:
-        chan = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-        cmask = chan < C
         n_out = tl.zeros([BLOCK_K], dtype=tl.float32) + n_acc
     else:
-        chan = pid_c
-        cmask = pid_c < C
         n_out = n_acc
     slot = chan.to(tl.int64) * P + pid_p
     tl.store(PART + slot, n_out, mask=cmask)
@@ -534,12 +538,7 @@ def _bnlr_bwd_fused_kernel(
     h, x_hat = _bwd_tile_terms(x, g, mean, rstd, scale, shift, mask, slope, ROWS_LAYOUT)
     sum_h = _reduce_tile(h, ROWS_LAYOUT)
     sum_hx = _reduce_tile(h * x_hat, ROWS_LAYOUT)
-    if ROWS_LAYOUT:
-        chan = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-        cmask = chan < C
-    else:
-        chan = pid_c
-        cmask = pid_c < C
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
     if HAS_DW:
         tl.store(DW + chan, sum_hx.to(DW.dtype.element_ty), mask=cmask)
     if HAS_DB:
@@ -599,12 +598,7 @@ def _bnlr_bwd_reduce_kernel(
         h, x_hat = _bwd_tile_terms(x, g, mean, rstd, scale, shift, mask, slope, ROWS_LAYOUT)
         sum_h += _reduce_tile(h, ROWS_LAYOUT)
         sum_hx += _reduce_tile(h * x_hat, ROWS_LAYOUT)
-    if ROWS_LAYOUT:
-        chan = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-        cmask = chan < C
-    else:
-        chan = pid_c
-        cmask = pid_c < C
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
     slot = chan.to(tl.int64) * P + pid_p
     tl.store(PART + slot, sum_h, mask=cmask)
     tl.store(PART + C * P + slot, sum_hx, mask=cmask)

@@ -145,18 +145,28 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
             raise CheckpointError(f"{where}: {key} does not match this model ({str(e).splitlines()[0]})") from None
 
 
-def _step_of(name: str) -> int:
+def checkpoint_name(step: int, resumed_at: Optional[int]) -> str:
+    """checkpoint_<step>, plus _resume<step> in a resumed attempt: after a fall-back to an older checkpoint
+    the run passes the same steps again, and reusing a name would let Ray's clean-up of the old record
+    delete the new checkpoint."""
+    return f"checkpoint_{step:08d}" + ("" if resumed_at is None else f"_resume{resumed_at:08d}")
+
+
+def _step_of(path: Path) -> int:
     try:
-        return int(name.rsplit("_", 1)[-1])
-    except ValueError:
+        return int(path.name.split("_")[1])
+    except (IndexError, ValueError):
         return -1
 
 
 def candidate_dirs(latest: Path) -> list[Path]:
-    """The latest checkpoint first, then its older siblings in the same run directory, newest first."""
+    """The latest checkpoint first, then the other checkpoints of the run directory that are not newer
+    (by step, then by write time), newest first."""
+    def order(p: Path) -> tuple[int, float]:
+        return _step_of(p), p.stat().st_mtime
+
     siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
-    siblings.sort(key=lambda p: _step_of(p.name), reverse=True)
-    return [latest] + [p for p in siblings if _step_of(p.name) < _step_of(latest.name)]
+    return [latest] + sorted((p for p in siblings if _step_of(p) <= _step_of(latest)), key=order, reverse=True)
 
 
 def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
@@ -177,11 +187,6 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
                           stacklevel=2)
         return state, directory
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
-
-
-def latest_checkpoint_dir(run_dir: Path) -> Optional[Path]:
-    dirs = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    return max(dirs, key=lambda p: _step_of(p.name)) if dirs else None
 
 
 # ------------------------------------------------------------------ run-level notes in the storage path

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from distgan.checkpoint import (
     capture_rng,
     check_compatible,
+    checkpoint_name,
     load_into,
     load_latest_valid,
     load_state,
@@ -216,6 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           w.world, resumed=w.resumed_from is not None, kernel_backend=_kernel_backend(cfg, w))
         evaluator = _make_evaluator(cfg, w.device)
     real_label = 1.0 - cfg.label_smoothing
+    resumed_at = w.step if w.resumed_from is not None else None
     last_good = w.snapshot()
     bar = tqdm(total=total_steps, initial=w.step, disable=w.rank != 0, desc="steps", dynamic_ncols=True)
     timer, window_images = time.perf_counter(), 0
@@ -237,7 +239,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if w.rank == 0:
                 save_state(w.state(rng_all), tmp)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{w.step:08d}")  # (5)
+            name = checkpoint_name(w.step, resumed_at)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)  # (5)
         last_good = w.snapshot()
 
     done = w.step >= total_steps

@@ -106,3 +106,17 @@ def test_rng_capture_and_restore_reproduce_every_stream():
     second = (torch.rand(3), torch.randn(2, generator=gen), np.random.rand(2), random.random())
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert np.array_equal(first[2], second[2]) and first[3] == second[3]
+
+
+def test_a_resumed_attempts_checkpoint_at_the_same_step_is_preferred(tmp_path):
+    import time
+
+    save_state(_state(4), tmp_path / "checkpoint_00000004")
+    time.sleep(0.01)
+    save_state(_state(4, epoch=1), tmp_path / "checkpoint_00000004_resume00000002")
+    bad = tmp_path / "checkpoint_00000006"
+    bad.mkdir()
+    (bad / "state.pt").write_bytes(b"torn")
+    with pytest.warns(UserWarning):
+        state, where = load_latest_valid(bad, log=lambda m: None)
+    assert where.name == "checkpoint_00000004_resume00000002" and state["epoch"] == 1

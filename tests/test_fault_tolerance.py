@@ -100,7 +100,7 @@ def test_bad_latest_checkpoints_fall_back_to_the_previous_one_then_fail_when_non
     assert "resumed from" in log and "checkpoint_00000002 at step 2" in log
 
     # a NaN weight in the latest checkpoint: the same, and the run still ends bit-identical to the reference
-    poisoned = run / "checkpoint_00000006" / "state.pt"
+    poisoned = run / "checkpoint_00000006_resume00000002" / "state.pt"  # the second attempt resumed at step 2
     state = torch.load(poisoned, weights_only=True)
     state["generator"]["project.weight"][0, 0] = float("nan")
     torch.save(state, poisoned)

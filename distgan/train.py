@@ -93,9 +93,13 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
 
 def run(cfg: TrainConfig) -> dict:
     """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems."""
-    from distgan.data import check_data_root
+    from distgan.data import build_dataset, check_data_root
 
     check_data_root(cfg)
+    num_images = len(build_dataset(cfg, "train"))
+    if num_images // cfg.batch_size < cfg.n_critic:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs more images than the "
+                          f"training split has ({num_images})")
     from distgan.metrics import metrics_supported
 
     t_submit = time.perf_counter()

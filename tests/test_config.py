@@ -70,6 +70,7 @@ def test_name_defaults_to_a_timestamp_and_storage_path_becomes_absolute():
     (["--batch-size", "63"], "--batch-size"),
     (["--epochs", "0"], "--epochs"),
     (["--lr-d", "nan-ish"], "--lr-d"),
+    (["--batch-size", "4096"], "--batch-size 4096 x --n-critic 1 needs more images"),
 ])
 def test_cli_bad_input_exits_nonzero_fast_with_one_line_and_no_traceback(argv, needle, tmp_path):
     t0 = time.perf_counter()

@@ -82,3 +82,15 @@ def test_cli_bad_input_exits_nonzero_fast_with_one_line_and_no_traceback(argv, n
     assert needle in err and "Traceback" not in err
     assert len(err.splitlines()) <= 3  # argparse prints usage + one error line
     assert elapsed < 10, elapsed
+
+
+def test_readme_flag_table_lists_every_flag_with_its_current_default():
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f"| `{flag}" in readme, flag
+        row = readme.split(f"| `{flag}", 1)[1].split("\n")[0]
+        assert f"` | `{f.default}` |" in row, (flag, row)

@@ -243,6 +243,26 @@ def ray_run(preset: Preset, workers: int, kernels_impl: str, storage: Path, name
     }
 
 
+def _wait_for_ray_exit(timeout_s: float = 60.0) -> float:
+    """Wait until the processes of the last run's Ray cluster (found by our RAY_TMPDIR in their command
+    line) are gone, so that their shutdown does not run alongside the next measurement. Returns the
+    seconds waited."""
+    t0 = time.time()
+    while RAY_TMPDIR and time.time() - t0 < timeout_s:
+        alive = False
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if RAY_TMPDIR.encode() in (proc / "cmdline").read_bytes():
+                    alive = True
+                    break
+            except OSError:
+                continue
+        if not alive:
+            break
+        time.sleep(0.5)
+    return time.time() - t0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Results
 
@@ -498,6 +518,7 @@ def main(argv=None) -> int:
                         r = plain_run(preset, impl, seed=0)
                     else:
                         r = ray_run(preset, n, impl, storage, f"bench-w{n}-{impl}-r{rep}")
+                        r["teardown_wait_s"] = round(_wait_for_ray_exit(), 1)
                     runs.append(
                         {"config": config, "workers": n, "kernels": impl, "repeat": rep, "loadavg": load, **r}
                     )

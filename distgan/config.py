@@ -22,6 +22,7 @@ KERNEL_IMPLS = ("auto", "triton", "eager")
 BN_POLICIES = ("local", "sync")
 WANDB_MODES = ("online", "offline", "disabled")
 NAN_POLICIES = ("rollback", "stop")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -56,11 +57,15 @@ class TrainConfig:
     # --- model execution
     kernels: str = field(default="auto", metadata={"help": f"one of {', '.join(KERNEL_IMPLS)}"})
     bn: str = field(default="local", metadata={"help": "BatchNorm statistics: local (per worker) or sync"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
+                                                             "fp32), fp32, bf16, or fp16 (CUDA only)"})
     # --- outputs and checkpoints
     storage_path: str = field(default="./runs", metadata={"help": "Ray storage path (local dir, NFS or s3://)"})
     name: Optional[str] = field(default=None, metadata={"help": "run name; same name = resume"})
     checkpoint_every: int = field(default=5, metadata={"help": "epochs between checkpoints (each is also evaluated)"})
     checkpoint_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps; 0 = off"})
+    checkpoint_every_minutes: float = field(default=3.0, metadata={"help": "also checkpoint when this many "
+                                                                           "minutes passed since the last; 0 = off"})
     num_to_keep: int = field(default=3, metadata={"help": "checkpoints kept (best by FID when measured)"})
     # --- fault tolerance
     max_failures: Optional[int] = field(default=None, metadata={"help": "worker-group restarts; default 2"})
@@ -148,6 +153,10 @@ class TrainConfig:
             raise bad("kernels", f"unknown {self.kernels!r}; choose one of {', '.join(KERNEL_IMPLS)}")
         if self.bn not in BN_POLICIES:
             raise bad("bn", f"unknown {self.bn!r}; choose one of {', '.join(BN_POLICIES)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if not (isinstance(self.checkpoint_every_minutes, (int, float)) and 0 <= self.checkpoint_every_minutes):
+            raise bad("checkpoint_every_minutes", f"must be >= 0, got {self.checkpoint_every_minutes!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise bad("nan_policy", f"unknown {self.nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

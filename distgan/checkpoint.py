@@ -194,7 +194,7 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
 STOP_FILE = "stopped.json"
 
 
-def _run_fs(storage_path: str, name: str):
+def run_fs(storage_path: str, name: str):
     """(pyarrow filesystem, path) of the run directory, for local paths and URIs (s3://, gs://) alike."""
     import pyarrow.fs
 
@@ -205,9 +205,12 @@ def _run_fs(storage_path: str, name: str):
     return fs, f"{root.rstrip('/')}/{name}"
 
 
+_run_fs = run_fs  # the name other modules used before it became public
+
+
 def write_stop_reason(storage_path: str, name: str, reason: str) -> None:
     """Ray Train hands the driver only checkpointed metrics, so a graceful stop leaves its reason here."""
-    fs, run = _run_fs(storage_path, name)
+    fs, run = run_fs(storage_path, name)
     fs.create_dir(run, recursive=True)
     with fs.open_output_stream(f"{run}/{STOP_FILE}") as fh:
         fh.write(json.dumps({"reason": reason}).encode())
@@ -217,7 +220,7 @@ def pop_stop_reason(storage_path: str, name: str) -> Optional[str]:
     """Reads and removes the stop note (a resubmission must not inherit an old one)."""
     import pyarrow.fs
 
-    fs, run = _run_fs(storage_path, name)
+    fs, run = run_fs(storage_path, name)
     path = f"{run}/{STOP_FILE}"
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return None

@@ -227,8 +227,11 @@ class QualityEvaluator:
         feats, logits = zip(*[self._update(chunk, real=False) for chunk in fake.split(BATCH)])
         feats, logits = torch.cat(feats), torch.cat(logits).double()
         self.kid.subset_size = min(KID_SUBSET_SIZE, fake.shape[0], self.num_reference)
-        with torch.random.fork_rng(devices=[]):  # KID's subset draws: repeatable, and the caller's RNG untouched
-            torch.manual_seed(0)
+        # KID's subset draws (torch.randperm on the CPU default generator): repeatable, and every training stream
+        # untouched. Only the CPU generator is reseeded (and restored): torch.manual_seed would also reseed every
+        # CUDA device's generator, which fork_rng(devices=[]) does not restore.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(0)
             kid, kid_std = self.kid.compute()
         fid = self.fid.compute()
         return {"fid": float(fid), "kid": float(kid), "kid_std": float(kid_std),

@@ -1,0 +1,473 @@
+"""Trainer: every stateful piece of a distgan run, under any torch.distributed group (or none). No Ray here.
+
+The Ray adapter (distgan/loop.py) builds a Trainer, loads a checkpoint into it and calls `fit()` with a
+`report` hook; tests drive the same object in 2 gloo processes, and the GPU tests in one NCCL process.
+
+RNG streams, so that a loaded trainer continues bit-identically and nothing but training draws from them:
+  * model init: the global RNGs seeded with `seed` on every rank (DDP also broadcasts rank 0's weights);
+  * training (D's dropout): the global CPU/CUDA RNGs, reseeded with `seed + rank` once the models exist;
+  * latent noise: `noise_gen` on the training device, seeded from (seed, rank);
+  * data order: the sampler's (seed, epoch); the DataLoader's own generator is reseeded every epoch;
+  * evaluation, sample grids, metrics: local generators or a forked RNG, never the streams above.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from distgan.checkpoint import check_compatible, load_into
+from distgan.config import TrainConfig
+from distgan.data import build_dataset
+from distgan.models import build_models
+from distgan.step import EMA, gan_step, make_optimizers, resolve_precision
+from kernels.collectives import collective_device
+
+NUM_FIXED_SAMPLES = 64  # an 8x8 grid, the same noise every evaluation
+STAT_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+# Rank-0-only work (W&B start-up, an evaluation) may take minutes; the other ranks wait for it at a barrier
+# of this group, so only a dead peer, never a busy rank 0, trips the process group's --collective-timeout-s.
+RANK0_WORK_TIMEOUT = timedelta(hours=2)
+
+Report = Callable[[dict[str, float], Optional[dict[str, Any]]], None]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (`start_index`, in samples of this rank), so
+    a resume skips what was consumed without loading it. An epoch's order depends only on (seed, epoch)."""
+
+    start_index = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+def _fault_injection(step: int, rank: int, reals: list[torch.Tensor]) -> None:
+    """Test hooks, inert unless DISTGAN_TEST_MARKER_DIR is set: SIGKILL this worker, or poison its batch with
+    NaN, at a given step, once per marker file (so the restarted run does not repeat the fault)."""
+    marker_dir = os.environ.get("DISTGAN_TEST_MARKER_DIR")
+    if not marker_dir:
+        return
+    for kind in ("KILL", "NAN"):
+        at = os.environ.get(f"DISTGAN_TEST_{kind}_AT_STEP")
+        target_rank = int(os.environ.get(f"DISTGAN_TEST_{kind}_RANK", "1" if kind == "KILL" else "0"))
+        marker = Path(marker_dir) / f"{kind.lower()}_done"
+        if at is None or int(at) != step or rank != target_rank or marker.exists():
+            continue
+        marker.write_text(str(step))
+        if kind == "KILL":
+            print(f"[distgan test] rank {rank}: SIGKILL at step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        reals[0] = reals[0] * float("nan")
+
+
+def _checksum(tensors) -> torch.Tensor:
+    """Two float64 sums that differ when any element differs (order-weighted), computed on the CPU."""
+    flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(97).add_(1)
+    return torch.stack([flat.sum(), (flat * weights).sum()])
+
+
+def _bare(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def _default_wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP when a process group of more than one rank is up (what Ray's prepare_model does), else the module."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+class Trainer:
+    """Models, optimizers, EMA, data position, RNG streams, LR scale, NaN guard, checkpoint/evaluation schedule.
+
+    Args:
+        cfg: a validated TrainConfig.
+        device: this rank's device (e.g. cuda:<local rank> or cpu).
+        wrap_model: how each model is wrapped for data parallelism (Ray passes `prepare_model`);
+            default: DDP over the initialised process group when it has more than one rank.
+        evaluate: build the quality evaluator on rank 0 (FID etc.); the Ray adapter passes whether the
+            metrics apply to this dataset.
+        tracker_factory: rank 0 builds its tracker with this (called at the start of `fit()` with
+            `resumed=`); None = no tracking (tests).
+        dataset: the training images, (image, label) pairs; default `build_dataset(cfg, "train")`.
+    Units: `step` counts G steps (each preceded by n_critic D steps); `steps_into_epoch` counts G steps done
+    in the current epoch; `samples_into_epoch` is what this rank's sampler skips on a resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu",
+                 wrap_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+                 evaluate: bool = True, tracker_factory: Optional[Callable[..., Any]] = None,
+                 dataset: Optional[torch.utils.data.Dataset] = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # object collectives under NCCL use the current device
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.kernel_backend = cfg.kernels if cfg.kernels != "auto" else (
+            "triton" if self.device.type == "cuda" else "eager")
+
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        g, d = build_models(cfg)
+        if list(d.buffers()):
+            # The G phase calls D outside its DDP wrapper, so D's buffers would never be synchronised.
+            raise ValueError("the discriminator must not have buffers (BatchNorm, spectral norm): the G phase "
+                             "runs it outside DDP and replicas would drift silently")
+        self.g_bare, self.d_bare = g.to(self.device), d.to(self.device)
+        self.opt_g, self.opt_d = make_optimizers(g, d, cfg)
+        fp16 = self.precision == "fp16"
+        self.scalers = (torch.amp.GradScaler("cuda", enabled=fp16), torch.amp.GradScaler("cuda", enabled=fp16))
+        self.ema = EMA(g, cfg.ema_decay) if cfg.ema_decay > 0 and self.rank == 0 else None
+        wrap = wrap_model or (lambda m: _default_wrap(m, self.device))
+        self.g, self.d = wrap(g), wrap(d)
+
+        self.dataset = dataset if dataset is not None else build_dataset(cfg, "train")
+        self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
+                                                   shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader = DataLoader(self.dataset, batch_size=cfg.per_worker_batch, sampler=self.sampler,
+                                 drop_last=True, num_workers=0 if isinstance(self.dataset, TensorDataset) else 2,
+                                 generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.dataset) // self.world // cfg.per_worker_batch // cfg.n_critic
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} exceeds the dataset "
+                             f"({len(self.dataset)} images)")
+        self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * self.steps_per_epoch)
+
+        # Training streams: every rank its own (seed + rank), drawn only by training from here on.
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed())
+        self.fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+        self.step = self.epoch = self.steps_into_epoch = 0
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.best_fid = math.inf
+        self.last_metrics: dict[str, float] = {}
+        self.resumed_from: Optional[str] = None
+        self._batches = None
+        self._want_evaluator = evaluate and cfg.eval_every > 0
+        self._tracker_factory = tracker_factory
+        self.tracker = self.evaluator = None
+        self._rank0_group = None
+        if self.world > 1:  # new_group is collective: every rank creates it, here, in the same order
+            self._rank0_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+
+    # ------------------------------------------------------------------ state
+    def _noise_seed(self, offset: int = 0) -> int:
+        return self.cfg.seed * 7919 + self.rank + 1 + offset
+
+    @property
+    def samples_into_epoch(self) -> int:
+        return self.steps_into_epoch * self.cfg.n_critic * self.cfg.per_worker_batch
+
+    def _rng_state(self) -> dict[str, Any]:
+
+        np_state = np.random.get_state()
+        py_version, py_internal, py_gauss = random.getstate()
+        state = {
+            "device_type": self.device.type, "torch": torch.get_rng_state(), "noise": self.noise_gen.get_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                       "gauss": py_gauss},
+        }
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+
+        saved_kind = state.get("device_type", "cuda" if "cuda" in state else "cpu")
+        if saved_kind != self.device.type:
+            warnings.warn(f"checkpoint RNG streams were saved on {saved_kind}, this run trains on {self.device.type}: "
+                          f"noise and dropout restart from the seed, so the resume is not bit-exact", stacklevel=2)
+            self._reseed_streams()
+            return
+        torch.set_rng_state(state["torch"])
+        self.noise_gen.set_state(state["noise"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        p = state["python"]
+        random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _reseed_streams(self) -> None:
+        torch.manual_seed(self.cfg.seed + self.rank + 1000003 * self.step)
+        self.noise_gen.manual_seed(self._noise_seed(self.step))
+
+    def _all_gather_objects(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The complete training state (collective: every rank must call it; each rank's RNG is gathered)."""
+        state = {
+            "format": 1, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.steps_into_epoch, "samples_into_epoch": self.samples_into_epoch,
+            "generator": self.g_bare.state_dict(), "discriminator": self.d_bare.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "fixed_noise": self.fixed_noise,
+            "rng": self._all_gather_objects(self._rng_state()), "world_size": self.world,
+            "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "best_fid": self.best_fid,
+            "precision": self.precision,
+            "scalers": [s.state_dict() for s in self.scalers],
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "state") -> None:
+        """Restores everything `state_dict()` saved. A checkpoint of another world size or device kind loads,
+        but its RNG streams cannot continue: they restart from the seed with one warning."""
+        check_compatible(state, self.cfg.to_dict(), where)
+        load_into(state, where, generator=self.g_bare, discriminator=self.d_bare, opt_g=self.opt_g, opt_d=self.opt_d)
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+                self.ema.decay = self.cfg.ema_decay  # the decay in force is this run's flag
+            else:
+                self.ema = EMA(self.g_bare, self.cfg.ema_decay)
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.steps_into_epoch = int(state["batch_in_epoch"])
+        self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
+        self.best_fid = float(state.get("best_fid", math.inf))
+        self.fixed_noise = state["fixed_noise"]
+        # fp16's loss scale carries over only between fp16 runs; bf16/fp32 checkpoints load into any precision
+        if state.get("precision") == self.precision == "fp16":
+            for scaler, saved in zip(self.scalers, state["scalers"]):
+                scaler.load_state_dict(saved)
+        self._apply_lr()
+        self._batches = None
+        rng = state["rng"]
+        if state["world_size"] == self.world and self.rank < len(rng):
+            self._restore_rng(rng[self.rank])
+        else:
+            warnings.warn(f"{where} was written by {state['world_size']} workers, this run has {self.world}: "
+                          f"RNG streams restart from the seed, so the resume is not bit-exact", stacklevel=2)
+            self._reseed_streams()
+        self.resumed_from = where
+
+    def _apply_lr(self) -> None:
+        for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * self.lr_scale
+
+    # ------------------------------------------------------------------ one step
+    def _next_reals(self) -> list[torch.Tensor]:
+        if self._batches is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start_index = self.samples_into_epoch
+            # each iter() draws a base seed from the loader's generator: a per-epoch seed keeps a mid-epoch
+            # resume (which starts an iterator the original run did not) on the same numbers
+            self.loader.generator.manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            self._batches = iter(self.loader)
+        return [next(self._batches)[0].to(self.device, non_blocking=True) for _ in range(self.cfg.n_critic)]
+
+    def _sample_z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.cfg.z_dim, device=self.device, generator=self.noise_gen)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One G step (after n_critic D steps) on this rank's next batches; advances the step counters and
+        the EMA. Returns 0-dim device tensors (STAT_KEYS); no host sync."""
+        reals = self._next_reals()
+        _fault_injection(self.step + 1, self.rank, reals)
+        out = gan_step(self.g, self.d, self.opt_g, self.opt_d, reals, self._sample_z,
+                       real_label=1.0 - self.cfg.label_smoothing, impl=self.cfg.kernels, precision=self.precision,
+                       scalers=self.scalers)
+        self.step += 1
+        self.steps_into_epoch += 1
+        if self.ema is not None:
+            self.ema.update(self.g)
+        return out
+
+    def _sync_step(self, out: dict[str, torch.Tensor], flags: list[float]) -> tuple[list[float], bool, list[bool]]:
+        """One all-reduce per step carries the logged means, the non-finite flag and the schedule flags, so
+        every rank takes the same branch at the same step. Returns (means, non-finite?, [flag raised by any])."""
+        stats = torch.stack([out[k].float() for k in STAT_KEYS])
+        bad = (~torch.isfinite(stats)).any().float().reshape(1)
+        packed = torch.cat([torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0), bad,
+                            torch.tensor(flags, dtype=torch.float32, device=stats.device)])
+        if self.world > 1:
+            packed = packed.to(collective_device())
+            dist.all_reduce(packed)
+        host = packed.tolist()  # the one host sync of a step: the NaN guard must decide before the next step
+        return [v / self.world for v in host[:len(STAT_KEYS)]], host[len(STAT_KEYS)] > 0, \
+            [v > 0 for v in host[len(STAT_KEYS) + 1:]]
+
+    def _check_replicas(self) -> None:
+        """Before a checkpoint: every replica holds bitwise-identical G and D parameters (D has no buffers;
+        G's buffers are rank 0's at every forward, DDP broadcasts them)."""
+        if self.world == 1:
+            return
+        local = torch.cat([_checksum(self.g_bare.parameters()), _checksum(self.d_bare.parameters())])
+        local = local.to(collective_device())
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        for r, other in enumerate(gathered):
+            if not torch.equal(other, gathered[0]):
+                raise RuntimeError(f"replicas diverged at step {self.step}: rank {r} holds different G/D parameters "
+                                   f"than rank 0 (checksums {other.tolist()} vs {gathered[0].tolist()})")
+
+    # ------------------------------------------------------------------ rank-0 work
+    def _rank0_then_share(self, work: Callable[[], Any]) -> Any:
+        """Runs `work` on rank 0 alone (the others wait at a long-timeout barrier) and hands every rank its
+        result. The training RNG streams are forked around it, so it cannot shift them."""
+        result = None
+        if self.rank == 0:
+            devices = [self.device] if self.device.type == "cuda" else []
+            np_state, py_state = np.random.get_state(), random.getstate()
+            with torch.random.fork_rng(devices=devices):
+                result = work()
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        if self.world == 1:
+            return result
+        dist.barrier(group=self._rank0_group)
+        box = [result]
+        dist.broadcast_object_list(box, src=0, device=collective_device())
+        return box[0]
+
+    def _start_rank0_services(self) -> None:
+        def start() -> None:
+            if self._tracker_factory is not None:
+                self.tracker = self._tracker_factory(resumed=self.resumed_from is not None)
+            if self._want_evaluator:
+                from distgan.metrics import QualityEvaluator, reference_images
+
+                self.evaluator = QualityEvaluator(reference_images(self.cfg), device=self.device)
+
+        self._rank0_then_share(start)
+
+    @torch.no_grad()
+    def _evaluate_rank0(self, with_metrics: bool) -> dict[str, float]:
+        """Rank 0: the fixed-noise sample grid and, when asked, quality metrics of the EMA generator."""
+        cfg = self.cfg
+        g_eval = self.ema.model if self.ema is not None else self.g_bare
+        was_training = g_eval.training
+        g_eval.eval()
+        samples = g_eval(self.fixed_noise.to(self.device)).float().cpu()
+        metrics: dict[str, float] = {}
+        if with_metrics and self.evaluator is not None:
+            gen = torch.Generator().manual_seed(cfg.seed + 12345)
+            fakes = [g_eval(torch.randn(min(250, cfg.eval_samples - s), cfg.z_dim, generator=gen).to(self.device))
+                     .float().cpu() for s in range(0, cfg.eval_samples, 250)]
+            metrics = {k: float(v) for k, v in self.evaluator.evaluate(torch.cat(fakes)).items()}
+            metrics["d_gap"] = self.last_metrics.get("d_real", 0.0) - self.last_metrics.get("d_fake", 0.0)
+        g_eval.train(was_training)
+        if self.tracker is not None:
+            self.tracker.log_epoch(self.step, self.epoch, samples, metrics)
+        if "fid" in metrics:
+            best = metrics["fid"] < self.best_fid
+            print(f"epoch {self.epoch} step {self.step}: FID {metrics['fid']:.2f} KID {metrics['kid']:.3f} "
+                  f"CS {metrics['classifier_score']:.2f} coverage {metrics['coverage']:.2f}"
+                  + (" (best)" if best else ""), flush=True)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def _log_step(self, t_window: float, steps: int) -> None:
+        elapsed = max(time.perf_counter() - t_window, 1e-9)
+        self.tracker.log_step(self.step, {**self.last_metrics, "lr_g": self.opt_g.param_groups[0]["lr"],
+                                          "lr_d": self.opt_d.param_groups[0]["lr"],
+                                          "images_per_s": steps * self.cfg.batch_size * self.cfg.n_critic / elapsed,
+                                          "step_time_s": elapsed / max(steps, 1), "epoch": self.epoch})
+
+    def _rollback(self, last_good: dict[str, Any]) -> None:
+        rollbacks = self.rollbacks + 1
+        resumed_from = self.resumed_from
+        self.load_state_dict(copy.deepcopy(last_good), "in-memory snapshot")
+        self.resumed_from = resumed_from
+        self.rollbacks, self.lr_scale = rollbacks, self.lr_scale * self.cfg.rollback_lr_factor
+        self._apply_lr()
+        print(f"[rank {self.rank}] rolled back to step {self.step}; learning rates x{self.lr_scale:g} "
+              f"(rollback {self.rollbacks}/{self.cfg.max_rollbacks})", flush=True)
+
+    def _schedule(self, epoch_finished: bool, time_due: bool, stop: bool) -> tuple[bool, bool]:
+        """(checkpoint now?, evaluate now?): at most one checkpoint per step, whatever asked for it."""
+        cfg, done = self.cfg, self.step >= self.total_steps
+        epoch_ckpt = epoch_finished and self.epoch % cfg.checkpoint_every == 0
+        step_ckpt = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
+        checkpoint = done or stop or epoch_ckpt or step_ckpt or time_due
+        evaluate = done or epoch_ckpt or (epoch_finished and cfg.eval_every > 0 and self.epoch % cfg.eval_every == 0)
+        return checkpoint, evaluate
+
+    def fit(self, report: Optional[Report] = None, should_stop: Callable[[], bool] = lambda: False,
+            on_step: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
+        """Trains to the end of the schedule. `report(metrics, state)` is called on every rank at the same
+        steps: with `state` (this trainer's `state_dict()`) at a checkpoint. `should_stop()` is polled each
+        step on every rank; any rank saying yes makes all stop after a checkpoint. `on_step(step, means)`
+        (rank 0) sees every step's logged means. Returns {"step", "stopped": reason or None, "interrupted"}."""
+        report = report or (lambda metrics, state: None)
+        self._start_rank0_services()
+        last_good = copy.deepcopy(self.state_dict())
+        minutes = self.cfg.checkpoint_every_minutes
+        last_ckpt_time = t_window = time.perf_counter()
+        window_steps, stop_reason, interrupted = 0, None, False
+        while self.step < self.total_steps:
+            out = self.train_step()
+            time_due = self.rank == 0 and minutes > 0 and time.perf_counter() - last_ckpt_time >= 60 * minutes
+            values, nonfinite, (time_due, stop) = self._sync_step(out, [float(time_due), float(should_stop())])
+            if nonfinite:
+                print(f"[rank {self.rank}] non-finite loss detected at step {self.step}", flush=True)
+                if self.cfg.nan_policy == "stop" or self.rollbacks >= self.cfg.max_rollbacks:
+                    stop_reason = (f"non-finite loss at step {self.step} (rollbacks used: {self.rollbacks}/"
+                                   f"{self.cfg.max_rollbacks}, --nan-policy {self.cfg.nan_policy}); last good "
+                                   f"checkpoint is at step {last_good['step']}")
+                    break
+                self._rollback(last_good)
+                last_good = copy.deepcopy(self.state_dict())
+                continue
+            self.last_metrics = dict(zip(STAT_KEYS, values))
+            window_steps += 1
+            if on_step is not None and self.rank == 0:
+                on_step(self.step, self.last_metrics)
+            if self.tracker is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
+                self._log_step(t_window, window_steps)
+                t_window, window_steps = time.perf_counter(), 0
+            epoch_finished = self.steps_into_epoch >= self.steps_per_epoch
+            if epoch_finished:
+                self.epoch, self.steps_into_epoch, self._batches = self.epoch + 1, 0, None
+            checkpoint, evaluate = self._schedule(epoch_finished, time_due, stop)
+            extra: dict[str, float] = {}
+            if epoch_finished or evaluate:  # a sample grid at every epoch end, metrics when evaluating
+                extra = self._rank0_then_share(lambda with_metrics=evaluate: self._evaluate_rank0(with_metrics)) or {}
+                self.best_fid = min(self.best_fid, extra.get("fid", math.inf))
+            if checkpoint:
+                self._check_replicas()
+                state = self.state_dict()
+                report({"step": self.step, "epoch": self.epoch, **self.last_metrics, **extra}, state)
+                last_good = copy.deepcopy(state)
+                last_ckpt_time = time.perf_counter()
+            if stop:
+                interrupted = True
+                break
+        if self.rank == 0:
+            if stop_reason:
+                print(f"[rank {self.rank}] STOPPING: {stop_reason}", flush=True)
+            if self.tracker is not None:
+                self.tracker.finish({"final_step": self.step, "rollbacks": self.rollbacks,
+                                     "stopped": stop_reason or "", **self.last_metrics})
+        return {"step": self.step, "stopped": stop_reason, "interrupted": interrupted}

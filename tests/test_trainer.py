@@ -1,0 +1,248 @@
+"""The Ray-free Trainer in 1 process and in 2 gloo processes (torch.multiprocessing): state round trips,
+replica agreement, NaN rollback on every rank, checkpoint/evaluation schedule, per-rank seeding, rank-0 work
+that outlasts the collective timeout, RNG streams restored across device kinds."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from distgan.config import TrainConfig
+from distgan.data import mnist5k, to_model_range
+from distgan.trainer import Trainer
+
+NUM_IMAGES = 64  # per-worker batch 4 x 2 workers -> 8 G steps an epoch
+
+
+def small_dataset() -> TensorDataset:
+    images, labels = mnist5k("train")
+    return TensorDataset(to_model_range(images[:NUM_IMAGES]), torch.from_numpy(labels[:NUM_IMAGES]))
+
+
+def make_cfg(tmp, **overrides) -> TrainConfig:
+    base = dict(num_workers=2, batch_size=8, epochs=3, eval_every=1, checkpoint_every=1, eval_samples=64,
+                wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0)
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def assert_bitwise_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "batch_in_epoch")
+
+
+def _spawn(fn, *args, world=2, timeout_s=60):
+    mp.start_processes(_entry, args=(fn, world, timeout_s, *args), nprocs=world, start_method="spawn")
+
+
+def _entry(rank, fn, world, timeout_s, *args):
+    torch.set_num_threads(1)
+    init = args[0] / "pg"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- round trip
+
+ROUND_TRIPS = {  # name: (total steps N, stop at k, config overrides)
+    "mid-epoch": (12, 5, {}),
+    "epoch-boundary": (12, 8, {}),
+    "n-critic-2": (6, 3, {"n_critic": 2}),
+}
+
+
+def _round_trip_worker(rank, tmp):
+    for name, (n, k, overrides) in ROUND_TRIPS.items():
+        reference = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
+        reference.fit()
+        want = reference.state_dict()
+        first = Trainer(make_cfg(tmp, max_steps=k, **overrides), dataset=small_dataset())
+        first.fit()
+        saved = first.state_dict()
+        second = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
+        second.load_state_dict(saved, "round trip")
+        second.fit()
+        got = second.state_dict()  # collective: every rank calls it
+        if rank == 0:
+            torch.save({"want": want, "got": got, "evaluated": first.best_fid}, tmp / f"{name}.pt")
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("round_trip")
+    _spawn(_round_trip_worker, tmp, timeout_s=300)
+    return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name in ROUND_TRIPS}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIPS))
+def test_state_round_trip_continues_bit_identically(round_trips, name):
+    result = round_trips[name]
+    assert result["evaluated"] < float("inf")  # the interrupted run evaluated at its last step: no effect
+    for key in TRAINING_STATE:
+        assert_bitwise_equal(result["got"][key], result["want"][key], key)
+
+
+# ----------------------------------------------------------------------------------------------- behaviours
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.epochs = []
+
+    def log_epoch(self, step, epoch, samples, metrics):
+        self.epochs.append((step, epoch, sorted(metrics)))
+
+    def log_step(self, step, metrics):
+        pass
+
+    def finish(self, summary):
+        pass
+
+
+def _behaviour_worker(rank, tmp):
+    out = {}
+    # per-rank seeding: dropout and noise draws differ between ranks
+    t = Trainer(make_cfg(tmp, max_steps=1), dataset=small_dataset())
+    out["dropout_draw"] = torch.rand(4)
+    out["noise_draw"] = t._sample_z(2)
+
+    # schedule: checkpoints every 4 steps and every 2 epochs, one report per step; metrics every 2 epochs
+    reports, tracker = [], RecordingTracker()
+    t = Trainer(make_cfg(tmp, epochs=2, checkpoint_every_steps=4, eval_every=2, checkpoint_every=2),
+                dataset=small_dataset(), tracker_factory=lambda resumed: tracker)
+    t.fit(lambda metrics, state: reports.append((metrics["step"], state is not None, "fid" in metrics)))
+    out["reports"], out["epochs"] = reports, tracker.epochs
+    out["params"] = [p.detach().clone() for p in list(t.g_bare.parameters()) + list(t.d_bare.parameters())]
+
+    # NaN on rank 0 at step 3: both ranks detect it at step 3, roll back to the last checkpoint, halve the LR
+    os.environ.update(DISTGAN_TEST_MARKER_DIR=str(tmp / f"marker{rank}"), DISTGAN_TEST_NAN_AT_STEP="3",
+                      DISTGAN_TEST_NAN_RANK="0")
+    (tmp / f"marker{rank}").mkdir(exist_ok=True)
+    t = Trainer(make_cfg(tmp, max_steps=6, checkpoint_every_steps=2, eval_every=0), dataset=small_dataset())
+    result = t.fit()
+    out["nan"] = (result, t.rollbacks, t.lr_scale, t.opt_g.param_groups[0]["lr"], t.step)
+    torch.save(out, tmp / f"behaviour{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def behaviours(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("behaviour")
+    _spawn(_behaviour_worker, tmp, timeout_s=300)
+    return [torch.load(tmp / f"behaviour{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_every_rank_draws_its_own_dropout_and_noise(behaviours):
+    r0, r1 = behaviours
+    assert not torch.equal(r0["dropout_draw"], r1["dropout_draw"])
+    assert not torch.equal(r0["noise_draw"], r1["noise_draw"])
+
+
+def test_replicas_hold_identical_parameters_after_training(behaviours):
+    for a, b in zip(behaviours[0]["params"], behaviours[1]["params"]):
+        assert torch.equal(a, b)
+
+
+def test_one_report_per_step_at_epoch_ends_and_step_multiples(behaviours):
+    reports = behaviours[0]["reports"]
+    assert reports == behaviours[1]["reports"]  # every rank reports at the same steps
+    steps = [step for step, has_state, _ in reports]
+    assert steps == [4, 8, 12, 16] and len(set(steps)) == len(steps)
+    assert all(has_state for _, has_state, _ in reports)
+    # metrics at the epoch-2 checkpoint (eval_every=2) and the last step (16 = end of epoch 2), not at 4/8/12
+    assert [step for step, _, fid in reports if fid] == [16]
+
+
+def test_sample_grid_every_epoch_metrics_by_schedule(behaviours):
+    epochs = behaviours[0]["epochs"]
+    assert [(step, epoch) for step, epoch, _ in epochs] == [(8, 1), (16, 2)]
+    assert epochs[0][2] == [] and "fid" in epochs[1][2]
+    assert behaviours[1]["epochs"] == []  # rank 1 never tracks
+
+
+def test_nan_is_detected_on_every_rank_and_rolled_back(behaviours):
+    for out in behaviours:
+        result, rollbacks, lr_scale, lr_g, step = out["nan"]
+        assert result["stopped"] is None and step == 6
+        assert rollbacks == 1 and lr_scale == 0.5 and lr_g == pytest.approx(1e-4)
+
+
+def _slow_rank0_worker(rank, tmp):
+    def slow_tracker(resumed):
+        time.sleep(8)  # longer than the 3 s process-group timeout: W&B start-up on a slow network
+        return RecordingTracker()
+
+    t = Trainer(make_cfg(tmp, max_steps=2, eval_every=0), dataset=small_dataset(), tracker_factory=slow_tracker)
+    t.fit()
+    (tmp / f"done{rank}").write_text("ok")
+
+
+def test_rank0_only_work_longer_than_the_collective_timeout_does_not_kill_the_run(tmp_path):
+    _spawn(_slow_rank0_worker, tmp_path, timeout_s=3)
+    assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()
+
+
+# ----------------------------------------------------------------------------------------------- one process
+
+
+def test_single_process_runs_without_a_process_group(tmp_path):
+    t = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=3, eval_every=0), dataset=small_dataset())
+    out = t.train_step()
+    assert set(out) >= {"loss_d", "loss_g"} and all(v.dim() == 0 for v in out.values())
+    assert t.fit()["step"] == 3
+
+
+def test_rng_state_from_another_device_kind_reseeds_with_one_warning(tmp_path):
+    cfg = make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=2, eval_every=0)
+    t = Trainer(cfg, dataset=small_dataset())
+    t.fit()
+    state = t.state_dict()
+    # what a CUDA worker saves: a CUDA generator's state has another size than a CPU one
+    state["rng"][0]["device_type"] = "cuda"
+    state["rng"][0]["noise"] = torch.zeros(16, dtype=torch.uint8)
+    fresh = Trainer(cfg, dataset=small_dataset())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(state, "cuda checkpoint")
+    messages = [str(w.message) for w in caught if "not bit-exact" in str(w.message)]
+    assert len(messages) == 1 and "cuda" in messages[0]
+    assert fresh.step == 2
+    fresh.train_step()  # the reseeded streams work
+
+
+def test_discriminator_with_buffers_is_refused(tmp_path, monkeypatch):
+    import distgan.trainer as trainer_module
+
+    def build(cfg):
+        from distgan.models import build_models
+
+        g, d = build_models(cfg)
+        d.net.insert(1, torch.nn.BatchNorm2d(64))
+        return g, d
+
+    monkeypatch.setattr(trainer_module, "build_models", build)
+    with pytest.raises(ValueError, match="must not have buffers"):
+        Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4), dataset=small_dataset())

@@ -19,6 +19,8 @@ from distgan.config import TrainConfig
 from distgan.data import mnist5k, to_model_range
 from distgan.trainer import Trainer
 
+from conftest import TRAINING_STATE, assert_bitwise_equal
+
 NUM_IMAGES = 64  # per-worker batch 4 x 2 workers -> 8 G steps an epoch
 
 
@@ -31,24 +33,6 @@ def make_cfg(tmp, **overrides) -> TrainConfig:
     base = dict(num_workers=2, batch_size=8, epochs=3, eval_every=1, checkpoint_every=1, eval_samples=64,
                 wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0)
     return TrainConfig(**{**base, **overrides}).validate()
-
-
-def assert_bitwise_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
-TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "batch_in_epoch")
 
 
 def _spawn(fn, *args, world=2, timeout_s=60):

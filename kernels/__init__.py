@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._checks import check_batch_norm_inputs, check_bce_inputs, check_discriminator_inputs
 
 # The op modules share their names with the public functions below, so they are imported first and
 # the functions bound afterwards (a later `import kernels.<op>` must not shadow the function).
@@ -84,57 +85,21 @@ def batch_norm_leaky_relu(
     process_group: synchronised BatchNorm (training only): statistics and the backward sums are
         reduced over this torch.distributed group; dweight/dbias stay local (DDP sums them).
     """
-    if _bnlr is not None:
-        _bnlr.check_inputs(
-            x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked, process_group
-        )
+    check_batch_norm_inputs(x, weight, bias, running_mean, running_var, training, momentum, num_batches_tracked,
+                            process_group)
     if resolve_impl(impl, x.device, x.dtype) == "triton":
-        return _bnlr.batch_norm_leaky_relu(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            eps,
-            negative_slope,
-            num_batches_tracked,
-            process_group,
-        )
+        return _bnlr.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                           negative_slope, num_batches_tracked, process_group)
     if process_group is not None:
-        return reference.sync_batch_norm_leaky_relu(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            momentum,
-            eps,
-            negative_slope,
-            num_batches_tracked,
-            process_group,
-        )
-    return reference.batch_norm_leaky_relu(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        negative_slope,
-        num_batches_tracked,
-    )
+        return reference.sync_batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                    negative_slope, num_batches_tracked, process_group)
+    return reference.batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                           negative_slope, num_batches_tracked)
 
 
-def bce_with_logits(
-    logits: torch.Tensor, target, reduction: str = "mean", impl: str = "auto"
-) -> torch.Tensor:
+def bce_with_logits(logits: torch.Tensor, target, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
     """`F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)`; target may be a float."""
-    if _bce is not None:
-        _bce.check_inputs(logits, target, reduction)
+    check_bce_inputs(logits, target, reduction)
     if resolve_impl(impl, logits.device, logits.dtype) == "triton":
         return _bce.bce_with_logits(logits, target, reduction)
     return reference.bce_with_logits(logits, target, reduction)
@@ -149,25 +114,14 @@ def discriminator_loss(
     fake_label) (DCGAN's errD_real + errD_fake); d_real / d_fake = mean sigmoid of each part, detached
     0-d float32 tensors for logging (no host sync).
     """
-    if _bce is not None:
-        _bce.check_discriminator_inputs(logits, num_real)
+    check_discriminator_inputs(logits, num_real)
     if resolve_impl(impl, logits.device, logits.dtype) == "triton":
         return _bce.discriminator_loss(logits, num_real, real_label, fake_label)
     return reference.discriminator_loss(logits, num_real, real_label, fake_label)
 
 
-from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl
+# Last: the modules call the functions above.
+from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl  # noqa: E402
 
-__all__ = [
-    "IMPLS",
-    "BCEWithLogitsLoss",
-    "BatchNormLeakyReLU1d",
-    "BatchNormLeakyReLU2d",
-    "batch_norm_leaky_relu",
-    "bce_with_logits",
-    "discriminator_loss",
-    "reference",
-    "resolve_impl",
-    "set_impl",
-    "triton_can_run",
-]
+__all__ = ["IMPLS", "BCEWithLogitsLoss", "BatchNormLeakyReLU1d", "BatchNormLeakyReLU2d", "batch_norm_leaky_relu",
+           "bce_with_logits", "discriminator_loss", "reference", "resolve_impl", "set_impl", "triton_can_run"]

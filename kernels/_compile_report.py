@@ -62,6 +62,26 @@ def _op_modules():
     )
 
 
+def kernel_modules():
+    """The modules holding the @triton.jit kernels (what the recorders stand in for)."""
+    return (
+        importlib.import_module(f"{__package__}.batch_norm_leaky_relu_kernels"),
+        importlib.import_module(f"{__package__}.bce_with_logits_kernels"),
+    )
+
+
+def kernel_names(module) -> list[str]:
+    return [n for n in dir(module) if n.startswith(("_bnlr_", "_bce_")) and n.endswith("_kernel")]
+
+
+def gpu_limits(sms: int = H100_SMS):
+    """The planning limits of a GPU with `sms` SMs, for both ops: (BN+LReLU limits, BCE limits)."""
+    from .batch_norm_leaky_relu_plan import DeviceLimits
+    from .bce_with_logits_plan import BCELimits
+
+    return DeviceLimits.gpu(sms), BCELimits.gpu(sms)
+
+
 class _Recorder:
     """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records instead of launching."""
 
@@ -74,86 +94,67 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(calls, case):
-    import torch.distributed as dist
+    """Kernels replaced by recorders; the synchronised BN's collectives by a 2-rank world of identical ranks."""
+    from . import collectives
 
-    from . import reference
-
-    bn, bce = _op_modules()
-
-    patches = [(bn, name) for name in dir(bn) if name.startswith("_bnlr_") and name.endswith("_kernel")]
-    patches += [(bce, name) for name in dir(bce) if name.startswith("_bce_") and name.endswith("_kernel")]
-    patches += [
-        (bn, "device_limits"),
-        (bce, "_plan_for"),
-        (reference, "all_gather_stats"),
-        (dist, "all_reduce"),
-    ]
+    patches = [(mod, name) for mod in kernel_modules() for name in kernel_names(mod)]
+    patches += [(collectives, "all_gather_stats"), (collectives, "all_reduce_sum")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in patches]
     try:
         for mod, name, fn in saved:
             if name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(fn, calls, case))
-        bn.device_limits = lambda device: {
-            "programs": bn.PROGRAMS_PER_SM * H100_SMS,
-            "rows_block_c": bn.ROWS_BLOCK_C,
-            "stats_block_c": bn.STATS_BLOCK_C,
-            "finalize_block_c": bn.FINALIZE_BLOCK_C,
-        }
-        bce._plan_for = lambda m, device: bce.plan(m, "cuda", H100_SMS)
-        reference.all_gather_stats = lambda stats, group: torch.stack([stats, stats])  # a 2-rank world
-        dist.all_reduce = lambda tensor, group=None: None
+        collectives.all_gather_stats = lambda stats, group=None: torch.stack([stats, stats])
+        collectives.all_reduce_sum = lambda t, group=None: t * 2
         yield
     finally:
         for mod, name, fn in saved:
             setattr(mod, name, fn)
 
 
-def record_launches(cases=CASES):
-    """Run the launchers on every case with recording kernels; returns [(case, fn, grid, args, kwargs)]."""
+def _record_bn(bn, shape, dtype, variant, limits):
+    c = shape[1]
+    x = torch.empty(shape, dtype=dtype)
+    if variant == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(c), torch.zeros(c)
+    rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
+    training = variant != "eval"
+    group = object() if variant == "sync" else None
+    _, saved = bn.batch_norm_leaky_relu_forward(x, w, b, rm, rv, training, 0.1, 1e-5, 0.2, nbt, group, limits=limits)
+    xv = bn.layout_of(x)[0]
+    bn.batch_norm_leaky_relu_backward(torch.empty_like(xv), xv, saved, training, 0.2, (True, True, True), w.dtype,
+                                      b.dtype, group, limits=limits)
+
+
+def _record_bce(bce, op, shape, dtype, variant, limits):
+    x = torch.empty(shape, dtype=dtype)
+    m = x.numel()
+    if op == "dloss":
+        half = m // 2
+        bce.bce_forward(x, None, half, 1.0, 0.0, 1 / half, 1 / (m - half), False, True, True, True, limits=limits)
+        bce.bce_backward(torch.empty(shape), torch.empty(()), dtype, limits=limits)
+    else:
+        target = torch.empty_like(x) if op == "bce_t" else 1.0
+        reduce = variant != "none"
+        bce.bce_forward(x, target, m, 1.0, 1.0, 1.0 / m, 1.0 / m, not reduce, True, reduce, False, limits=limits)
+        go = torch.empty(()) if reduce else torch.empty(shape)
+        bce.bce_backward(torch.empty(shape), go, dtype, limits=limits)
+
+
+def record_launches(cases=CASES, sms: int = H100_SMS):
+    """Run the launchers on every case with recording kernels, planned for a GPU with `sms` SMs;
+    returns [(case, fn, grid, args, kwargs)]."""
     bn, bce = _op_modules()
+    bn_limits, bce_limits = gpu_limits(sms)
     calls = []
     for case in cases:
         _label, op, shape, dtype, variant = case
         with _recording(calls, case):
             if op == "bn":
-                c = shape[1]
-                x = torch.empty(shape, dtype=dtype)
-                if variant == "channels_last":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                w, b = torch.ones(c), torch.zeros(c)
-                rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
-                training = variant != "eval"
-                group = object() if variant == "sync" else None
-                _, saved = bn.batch_norm_leaky_relu_forward(
-                    x, w, b, rm, rv, training, 0.1, 1e-5, 0.2, nbt, group
-                )
-                xv = bn.layout_of(x)[0]
-                bn.batch_norm_leaky_relu_backward(
-                    torch.empty_like(xv),
-                    xv,
-                    saved,
-                    training,
-                    0.2,
-                    (True, True, True),
-                    w.dtype,
-                    b.dtype,
-                    group,
-                )
+                _record_bn(bn, shape, dtype, variant, bn_limits)
             else:
-                x = torch.empty(shape, dtype=dtype)
-                m = x.numel()
-                if op == "dloss":
-                    half = m // 2
-                    _, _grad, _ = bce.bce_forward(
-                        x, None, half, 1.0, 0.0, 1 / half, 1 / (m - half), False, True, True, True
-                    )
-                    bce.bce_backward(torch.empty(shape), torch.empty(()), dtype)
-                else:
-                    target = torch.empty_like(x) if op == "bce_t" else 1.0
-                    reduce = variant != "none"
-                    bce.bce_forward(x, target, m, 1.0, 1.0, 1.0 / m, 1.0 / m, not reduce, True, reduce, False)
-                    go = torch.empty(()) if reduce else torch.empty(shape)
-                    bce.bce_backward(torch.empty(shape), go, dtype)
+                _record_bce(bce, op, shape, dtype, variant, bce_limits)
     return calls
 
 
@@ -227,13 +228,7 @@ def compile_report(archs=(90, 80), cases=CASES) -> list[dict]:
     rows, seen = [], set()
     for label, fn, grid, args, kwargs in record_launches(cases):
         signature, constexprs, attrs, options = _specialise(fn, args, kwargs)
-        key = (
-            fn.__name__,
-            str(sorted(signature.items())),
-            str(sorted(constexprs.items())),
-            str(attrs),
-            str(options),
-        )
+        key = (fn.__name__, str(sorted(signature.items())), str(sorted(constexprs.items())), str(attrs), str(options))
         if key in seen:
             continue
         seen.add(key)
@@ -248,21 +243,9 @@ def compile_report(archs=(90, 80), cases=CASES) -> list[dict]:
         streams = "finalize" not in fn.__name__
         for arch in archs:
             res = compile_one(fn, signature, constexprs, attrs, options, arch)
-            rows.append(
-                dict(
-                    kernel=fn.__name__,
-                    case=label,
-                    arch=arch,
-                    grid=list(grid),
-                    num_warps=options.get("num_warps", 4),
-                    blocks=blocks,
-                    flags=flags,
-                    dtype=dtype,
-                    aligned=aligned,
-                    streams=streams,
-                    **res,
-                )
-            )
+            rows.append(dict(kernel=fn.__name__, case=label, arch=arch, grid=list(grid),
+                             num_warps=options.get("num_warps", 4), blocks=blocks, flags=flags, dtype=dtype,
+                             aligned=aligned, streams=streams, **res))
     return rows
 
 

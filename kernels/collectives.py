@@ -44,3 +44,30 @@ def collective_device(group=None, backend: str | None = None) -> torch.device:
 def to_collective(t: torch.Tensor, group=None) -> torch.Tensor:
     """`t` on the device the group's backend needs (no copy when it is already there)."""
     return t.to(collective_device(group), non_blocking=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The synchronised BatchNorm's two collectives, shared by the eager reference and the Triton launchers.
+# Tensors go to `collective_device(group)` and results come back to the caller's device.
+
+
+def all_gather_stats(stats: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather a small (k, C) tensor from every rank into (world, k, C) on stats' device; one collective.
+
+    Every rank must call it, also one whose local batch is empty (its counts are 0): the others wait for it.
+    """
+    world = dist.get_world_size(group)
+    src = to_collective(stats.contiguous(), group)
+    out = src.new_empty((world * stats.shape[0],) + tuple(stats.shape[1:]))  # ranks concatenated on dim 0
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10+
+    gather(out, src, group=group)
+    return out.view((world,) + tuple(stats.shape)).to(stats.device)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The element-wise sum of `t` over every rank of `group`, returned on t's device (t is not modified)."""
+    buf = to_collective(t, group)
+    if buf is t:
+        buf = t.clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device)

@@ -24,20 +24,9 @@ def _check_impl(impl: str) -> str:
 
 
 class _BatchNormLeakyReLU(_NormBase):
-    def __init__(
-        self,
-        num_features: int,
-        negative_slope: float = 0.2,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        impl: str = "auto",
-        sync: bool = False,
-        process_group=None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, num_features: int, negative_slope: float = 0.2, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 impl: str = "auto", sync: bool = False, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.negative_slope = float(negative_slope)
         self.impl = _check_impl(impl)
@@ -57,20 +46,12 @@ class _BatchNormLeakyReLU(_NormBase):
         # statistics are kept; running statistics are only updated while training.
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
-        return batch_norm_leaky_relu(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            negative_slope=self.negative_slope,
-            impl=self.impl,
-            num_batches_tracked=self.num_batches_tracked if update else None,
-            process_group=self._sync_group(),
-        )
+        keep = not self.training or self.track_running_stats
+        return batch_norm_leaky_relu(x, self.weight, self.bias, self.running_mean if keep else None,
+                                     self.running_var if keep else None, training=use_batch_stats,
+                                     momentum=self.momentum, eps=self.eps, negative_slope=self.negative_slope,
+                                     impl=self.impl, num_batches_tracked=self.num_batches_tracked if update else None,
+                                     process_group=self._sync_group())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}, impl={self.impl!r}" + (

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .collectives import all_gather_stats, all_reduce_sum
+
 
 def _momentum_factor(momentum, num_batches_tracked, training, has_running):
     """The running-stats weight nn.BatchNorm uses; `momentum=None` is the cumulative average 1/n.
@@ -28,18 +30,8 @@ def _momentum_factor(momentum, num_batches_tracked, training, has_running):
     return momentum
 
 
-def batch_norm_leaky_relu(
-    x,
-    weight=None,
-    bias=None,
-    running_mean=None,
-    running_var=None,
-    training=True,
-    momentum=0.1,
-    eps=1e-5,
-    negative_slope=0.2,
-    num_batches_tracked=None,
-):
+def batch_norm_leaky_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True, momentum=0.1,
+                          eps=1e-5, negative_slope=0.2, num_batches_tracked=None):
     """`F.leaky_relu(F.batch_norm(...))`, plus nn.BatchNorm's num_batches_tracked bookkeeping."""
     factor = _momentum_factor(momentum, num_batches_tracked, training, running_mean is not None)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
@@ -85,17 +77,6 @@ def merge_welford(count, mean, m2, dim=0):
     return total, merged_mean, merged_m2
 
 
-def all_gather_stats(stats, group):
-    """All-gather a small (k, C) tensor from every rank into (world, k, C); one collective."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    out = stats.new_empty((world * stats.shape[0],) + tuple(stats.shape[1:]))  # ranks concatenated on dim 0
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10+
-    gather(out, stats.contiguous(), group=group)
-    return out.view((world,) + tuple(stats.shape))
-
-
 class _SyncBatchNormLeakyReLU(torch.autograd.Function):
     """Eager synchronised BN + LeakyReLU; statistics and backward sums are reduced over `group`.
 
@@ -105,19 +86,8 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-        negative_slope,
-        num_batches_tracked,
-        group,
-    ):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, negative_slope, num_batches_tracked,
+                group):
         import torch.distributed as dist
 
         c = x.shape[1]
@@ -131,10 +101,8 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
         gathered = all_gather_stats(stats, group)
         count, mean, m2 = merge_welford(gathered[:, 0], gathered[:, 1], gathered[:, 2])
         if (count <= 1).any():
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{x.shape} on each of {dist.get_world_size(group)} ranks"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape} on "
+                             f"each of {dist.get_world_size(group)} ranks")
         var = m2 / count
         rstd = torch.rsqrt(var + eps)
         if running_mean is not None:
@@ -156,8 +124,6 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        import torch.distributed as dist
-
         x, weight, bias, mean, rstd, count = ctx.saved_tensors
         c = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
@@ -169,26 +135,15 @@ class _SyncBatchNormLeakyReLU(torch.autograd.Function):
         sums = torch.stack([h.sum(dims), (h * x_hat).sum(dims)])
         dweight = sums[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = sums[0].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        dist.all_reduce(sums, group=ctx.group)
+        sums = all_reduce_sum(sums, ctx.group)
         mean_h = (sums[0] / count).view(shape)
         mean_hx = (sums[1] / count).view(shape)
         dx = (w * rstd.view(shape)) * (h - mean_h - x_hat * mean_hx)
         return dx.to(x.dtype), dweight, dbias, None, None, None, None, None, None, None
 
 
-def sync_batch_norm_leaky_relu(
-    x,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    momentum=0.1,
-    eps=1e-5,
-    negative_slope=0.2,
-    num_batches_tracked=None,
-    group=None,
-):
+def sync_batch_norm_leaky_relu(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, negative_slope=0.2,
+                               num_batches_tracked=None, group=None):
     """Training-mode BN + LeakyReLU with statistics over every rank of `group` (eager reference)."""
-    return _SyncBatchNormLeakyReLU.apply(
-        x, weight, bias, running_mean, running_var, momentum, eps, negative_slope, num_batches_tracked, group
-    )
+    return _SyncBatchNormLeakyReLU.apply(x, weight, bias, running_mean, running_var, momentum, eps, negative_slope,
+                                         num_batches_tracked, group)

@@ -6,6 +6,8 @@ write shows up as a mismatch. Each case runs both launch paths: "fused" (a chann
 program, masked tails and chunked finalize loops are all exercised).
 """
 
+import contextlib
+import dataclasses
 import importlib
 
 import pytest
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.batch_norm_leaky_relu_plan import DeviceLimits, limits_override
 
 BN = importlib.import_module("kernels.batch_norm_leaky_relu")
 
@@ -29,27 +32,25 @@ def nan_outputs(monkeypatch):
 
 # Tiny tiles for the split path: many programs, several tiles each, masked tails, chunked finalize.
 # DCGAN-sized inputs keep the real tile sizes (the interpreter runs programs one by one).
-SPLIT_TINY = {
-    "FUSED_MAX_TILE": 0,
-    "STATS_TILE": 16,
-    "ELEMENTWISE_TILE": 32,
-    "CPU_TARGET_PROGRAMS": 3,
-    "CPU_BLOCK_C": 4,
-    "FINALIZE_BLOCK_C": 4,
-    "FINALIZE_BLOCK_P": 2,
-}
-SPLIT_REAL = {"FUSED_MAX_TILE": 0, "CPU_TARGET_PROGRAMS": 3}
+SPLIT_TINY = DeviceLimits(programs=3, rows_block_c=4, stats_block_c=4, finalize_block_c=4, finalize_block_p=2,
+                          fused_max_tile=0, stats_tile=16, elementwise_tile=32)
+SPLIT_REAL = dataclasses.replace(DeviceLimits.cpu(), programs=3, fused_max_tile=0)
 
 
 @pytest.fixture(params=["fused", "split"])
-def path(request, monkeypatch):
-    def use(numel):
+def path(request):
+    """use(x or shape): plan it on the fused or the split path (tiny tiles when small), and check it does."""
+    stack = contextlib.ExitStack()
+
+    def use(x):
+        x = x if torch.is_tensor(x) else torch.empty(x, device="meta")
         if request.param == "split":
-            for name, value in (SPLIT_TINY if numel <= 2048 else SPLIT_REAL).items():
-                monkeypatch.setattr(BN, name, value)
+            stack.enter_context(limits_override(SPLIT_TINY if x.numel() <= 2048 else SPLIT_REAL))
+        assert BN.plan_for(x).fused == (request.param == "fused"), f"{x.shape} not on the {request.param} path"
 
     use.name = request.param
-    return use
+    with stack:
+        yield use
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -111,7 +112,7 @@ PARITY = [(s, d, p) for s in SHAPES for d in (FP32, BF16) for p in ("fused", "sp
     "shape, dtype, path", PARITY, indirect=["path"], ids=lambda v: str(v).replace("torch.", "")
 )
 def test_parity_training_steps_then_eval(shape, dtype, path):
-    path(torch.Size(shape).numel())
+    path(shape)
     c = shape[1]
     state = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("triton", "ref")}
     for step in range(1 if shape in DCGAN_SHAPES else 2):  # the interpreter is slow; 1 step is enough there
@@ -146,7 +147,7 @@ def test_parity_training_steps_then_eval(shape, dtype, path):
     ],
 )
 def test_variants(shape, slope, momentum, affine, offset, path):
-    path(torch.Size(shape).numel())
+    path(shape)
     c = shape[1]
     x, w, b, g = make_inputs(shape, torch.float32, affine=affine, offset=offset)
     rm_t, rv_t = torch.zeros(c), torch.ones(c)
@@ -162,7 +163,7 @@ def test_variants(shape, slope, momentum, affine, offset, path):
 
 def test_cumulative_average_and_num_batches_tracked(path):
     shape, c = (3, 5, 2, 3), 5
-    path(90)
+    path(shape)
     rm_t, rv_t, n_t = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
     rm_r, rv_r, n_r = rm_t.double(), rv_t.double(), n_t.clone()
     for step in range(3):
@@ -175,7 +176,7 @@ def test_cumulative_average_and_num_batches_tracked(path):
 
 
 def test_no_running_stats_and_no_affine(path):
-    path(108)
+    path((4, 3, 3, 3))
     x, _, _, g = make_inputs((4, 3, 3, 3), torch.float32)
     got = run("triton", x, None, None, g, None, None, True)
     want = run("eager", x, None, None, g, None, None, True, to64=True)
@@ -185,7 +186,6 @@ def test_no_running_stats_and_no_affine(path):
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 def test_non_contiguous_inputs(layout, path):
-    path(60)
     if layout == "channels_last":
         x = torch.randn(3, 5, 4, 3).contiguous(memory_format=torch.channels_last)
         g = torch.randn(3, 5, 4, 3)
@@ -195,6 +195,7 @@ def test_non_contiguous_inputs(layout, path):
     else:
         x = torch.randn(4, 10, 3, 5)[:, ::2, :, 1:]  # (4, 5, 3, 4), every stride odd
         g = torch.randn(4, 5, 3, 4)
+    path(x)
     c = x.shape[1]
     w, b = torch.rand(c) + 0.5, torch.randn(c)
     got = run("triton", x, w, b, g, torch.zeros(c), torch.ones(c), True)
@@ -203,16 +204,6 @@ def test_non_contiguous_inputs(layout, path):
         assert_close(a, e, torch.float32, name)
     if layout == "channels_last":
         assert got[0].is_contiguous(memory_format=torch.channels_last)
-
-
-def test_split_path_is_deterministic(monkeypatch):
-    for name, value in {"FUSED_MAX_TILE": 0, "STATS_TILE": 16, "CPU_TARGET_PROGRAMS": 5}.items():
-        monkeypatch.setattr(BN, name, value)
-    x, w, b, g = make_inputs((6, 3, 5, 7), torch.float32)
-    first = run("triton", x, w, b, g, None, None, True)
-    second = run("triton", x, w, b, g, None, None, True)
-    for a, e in zip(first, second):
-        assert torch.equal(a, e)
 
 
 def test_only_weight_grads_requested():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.bce_with_logits_plan import BCELimits, limits_override
 
 BCE = importlib.import_module("kernels.bce_with_logits")
 
@@ -22,12 +23,17 @@ def nan_outputs(monkeypatch):
     )
 
 
+# Several programs, several tiles each, a masked tail.
+MANY_PROGRAMS = BCELimits(programs=8, block=4, single_program_max=4)
+
+
 @pytest.fixture(params=["one_program", "many_programs"])
-def programs(request, monkeypatch):
-    if request.param == "many_programs":  # several programs, several tiles each, a masked tail
-        monkeypatch.setattr(BCE, "BLOCK", 4)
-        monkeypatch.setattr(BCE, "SINGLE_PROGRAM_MAX", 4)
-    return request.param
+def programs(request):
+    if request.param == "many_programs":
+        with limits_override(MANY_PROGRAMS):
+            yield request.param
+    else:
+        yield request.param
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -63,6 +69,37 @@ def test_parity(shape, target, reduction, dtype, programs):
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[0].shape == want[0].shape
     assert_close(got[0], want[0], dtype, "loss")
     assert_close(got[1], want[1], dtype, "grad")
+
+
+def test_many_programs_plan_has_several_programs():
+    assert BCE.plan_for(37, torch.device("cpu"), MANY_PROGRAMS).grid[0] > 1
+    assert BCE.plan_for(37, torch.device("cpu")).grid[0] == 1
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target", ["tensor", 1.0])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0)], ids=str)
+def test_empty_logits_match_pytorch(shape, target, reduction, impl):
+    logits = torch.randn(shape)
+    t = torch.rand(shape) if target == "tensor" else target
+    x, xr = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = kernels.bce_with_logits(x, t, reduction, impl=impl)
+    tt = t if torch.is_tensor(t) else torch.full(shape, t)
+    want = F.binary_cross_entropy_with_logits(xr, tt, reduction=reduction)
+    torch.testing.assert_close(got, want, equal_nan=True)  # mean of nothing: nan; sum: 0; none: empty
+    got.sum().backward(), want.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_discriminator_loss_of_empty_rows_is_nan_like_pytorch(impl):
+    logits = torch.randn(4, 0)
+    loss, d_real, d_fake = kernels.discriminator_loss(logits, 2, impl=impl)
+    want = F.binary_cross_entropy_with_logits(logits[:2], torch.ones(2, 0)) + F.binary_cross_entropy_with_logits(
+        logits[2:], torch.zeros(2, 0))
+    torch.testing.assert_close(loss, want, equal_nan=True)
+    assert d_real.isnan() and d_fake.isnan()
 
 
 def test_extreme_logits_are_stable(programs):

@@ -53,3 +53,51 @@ def test_real_nccl_collectives_take_the_tensors_the_helper_places(tmp_path):
         assert box == [{"fid": 1.0}]
     finally:
         dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------
+# The synchronised BN's collectives under a real (one-process) gloo group: results come back where the input was.
+
+
+@pytest.fixture
+def gloo_world(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_stats_and_all_reduce_sum_under_gloo(gloo_world):
+    from kernels.collectives import all_gather_stats, all_reduce_sum
+
+    stats = torch.arange(6.0).view(3, 2)
+    gathered = all_gather_stats(stats, gloo_world)
+    assert gathered.shape == (1, 3, 2) and torch.equal(gathered[0], stats)
+    sums = torch.ones(2, 4)
+    reduced = all_reduce_sum(sums, gloo_world)
+    assert torch.equal(reduced, sums) and reduced is not sums  # a new tensor: the input is left alone
+    empty = all_gather_stats(torch.zeros(3, 0), gloo_world)  # zero channels still make the collective
+    assert empty.shape == (1, 3, 0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_sync_bn_collectives_under_nccl_take_and_return_cuda_tensors(tmp_path):
+    import torch.distributed as dist
+
+    from kernels.collectives import all_gather_stats, all_reduce_sum
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for device in ("cuda", "cpu"):  # a CPU input goes to the GPU for NCCL and comes back
+            stats = torch.arange(6.0, device=device).view(3, 2)
+            gathered = all_gather_stats(stats, dist.group.WORLD)
+            assert gathered.device == stats.device and torch.equal(gathered[0], stats)
+            reduced = all_reduce_sum(stats, dist.group.WORLD)
+            assert reduced.device == stats.device and torch.equal(reduced, stats)
+    finally:
+        dist.destroy_process_group()

@@ -2,6 +2,8 @@
 and a few real GAN steps of distgan's models with impl="triton" (interpreted) against impl="eager"."""
 
 import copy
+import importlib
+import re
 
 import pytest
 import torch
@@ -78,10 +80,26 @@ def test_input_dims_and_repr():
     assert "negative_slope=0.2" in repr(kernels.BatchNormLeakyReLU2d(3))
 
 
-def test_set_impl_and_sync_batchnorm_conversion_leave_the_fusion_alone():
+def test_set_impl_switches_the_path_that_runs(monkeypatch):
+    model = nn.Sequential(nn.Linear(2, 3), kernels.BatchNormLeakyReLU1d(3, impl="triton"))
+    loss = kernels.BCEWithLogitsLoss(impl="triton")
+    calls = []
+    for name in ("kernels.batch_norm_leaky_relu", "kernels.bce_with_logits"):
+        mod = importlib.import_module(name)
+        fn = getattr(mod, name.split(".")[1])
+        monkeypatch.setattr(mod, fn.__name__, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    x = torch.randn(4, 2)
+    loss(model(x), 1.0)
+    assert calls == ["kernels.batch_norm_leaky_relu", "kernels.bce_with_logits"]
+    kernels.set_impl(model, "eager"), kernels.set_impl(loss, "eager")
+    loss(model(x), 1.0)
+    assert len(calls) == 2, "impl='eager' still ran the Triton launchers"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.set_impl(model, "fast")
+
+
+def test_sync_batchnorm_conversion_leaves_the_fusion_alone():
     model = nn.Sequential(nn.Linear(2, 3), kernels.BatchNormLeakyReLU1d(3), kernels.BCEWithLogitsLoss())
-    kernels.set_impl(model, "eager")
-    assert model[1].impl == "eager" and model[2].impl == "eager"
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     assert isinstance(
         converted[1], kernels.BatchNormLeakyReLU1d
@@ -93,6 +111,42 @@ def test_sync_flag_is_local_without_a_process_group():
     ref = kernels.BatchNormLeakyReLU2d(3, impl="eager")
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(m(x), ref(x))
+
+
+# Edge shapes: whatever nn.BatchNorm + nn.LeakyReLU do -- output, error, running statistics -- both impls do.
+EDGE = [
+    (1, (0, 3)), (1, (0, 3, 4)), (1, (2, 3, 0)), (2, (0, 3, 4, 4)), (2, (2, 3, 0, 4)),  # empty: empty output
+    (1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)),  # one value per channel: an error while training
+    (1, (1, 3, 5)), (2, (1, 3, 2, 3)),  # N = 1 with a spatial extent: ordinary batch statistics
+]
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims, shape", EDGE, ids=[str(s) for _, s in EDGE])
+def test_edge_shapes_match_batchnorm_then_leakyrelu(dims, shape, training, impl):
+    ref, fused = _pair(dims, shape[1])
+    fused.impl = impl
+    ref.train(training), fused.train(training)
+    x, g = torch.randn(shape), torch.randn(shape)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    try:
+        yr = ref(xr)
+    except ValueError as err:
+        with pytest.raises(ValueError, match=re.escape(str(err))):
+            fused(xf)
+        for name in ("running_mean", "running_var"):  # untouched by the refused batch
+            torch.testing.assert_close(getattr(fused, name), getattr(ref[0], name), msg=name)
+        return
+    yf = fused(xf)
+    assert yf.shape == yr.shape == x.shape and yf.dtype == yr.dtype
+    yr.backward(g), yf.backward(g)
+    torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-5)  # zeros when empty
+    torch.testing.assert_close(fused.bias.grad, ref[0].bias.grad, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(fused.state_dict().items(), ref[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # running stats and num_batches_tracked
 
 
 # -------------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernels
+from kernels import reference
+
+from conftest import requires_gpu
 
 WORLD = 2
 STEPS = 2
@@ -21,6 +24,7 @@ CASES = [
     ("nchw-module", (8, 3, 4, 4), (4, 4), 0.1, "module"),
     ("nchw-cumulative", (8, 3, 4, 4), (3, 5), None, "module"),
     ("nc-functional", (8, 5), (3, 5), 0.5, "functional"),
+    ("nchw-empty-rank", (6, 3, 2, 2), (0, 6), 0.1, "module"),  # an empty rank still joins both collectives
 ]
 IMPLS = ("eager", "triton")
 
@@ -128,3 +132,57 @@ def test_two_ranks_match_one_process_with_the_full_batch(case, impl, rank_result
         for key in ("dweight", "dbias"):
             summed = sum(p[key] for p in parts)
             torch.testing.assert_close(summed, want[key], **tol, msg=f"step {step} {key} summed over ranks")
+
+
+# -------------------------------------------------------------------------------------------------
+# Under a real NCCL group (GPU only): every collective's tensors must be CUDA tensors.
+
+DCGAN_SHAPES = [(64, 12544), (64, 128, 7, 7), (64, 64, 14, 14)]  # the generator's BN+LReLU layers at batch 64
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def nccl_world(tmp_path):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_close(actual, expected, dtype, what):
+    tol = GPU_TOL[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=tol, atol=tol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sync_under_nccl_matches_the_float64_reference(nccl_world, dtype, impl):
+    for shape in DCGAN_SHAPES:
+        c = shape[1]
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=gen) * 1.5 + 0.3).to(dtype).cuda()
+        g = torch.randn(shape, generator=gen).to(dtype).cuda()
+        w, b = (torch.rand(c, generator=gen) + 0.5).cuda(), torch.randn(c, generator=gen).cuda()
+        got, want = {}, {}
+        for out, cast, group in ((got, lambda t: t.clone(), nccl_world), (want, lambda t: t.double(), None)):
+            xx, ww, bb = (cast(t).requires_grad_() for t in (x, w, b))
+            rm, rv = cast(torch.zeros(c, device="cuda")), cast(torch.ones(c, device="cuda"))
+            nbt = torch.zeros((), dtype=torch.long, device="cuda")
+            if group is None:
+                y = reference.batch_norm_leaky_relu(xx, ww, bb, rm, rv, True, 0.1, 1e-5, 0.2, nbt)
+            else:
+                y = kernels.batch_norm_leaky_relu(xx, ww, bb, rm, rv, True, 0.1, 1e-5, 0.2, impl=impl,
+                                                  num_batches_tracked=nbt, process_group=group)
+            y.backward(cast(g))
+            out.update(y=y.detach(), dx=xx.grad, dweight=ww.grad, dbias=bb.grad, running_mean=rm, running_var=rv,
+                       nbt=nbt)
+        assert got["y"].is_cuda and got["y"].dtype == dtype
+        for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
+            _assert_close(got[key], want[key], dtype, f"{shape} {key}")
+        assert got["nbt"].item() == 1

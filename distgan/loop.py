@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
     resumed_at = _load_checkpoint(trainer)
     box = [resume_tag(_run_dir_listing(cfg), resumed_at) if rank == 0 else None]
-    if trainer.world > 1:
+    if trainer.distributed:
         from kernels.collectives import collective_device
 
         dist.broadcast_object_list(box, src=0, device=collective_device())

@@ -121,9 +121,10 @@ class Trainer:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # object collectives under NCCL use the current device
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world = dist.get_world_size() if distributed else 1
+        # Under a process group every collective runs, even at world size 1, so a one-GPU run exercises NCCL.
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
         self.precision = resolve_precision(cfg.precision, self.device)
         self.kernel_backend = cfg.kernels if cfg.kernels != "auto" else (
             "triton" if self.device.type == "cuda" else "eager")
@@ -169,7 +170,7 @@ class Trainer:
         self._tracker_factory = tracker_factory
         self.tracker = self.evaluator = None
         self._rank0_group = None
-        if self.world > 1:  # new_group is collective: every rank creates it, here, in the same order
+        if self.distributed:  # new_group is collective: every rank creates it, here, in the same order
             self._rank0_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
 
     # ------------------------------------------------------------------ state
@@ -218,7 +219,7 @@ class Trainer:
         self.noise_gen.manual_seed(self._noise_seed(self.step))
 
     def _all_gather_objects(self, obj: Any) -> list[Any]:
-        if self.world == 1:
+        if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
@@ -311,7 +312,7 @@ class Trainer:
         bad = (~torch.isfinite(stats)).any().float().reshape(1)
         packed = torch.cat([torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0), bad,
                             torch.tensor(flags, dtype=torch.float32, device=stats.device)])
-        if self.world > 1:
+        if self.distributed:
             packed = packed.to(collective_device())
             dist.all_reduce(packed)
         host = packed.tolist()  # the one host sync of a step: the NaN guard must decide before the next step
@@ -321,7 +322,7 @@ class Trainer:
     def _check_replicas(self) -> None:
         """Before a checkpoint: every replica holds bitwise-identical G and D parameters (D has no buffers;
         G's buffers are rank 0's at every forward, DDP broadcasts them)."""
-        if self.world == 1:
+        if not self.distributed:
             return
         local = torch.cat([_checksum(self.g_bare.parameters()), _checksum(self.d_bare.parameters())])
         local = local.to(collective_device())
@@ -344,7 +345,7 @@ class Trainer:
                 result = work()
             np.random.set_state(np_state)
             random.setstate(py_state)
-        if self.world == 1:
+        if not self.distributed:
             return result
         dist.barrier(group=self._rank0_group)
         box = [result]

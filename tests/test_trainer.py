@@ -4,6 +4,7 @@ that outlasts the collective timeout, RNG streams restored across device kinds."
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import time
@@ -19,7 +20,7 @@ from distgan.config import TrainConfig
 from distgan.data import mnist5k, to_model_range
 from distgan.trainer import Trainer
 
-from conftest import TRAINING_STATE, assert_bitwise_equal
+from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
 
 NUM_IMAGES = 64  # per-worker batch 4 x 2 workers -> 8 G steps an epoch
 
@@ -230,3 +231,56 @@ def test_discriminator_with_buffers_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "build_models", build)
     with pytest.raises(ValueError, match="must not have buffers"):
         Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4), dataset=small_dataset())
+
+
+# ----------------------------------------------------------------------------------------------- one GPU, NCCL
+
+
+@pytest.fixture
+def nccl_group(tmp_path):
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["triton", "eager"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_trainer_on_one_gpu_under_nccl_checkpoints_and_resumes_exactly(tmp_path, nccl_group, kernels, precision):
+    cfg = make_cfg(tmp_path, num_workers=1, batch_size=16, max_steps=6, eval_every=1, eval_samples=64,
+                   checkpoint_every_steps=3, kernels=kernels, precision=precision)
+    device = torch.device("cuda", 0)
+    reports = []
+    reference = Trainer(cfg, device, dataset=small_dataset())
+    assert reference.precision == precision and reference.kernel_backend == kernels
+    reference.fit(lambda metrics, state: reports.append((metrics, state)))
+    assert [m["step"] for m, _ in reports] == [3, 6]
+    assert all(torch.isfinite(torch.tensor([m["loss_d"], m["loss_g"]])).all() for m, _ in reports)
+    saved = copy.deepcopy(reports[0][1])  # the step-3 checkpoint, as Ray would hand it back
+    assert saved["rng"][0]["device_type"] == "cuda"
+    resumed = Trainer(cfg, device, dataset=small_dataset())
+    resumed.load_state_dict(saved, "step-3 checkpoint")
+    resumed.fit()
+    want, got = reference.state_dict(), resumed.state_dict()
+    for key in TRAINING_STATE:
+        assert_bitwise_equal(got[key], want[key], key)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_train_step_does_not_sync_with_the_host(tmp_path, nccl_group):
+    cfg = make_cfg(tmp_path, num_workers=1, batch_size=16, max_steps=4, eval_every=0, kernels="triton",
+                   precision="bf16")
+    t = Trainer(cfg, torch.device("cuda", 0), dataset=small_dataset())
+    t.train_step()  # warm-up: Triton compiles, the loader starts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.device.type == "cuda" for v in out.values())

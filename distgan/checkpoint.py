@@ -100,32 +100,49 @@ def save_state(state: dict[str, Any], directory: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------ read
 
 
-def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """Loads and validates state.pt. Raises CheckpointError naming the file on anything wrong."""
+def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dict[str, Any]:
+    """Loads and validates state.pt. Raises CheckpointError naming the file (or `where`, the name to show for
+    it, e.g. the URI a downloaded copy came from) on anything wrong."""
     path = Path(directory) / STATE_FILE
+    name = where or str(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
+        raise CheckpointError(f"{name}: missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused: holds objects other than plain tensors/containers "
+        raise CheckpointError(f"{name}: refused: holds objects other than plain tensors/containers "
                               f"({first})") from None
     except Exception as e:  # a torn file fails anywhere in the unpickler (EOFError, struct.error, ...)
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: "
+        raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a distgan checkpoint (top level is {type(state).__name__})")
+        raise CheckpointError(f"{name}: not a distgan checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a distgan checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(f"{name}: not a distgan checkpoint (missing {', '.join(missing)})")
     if state["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {state['format']} not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(f"{name}: format {state['format']} not supported (expected {FORMAT_VERSION})")
     bad = nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
                              if k in state})
     if bad:
-        raise CheckpointError(f"{path}: holds non-finite values in {', '.join(bad[:5])}")
+        raise CheckpointError(f"{name}: holds non-finite values in {', '.join(bad[:5])}")
     return state
+
+
+def fetch_state(location: str | os.PathLike) -> dict[str, Any]:
+    """load_state for a checkpoint directory given as a local path or a URI (s3://, gs://): a URI's state.pt is
+    downloaded to a temporary directory first, and errors name the URI. Unreachable storage raises OSError."""
+    if not is_uri(location):
+        return load_state(location)
+    import tempfile
+
+    fs, path = open_location(location)
+    where = child(location, STATE_FILE)
+    with tempfile.TemporaryDirectory(prefix="distgan-checkpoint-") as tmp:
+        if not download(fs, f"{path}/{STATE_FILE}", Path(tmp) / STATE_FILE):
+            raise CheckpointError(f"{where}: missing")
+        return load_state(tmp, where=where)
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
@@ -187,6 +204,55 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
                           stacklevel=2)
         return state, directory
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------ locations: local paths and URIs
+# A run directory is `<storage path>/<name>`, where the storage path is a local directory or a URI that
+# pyarrow (and so Ray Train) understands. An S3-compatible server other than AWS is named by AWS_ENDPOINT_URL
+# (or AWS_ENDPOINT_URL_S3), which pyarrow >= 15 reads, or by `?endpoint_override=HOST:PORT&scheme=http` on
+# the URI; credentials come from the usual AWS variables and files.
+
+
+def is_uri(location: Any) -> bool:
+    """A URI is a string with a scheme (s3://bucket/key); a Path is always local."""
+    return isinstance(location, str) and "://" in location
+
+
+def open_location(location: str | os.PathLike):
+    """(pyarrow filesystem, path inside it) for a local path or a URI. A malformed or unknown URI raises
+    ValueError (pyarrow's ArrowInvalid)."""
+    import pyarrow.fs
+
+    if is_uri(location):
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def child(location: str | os.PathLike, *names: str) -> str:
+    """location/name/... as a string, keeping a URI's ?query (endpoint options) at the end."""
+    base, sep, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *names]) + sep + query
+
+
+def download(fs, path: str, dest: Path) -> bool:
+    """Copies one file from a pyarrow filesystem to a local path; False when it does not exist."""
+    import shutil
+
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    with fs.open_input_stream(path) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
+    return True
+
+
+def upload(src: Path, fs, path: str) -> None:
+    """Copies one local file to a pyarrow filesystem (an object store replaces the object in one PUT)."""
+    import shutil
+
+    with open(src, "rb") as fh, fs.open_output_stream(path) as out:
+        shutil.copyfileobj(fh, out)
 
 
 # ------------------------------------------------------------------ run-level notes in the storage path

@@ -1,29 +1,153 @@
-"""`python -m distgan.sample --checkpoint DIR --num-samples N --output out.png|out.npz`
+"""`python -m distgan.sample --checkpoint CHECKPOINT_OR_RUN_DIR [--num-samples N] [--output out.png|out.npz]`
 
-Images from a checkpoint's generator (the EMA weights when the checkpoint has them). npz: key `images`,
-uint8, shape (N, H, W, C). png: one grid (torchvision make_grid/save_image).
+Images from a checkpoint's generator (the EMA weights when the checkpoint has them). --checkpoint is a
+checkpoint directory (it holds state.pt) or a run directory, local or a URI (s3://bucket/prefix/name). For a
+run directory the best checkpoint is used: the lowest FID among its evaluated checkpoints, else the newest.
+
+Output: by default <run dir>/samples/sample-<checkpoint>-seed<seed>.png, next to the run's other files (a
+URI run directory gets the file uploaded there); --output PATH (local or URI) writes elsewhere. png: one
+grid (torchvision make_grid/save_image). npz: key `images`, uint8, shape (N, H, W, C).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from distgan.checkpoint import CheckpointError, load_into, load_state
+from distgan.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    child,
+    download,
+    fetch_state,
+    is_uri,
+    load_into,
+    open_location,
+    upload,
+)
 from distgan.config import config_from_dict
 from distgan.models import Generator
 
+# checkpoint.checkpoint_name(): checkpoint_<step>, plus _resume<step> in a resumed attempt
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8}))?")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the kept checkpoints and their metrics
+
+
+class Choice(NamedTuple):
+    checkpoint: str  # local path or URI of the checkpoint directory
+    run_dir: str  # its run directory (the parent)
+    reason: str  # one line: which checkpoint and why
+
+
+def _order(name: str) -> tuple[int, int]:
+    """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
+    m = CHECKPOINT_NAME.fullmatch(name)
+    return (int(m[1]), int(m[2]) if m[2] else -1) if m else (-1, -1)
+
+
+def _parent(location: str) -> str:
+    """The directory above a URI, keeping its ?query."""
+    base, sep, query = location.partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + sep + query
+
+
+def _read_text(fs, path: str) -> str:
+    """A small file's text; empty when it does not exist."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return (Path(tmp) / "f").read_text() if download(fs, path, Path(tmp) / "f") else ""
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line (a crash mid-write)
+    return rows
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def checkpoint_fids(fs, run_path: str, names: list[str]) -> dict[str, float]:
+    """FID of each evaluated checkpoint. First Ray's snapshot, which holds the metrics reported with each
+    kept checkpoint, by directory name (an unevaluated one has fid inf); then, for checkpoints it does not
+    name, the run's metrics.jsonl eval rows at the checkpoint's step (the last row of a step wins: a
+    rollback or resume evaluates the same step again)."""
+    fids: dict[str, float] = {}
+    try:
+        snapshot = json.loads(_read_text(fs, f"{run_path}/{RAY_SNAPSHOT}") or "{}")
+    except json.JSONDecodeError:
+        snapshot = {}  # a snapshot from another Ray version or torn: metrics.jsonl still has the FIDs
+    if isinstance(snapshot, dict):
+        results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result")]
+        for result in filter(None, results):
+            fid = _finite((result.get("metrics") or {}).get("fid"))
+            if fid is not None and result.get("checkpoint_dir_name") in names:
+                fids[result["checkpoint_dir_name"]] = fid
+    by_step = {}
+    for row in _json_lines(_read_text(fs, f"{run_path}/metrics.jsonl")):
+        if row.get("kind") == "eval" and isinstance(row.get("step"), int) and _finite(row.get("fid")) is not None:
+            by_step[row["step"]] = row["fid"]
+    for name in names:
+        step = _order(name)[0]
+        if name not in fids and step in by_step:
+            fids[name] = by_step[step]
+    return fids
+
+
+def choose_checkpoint(location: str) -> Choice:
+    """A checkpoint directory as given, or the best checkpoint of a run directory. Raises CheckpointError
+    for a path that does not exist or holds no checkpoint, OSError when the storage cannot be reached."""
+    import pyarrow.fs
+
+    fs, path = open_location(location)
+    path = path.rstrip("/") or "/"
+    uri = is_uri(location)
+    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pyarrow.fs.FileType.File:
+        return Choice(location if uri else path, _parent(location) if uri else str(Path(path).parent),
+                      f"using {path.rsplit('/', 1)[-1]}")
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise CheckpointError(f"{location}: no such checkpoint or run directory")
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise CheckpointError(f"{location}: not a directory (expected a checkpoint or a run directory)")
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False))
+    names = sorted((e.base_name for e in entries
+                    if e.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)),
+                   key=_order)
+    if not names:
+        raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
+                              f"checkpoint or a run directory)")
+    fids = checkpoint_fids(fs, path, names)
+    if fids:
+        # ties go to the newer checkpoint
+        best = min(fids, key=lambda n: (fids[n], [-k for k in _order(n)]))
+        among = f"among {len(fids)} evaluated of" if len(fids) < len(names) else "of"
+        reason = f"using {best} (best FID {fids[best]:.4g} {among} {len(names)} checkpoints)"
+    else:
+        best = names[-1]
+        reason = f"using {best} (newest of {len(names)} checkpoints; none was evaluated)"
+    return Choice(child(location, best) if uri else f"{path}/{best}", location if uri else path, reason)
+
 
 def load_generator(checkpoint_dir: str | Path, use_ema: bool = True) -> Generator:
-    state = load_state(checkpoint_dir)
+    """The generator of a checkpoint directory (local path or URI), EMA weights when present."""
+    state = fetch_state(checkpoint_dir if is_uri(checkpoint_dir) else Path(checkpoint_dir))
     cfg = config_from_dict(state["config"])
     g = Generator(cfg.z_dim, cfg.image_size, cfg.image_channels, cfg.negative_slope, kernels="eager")
-    where = str(Path(checkpoint_dir) / "state.pt")
+    where = child(checkpoint_dir, STATE_FILE)
     if use_ema and "ema" in state:
         load_into(state["ema"], where, model=g)
     else:
@@ -38,39 +162,83 @@ def generate(g: Generator, num_samples: int, seed: int = 0, batch: int = 500) ->
     return torch.cat(out)
 
 
+def write_images(images: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        with open(path, "wb") as fh:  # a file object: savez would append .npz to a temporary name
+            np.savez_compressed(fh, images=u8)
+    else:
+        from torchvision.utils import save_image
+
+        save_image(images, path, nrow=int(math.ceil(math.sqrt(images.shape[0]))), normalize=True,
+                   value_range=(-1, 1), format="png")
+
+
+def save(images: torch.Tensor, output: str) -> None:
+    """Writes to a local path, or to a temporary file uploaded to a URI."""
+    if not is_uri(output):
+        write_images(images, Path(output))
+        return
+    fs, path = open_location(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        write_images(images, local)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        upload(local, fs, path)
+
+
+def _suffix(output: str) -> str:
+    return Path(output.partition("?")[0]).suffix
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distgan.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (holds state.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory (holds state.pt) or a run directory; local path or URI")
     p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--output", default="samples.png", help="path ending in .png or .npz")
+    p.add_argument("--output", default=None, help="path or URI ending in .png or .npz (default: "
+                   "<run dir>/samples/sample-<checkpoint>-seed<seed>.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw generator, not its EMA")
     args = p.parse_args(argv)
     if args.num_samples <= 0:
         print(f"error: --num-samples must be positive, got {args.num_samples}", file=sys.stderr)
         return 2
-    out = Path(args.output)
-    if out.suffix not in (".png", ".npz"):
-        print(f"error: --output must end in .png or .npz, got {out}", file=sys.stderr)
+    if args.output is not None and _suffix(args.output) not in (".png", ".npz"):
+        print(f"error: --output must end in .png or .npz, got {args.output}", file=sys.stderr)
         return 2
     try:
-        g = load_generator(args.checkpoint, use_ema=not args.no_ema)
+        choice = choose_checkpoint(args.checkpoint)
+        print(choice.reason, flush=True)
+        g = load_generator(choice.checkpoint, use_ema=not args.no_ema)
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # pyarrow: a malformed URI or an unknown scheme
+        print(f"error: --checkpoint {args.checkpoint}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:  # pyarrow: unreachable storage, denied access
+        print(f"error: --checkpoint {args.checkpoint}: cannot read the storage ({_first_line(e)})", file=sys.stderr)
+        return 1
+    output = args.output
+    if output is None:
+        name = choice.checkpoint.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        output = child(choice.run_dir, "samples", f"sample-{name}-seed{args.seed}{'-raw' if args.no_ema else ''}.png")
     images = generate(g, args.num_samples, args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
-        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        np.savez_compressed(out, images=u8)
-    else:
-        from torchvision.utils import save_image
-
-        save_image(images, out, nrow=int(math.ceil(math.sqrt(args.num_samples))), normalize=True,
-                   value_range=(-1, 1))
-    print(f"wrote {args.num_samples} images to {out}")
+    try:
+        save(images, output)
+    except (OSError, ValueError) as e:
+        print(f"error: --output {output}: cannot write ({_first_line(e)})", file=sys.stderr)
+        return 1
+    print(f"wrote {args.num_samples} images to {output}")
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@ The local artifacts are written whatever the W&B mode, for users without W&B:
     <run_dir>/curves.png             losses, D(x) vs D(G(z)), quality metrics over steps
     <run_dir>/wandb/                 the W&B run files (unless WANDB_DIR points elsewhere)
 
+The run directory is a local path or a URI string (`f"{storage_path}/{name}"`, e.g. s3://bucket/prefix/name,
+the directory Ray Train writes the checkpoints to). For a URI the files are written to a local staging
+directory (staging_dir(): stable per URI, so a restart on the same node finds it) and copied to the URI when
+they change: the sample grids when drawn, metrics.jsonl and curves.png at each evaluation and at the end, and
+metrics.jsonl at most every UPLOAD_EVERY_S for step rows. A resume reads metrics.jsonl back from the URI.
+The W&B files stay in the staging directory (wandb needs a local directory) unless WANDB_DIR says otherwise.
+A failing upload never stops training: one warning, a retry at most every UPLOAD_EVERY_S, a last try at the
+end, and the files stay in the staging directory.
+
 W&B settings, the first that is set wins:
 
     mode          --wandb-mode > WANDB_MODE > "online" if WANDB_API_KEY is set, else "offline"
@@ -29,6 +38,7 @@ Offline runs upload later with `wandb sync <run_dir>/wandb/offline-run-*`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -36,12 +46,15 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from distgan.checkpoint import child, download, is_uri, open_location, upload
 
 # The logged metric names, one list for the loop, the W&B run and the dashboard (dashboard.py builds its
 # panels from these groups, and its test checks them against a real run's keys).
@@ -64,10 +77,19 @@ FINISH_TIMEOUT_S = 120.0  # after this, finish() returns and the local run files
 COVERAGE_COLLAPSE = 0.5  # normalised entropy of predicted digits: 0.48 = three digits equally often
 D_WINS_GAP = 0.9  # D(x) - D(G(z)): D separates real from fake outright, G's gradient vanishes
 PATIENCE = 3  # consecutive evaluations before warning: early epochs are noisy
+# Step rows reach a remote run directory at most this often: an object store cannot append, so each upload
+# rewrites the whole metrics.jsonl (~50 kB for the default run); W&B carries the live curves. The same
+# interval spaces retries after a failed upload, so an unreachable store costs one timeout a minute.
+UPLOAD_EVERY_S = 60.0
 
 
 def _warn(message: str) -> None:
     print(f"WARNING: distgan: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def resolve_mode(flag: str | None) -> tuple[str, str]:
@@ -143,6 +165,13 @@ def _replace_atomically(write, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def staging_dir(uri: str) -> Path:
+    """Where the Tracker of a run whose directory is a URI keeps its files (and the W&B run): one directory
+    per URI, so a restart on the same node finds the rows it wrote but had not yet uploaded."""
+    name = uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(tempfile.gettempdir()) / "distgan-staging" / f"{name}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}"
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
     rows = []
@@ -156,15 +185,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Tracker:
-    def __init__(self, cfg, run_dir: Path, world_size: int, resumed: bool, kernel_backend: str,
+    """run_dir: the run directory, a local path or a URI string. `run_dir` (the attribute) is always the
+    local directory the files are written to; `location` is where they end up (the URI, or run_dir)."""
+
+    def __init__(self, cfg, run_dir: str | os.PathLike, world_size: int, resumed: bool, kernel_backend: str,
                  run_id: str | None = None):
         self.cfg = cfg
+        self.location = str(run_dir)
+        self.remote = None  # (pyarrow filesystem, path) of a URI run directory
+        if is_uri(run_dir):
+            import pyarrow.fs
+
+            fs, path = open_location(run_dir)
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):  # file:///abs/path: write there directly
+                run_dir = path
+            else:
+                self.remote, run_dir = (fs, path.rstrip("/")), staging_dir(self.location)
         self.run_dir = Path(run_dir)
         self.samples_dir = self.run_dir / "samples"
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.curves_path = self.run_dir / "curves.png"
         self.world_size, self.resumed, self.kernel_backend = world_size, resumed, kernel_backend
+        self._pending: set[str] = set()  # staged files (relative paths) changed since their last upload
+        self._last_upload = -math.inf  # time.monotonic() of the last upload attempt
+        self._upload_failing = False
+        self._made_dirs: set[str] = set()
+        if self.remote is not None:
+            print(f"distgan: run files go to {self.location} (staged in {self.run_dir}, where the W&B files "
+                  f"stay)", flush=True)
+            self._restore_metrics()
         # Earlier rows (a resume, a restart) stay in the file; curves keep the last row of each step.
         self.history = read_metrics(self.metrics_path)
         self.last_step_metrics: dict[str, Any] = {}
@@ -174,10 +224,11 @@ class Tracker:
         self._wandb_floor = 0  # W&B drops steps below its last one (resumes, rollbacks); jsonl keeps them
         self._noted: set[str] = set()
         self._finished = False
-        self.run_id = run_id or cfg.name or self.run_dir.name
+        self.run_id = run_id or cfg.name or self.location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
         self._init_wandb()
         self._append({"kind": "start", "time": time.time(), "resumed": resumed, "world_size": world_size,
                       "kernel_backend": kernel_backend, "wandb_mode": self.mode, "wandb_id": self.run_id})
+        self._sync("eval")  # the start row at once: an unreachable store shows up before the first step
 
     # ------------------------------------------------------------------ W&B
     def wandb_config(self) -> dict[str, Any]:
@@ -255,6 +306,7 @@ class Tracker:
         self.last_step_metrics = values
         self._append({"kind": "step", "step": step, "time": time.time(), **values})
         self._wandb_log(values, step)
+        self._sync("step")
 
     def log_epoch(self, step: int, epoch: int, samples: torch.Tensor, metrics: dict[str, float]) -> Path:
         path = self.save_grid(samples, epoch)
@@ -265,6 +317,7 @@ class Tracker:
                       "samples": str(path.relative_to(self.run_dir)), **values})
         self._check_health(step, epoch, values)
         self.plot_curves()
+        self._sync("eval")
         if self.run is not None:
             try:
                 import wandb
@@ -294,6 +347,7 @@ class Tracker:
             self.plot_curves()
         except Exception as e:  # noqa: BLE001
             _warn(f"could not write the final metrics ({type(e).__name__}: {e})")
+        self._sync("finish")
         run, self.run = self.run, None
         if run is None:
             return
@@ -326,6 +380,60 @@ class Tracker:
         self.history.append(row)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self._pending.add("metrics.jsonl")
+
+    # ------------------------------------------------------------------ a URI run directory
+    def _restore_metrics(self) -> None:
+        """metrics.jsonl from the URI into the staging directory, so a resume appends to the run's rows. A
+        staged copy that extends the URI's (rows written before a crash, not yet uploaded) is kept."""
+        fs, base = self.remote
+        fetched = self.run_dir / ".metrics.jsonl.remote"
+        try:
+            found = download(fs, f"{base}/metrics.jsonl", fetched)
+        except OSError as e:
+            _warn(f"could not read {child(self.location, 'metrics.jsonl')} ({_first_line(e)}); continuing "
+                  f"from the staged copy in {self.run_dir}")
+            return
+        remote = fetched.read_bytes() if found else b""
+        fetched.unlink(missing_ok=True)
+        local = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
+        if remote and local.startswith(remote) and len(local) > len(remote):
+            self._pending.add("metrics.jsonl")
+        else:  # no rows there yet is a new run: rows staged for an earlier one under this URI are dropped
+            self.metrics_path.write_bytes(remote)
+
+    def _sync(self, when: str) -> None:
+        """Uploads the staged files that changed. when: "step" (at most every UPLOAD_EVERY_S), "eval" (now,
+        unless the last attempt failed less than UPLOAD_EVERY_S ago) or "finish" (now). Never raises."""
+        if self.remote is None or not self._pending:
+            return
+        now = time.monotonic()
+        urgent = when == "finish" or (when == "eval" and not self._upload_failing)
+        if not urgent and now - self._last_upload < UPLOAD_EVERY_S:
+            return
+        self._last_upload = now
+        fs, base = self.remote
+        # metrics.jsonl last: an eval row names its sample grid, which should be there when the row is
+        for rel in sorted(self._pending, key=lambda r: (r == "metrics.jsonl", r)):
+            try:
+                parent = f"{base}/{rel}".rsplit("/", 1)[0]
+                if parent not in self._made_dirs:  # object stores need none; HDFS-like filesystems do
+                    fs.create_dir(parent, recursive=True)
+                    self._made_dirs.add(parent)
+                upload(self.run_dir / rel, fs, f"{base}/{rel}")
+            except Exception as e:  # noqa: BLE001 - an unreachable store must leave training running
+                if not self._upload_failing:
+                    _warn(f"could not upload {rel} to {self.location} ({_first_line(e)}); the files stay in "
+                          f"{self.run_dir}, retried every {UPLOAD_EVERY_S:.0f}s and at the end")
+                self._upload_failing = True
+                break
+            self._pending.discard(rel)
+            if self._upload_failing:
+                self._upload_failing = False
+                print(f"distgan: uploads to {self.location} work again", flush=True)
+        if when == "finish" and self._pending:
+            _warn(f"{len(self._pending)} run files not uploaded to {self.location}; they are in {self.run_dir}: "
+                  f"{', '.join(sorted(self._pending))}")
 
     def save_grid(self, samples: torch.Tensor, epoch: int) -> Path:
         """samples (N, C, H, W) in [-1, 1] -> samples/epoch_NNNN.png and samples/latest.png, ~square grid."""
@@ -337,6 +445,7 @@ class Tracker:
         _replace_atomically(lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
                                                    format="png"), path)
         _replace_atomically(lambda tmp: shutil.copyfile(path, tmp), self.samples_dir / "latest.png")
+        self._pending.update({f"samples/{path.name}", "samples/latest.png"})
         return path
 
     def _check_health(self, step: int, epoch: int, values: dict[str, Any]) -> None:
@@ -369,6 +478,7 @@ class Tracker:
         warns: the numbers are in metrics.jsonl."""
         try:
             _replace_atomically(lambda tmp: plot_curves(self.history, tmp), self.curves_path)
+            self._pending.add("curves.png")
         except Exception as e:  # noqa: BLE001
             _warn(f"curves.png not written ({type(e).__name__}: {e})")
 

@@ -120,3 +120,19 @@ def test_a_resumed_attempts_checkpoint_at_the_same_step_is_preferred(tmp_path):
     with pytest.warns(UserWarning):
         state, where = load_latest_valid(bad, log=lambda m: None)
     assert where.name == "checkpoint_00000004_resume00000002" and state["epoch"] == 1
+
+
+def test_locations_keep_a_uris_query_and_errors_name_what_the_user_gave(tmp_path):
+    from distgan.checkpoint import child, fetch_state, is_uri
+
+    assert child("s3://b/runs?endpoint_override=h:9&scheme=http", "r", "state.pt") == \
+        "s3://b/runs/r/state.pt?endpoint_override=h:9&scheme=http"
+    assert child(tmp_path, "r") == f"{tmp_path}/r" and is_uri("gs://b/x") and not is_uri(tmp_path)
+    save_state(_state(5), tmp_path / "c")
+    assert fetch_state(tmp_path / "c")["step"] == 5
+    assert fetch_state(f"file://{tmp_path}/c")["step"] == 5  # a URI: downloaded through pyarrow
+    (tmp_path / "c" / "state.pt").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match=f"^file://{tmp_path}/c/state.pt: unreadable"):
+        fetch_state(f"file://{tmp_path}/c")
+    with pytest.raises(CheckpointError, match=f"^file://{tmp_path}/d/state.pt: missing"):
+        fetch_state(f"file://{tmp_path}/d")

@@ -239,3 +239,17 @@ def test_reader_handles_records_spanning_blocks(tmp_path, wandb_env):
     wandb_file.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         list(iter_records(wandb_file))
+
+
+def test_a_local_run_dir_given_as_a_string_or_file_uri_is_written_in_place(tmp_path, wandb_env):
+    """The trainer passes f"{storage_path}/{name}" (a string): a local one, or a file:// URI, is written directly,
+    with no staging copy."""
+    wandb_env.setenv("WANDB_MODE", "disabled")
+    for name, location in (("t-str", str(tmp_path / "t-str")), ("t-file", f"file://{tmp_path}/t-file")):
+        cfg = TrainConfig(name=name, storage_path=str(tmp_path)).validate()
+        tracker = Tracker(cfg, location, world_size=1, resumed=False, kernel_backend="eager")
+        assert tracker.remote is None and tracker.run_dir == tmp_path / name
+        tracker.log_step(1, step_metrics(1))
+        tracker.finish({"final_step": 1})
+        kinds = [json.loads(line)["kind"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert kinds == ["start", "step", "finish"] and (tmp_path / name / "curves.png").is_file()

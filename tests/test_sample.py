@@ -1,0 +1,145 @@
+"""`python -m distgan.sample`: which checkpoint of a run it picks, where it writes, and its errors (local
+directories; tests/test_storage.py runs the same against an S3 server)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distgan.checkpoint import capture_rng, save_state
+from distgan.config import TrainConfig
+from distgan.models import build_models
+from distgan.sample import generate, load_generator, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_checkpoint(directory: Path, step: int) -> Path:
+    """A real checkpoint of the default models, with weights that differ by step."""
+    torch.manual_seed(step)
+    cfg = TrainConfig(name="sample-test", storage_path=str(directory.parent.parent), kernels="eager").validate()
+    g, d = build_models(cfg)
+    ema_g, _ = build_models(cfg)
+    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    state = {"format": 1, "config": cfg.to_dict(), "step": step, "epoch": 0, "batch_in_epoch": 0,
+             "generator": g.state_dict(), "discriminator": d.state_dict(),
+             "ema": {"model": ema_g.state_dict(), "num_updates": step, "decay": 0.999},
+             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "fixed_noise": torch.randn(4, cfg.z_dim),
+             "rng": [capture_rng(torch.Generator())], "world_size": 1, "lr_scale": 1.0, "rollbacks": 0}
+    save_state(state, directory)
+    return directory
+
+
+def write_run(run: Path, names: list[str], evals: list[tuple[int, float]] = (), snapshot: dict | None = None) -> Path:
+    """A run directory as training leaves it: checkpoints, metrics.jsonl eval rows, Ray's snapshot."""
+    for name in names:
+        make_checkpoint(run / name, int(name.split("_")[1]))
+    rows = [{"kind": "start"}] + [{"kind": "eval", "step": s, "epoch": 1, "fid": f} for s, f in evals]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if snapshot is not None:
+        (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    return run
+
+
+def ray_snapshot(fids: dict[str, float]) -> dict:
+    """The fields of Ray Train's checkpoint_manager_snapshot.json that matter here (an unevaluated
+    checkpoint is reported with fid inf, which Ray's JSON writes as null)."""
+    results = [{"version": 0, "checkpoint_dir_name": name,
+                "metrics": {"step": int(name.split("_")[1]), "fid": fid if math.isfinite(fid) else None}}
+               for name, fid in fids.items()]
+    return {"ray_version": "2.x", "checkpoint_results": results, "checkpoint_report_indices": [],
+            "latest_checkpoint_result": results[-1], "pending_training_results": [], "current_report_index": 0}
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    """An empty working directory that must stay empty."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+    assert not list(work.iterdir()), "distgan.sample wrote into the working directory"
+
+
+def test_run_dir_uses_the_lowest_fid_from_rays_snapshot(tmp_path, cwd, capsys):
+    names = ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
+    # metrics.jsonl disagrees on step 4: the snapshot, which names the directory, wins
+    run = write_run(tmp_path / "runs" / "r", names, evals=[(2, 30.0), (4, 99.0)],
+                    snapshot=ray_snapshot({"checkpoint_00000002": 30.0, "checkpoint_00000004": 12.3,
+                                           "checkpoint_00000006": math.inf}))
+    assert main(["--checkpoint", str(run), "--num-samples", "9", "--output", str(tmp_path / "out.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "using checkpoint_00000004 (best FID 12.3 among 2 evaluated of 3 checkpoints)"
+    images = np.load(tmp_path / "out.npz")["images"]
+    expected = generate(load_generator(run / "checkpoint_00000004"), 9)
+    assert images.shape == (9, 28, 28, 1) and images.dtype == np.uint8
+    assert np.array_equal(images, ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                          .permute(0, 2, 3, 1).numpy())
+
+
+def test_without_a_snapshot_the_eval_rows_decide_and_the_last_row_of_a_step_wins(tmp_path, cwd, capsys):
+    names = ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
+    # step 4 evaluated twice (a rollback): the later 40.0 counts
+    run = write_run(tmp_path / "runs" / "r", names, evals=[(2, 20.0), (4, 10.0), (4, 40.0), (6, 25.0)])
+    assert main(["--checkpoint", str(run), "--num-samples", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "using checkpoint_00000002 (best FID 20 of 3 checkpoints)"
+    assert out[-1] == f"wrote 4 images to {run}/samples/sample-checkpoint_00000002-seed0.png"
+
+
+def test_nothing_evaluated_falls_back_to_the_newest_checkpoint(tmp_path, cwd, capsys):
+    # at the same step, a resumed attempt's checkpoint is newer than the original's
+    names = ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000004_resume00000002"]
+    run = write_run(tmp_path / "runs" / "r", names)
+    assert main(["--checkpoint", str(run) + "/", "--num-samples", "4", "--seed", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "using checkpoint_00000004_resume00000002 (newest of 3 checkpoints; none was evaluated)"
+    assert (run / "samples" / "sample-checkpoint_00000004_resume00000002-seed3.png").is_file()
+
+
+def test_default_output_is_the_run_directory_and_output_still_works(tmp_path, cwd, capsys):
+    run = write_run(tmp_path / "runs" / "r", ["checkpoint_00000002"])
+    assert main(["--checkpoint", str(run / "checkpoint_00000002"), "--num-samples", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    png = run / "samples" / "sample-checkpoint_00000002-seed0.png"
+    assert out == ["using checkpoint_00000002", f"wrote 16 images to {png}"]
+    assert Image.open(png).size == (4 * 28 + 5 * 2,) * 2  # 16 images: a 4x4 grid with 2 px padding
+
+    assert main(["--checkpoint", str(run / "checkpoint_00000002"), "--num-samples", "4", "--no-ema",
+                 "--output", str(tmp_path / "elsewhere" / "g.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 4 images to {tmp_path / 'elsewhere' / 'g.png'}"
+    assert Image.open(tmp_path / "elsewhere" / "g.png").size == (2 * 28 + 3 * 2,) * 2
+
+
+@pytest.mark.parametrize("case", ["missing", "no-checkpoints", "a-file", "corrupt"])
+def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, cwd, capsys, case):
+    target = tmp_path / "runs" / "r"
+    if case == "no-checkpoints":
+        target.mkdir(parents=True)
+        (target / "metrics.jsonl").write_text("")
+    elif case == "a-file":
+        target.parent.mkdir(parents=True)
+        target.write_text("x")
+    elif case == "corrupt":
+        target = make_checkpoint(tmp_path / "runs" / "r" / "checkpoint_00000002", 2)
+        (target / "state.pt").write_bytes(b"torn")
+    assert main(["--checkpoint", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --checkpoint") and str(target) in err[0], err
+    assert not (tmp_path / "runs" / "r" / "samples").exists()
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    missing = tmp_path / "nope"
+    proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--checkpoint", str(missing)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --checkpoint: {missing}: no such checkpoint or run directory"
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,207 @@
+"""A run directory in an S3 bucket: the Tracker's files and `distgan.sample` against a local S3-protocol server
+(moto's, on a loopback port), found the way Ray Train and pyarrow find a non-AWS server: AWS_ENDPOINT_URL."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs
+import pytest
+import torch
+from PIL import Image
+from test_sample import make_checkpoint, ray_snapshot
+
+from distgan import tracking
+from distgan.checkpoint import upload
+from distgan.config import TrainConfig
+from distgan.sample import main as sample_main
+from distgan.tracking import Tracker
+
+from wandb_offline import QUALITY, step_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path, request):
+    """A fresh bucket; the S3 client settings in the environment; staging directories under tmp_path."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "WANDB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "WANDB_MODE": "disabled"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    name = "bucket-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12]
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
+    fs.create_dir(name)
+    return name
+
+
+def s3() -> pyarrow.fs.FileSystem:
+    return pyarrow.fs.FileSystem.from_uri("s3://any")[0]
+
+
+def read(path: str) -> bytes:
+    with s3().open_input_stream(path) as fh:
+        return fh.read()
+
+
+def rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in read(path).decode().splitlines()]
+
+
+def test_tracker_writes_every_artifact_to_the_bucket(bucket, tmp_path, capsys):
+    cfg = TrainConfig(name="t-s3", storage_path=f"s3://{bucket}/runs", wandb_mode="disabled").validate()
+    run = f"{bucket}/runs/t-s3"
+    tracker = Tracker(cfg, f"{cfg.storage_path}/{cfg.name}", world_size=2, resumed=False, kernel_backend="eager")
+    assert tracker.location == f"s3://{run}" and tracker.run_dir.is_relative_to(tmp_path / "tmp")
+    assert [r["kind"] for r in rows(f"{run}/metrics.jsonl")] == ["start"]  # uploaded at once
+    for step in (1, 10, 20):
+        tracker.log_step(step, step_metrics(step))
+    # step rows wait for the next evaluation (or UPLOAD_EVERY_S): one PUT per row would cost more than the step
+    assert [r["kind"] for r in rows(f"{run}/metrics.jsonl")] == ["start"]
+    samples = torch.linspace(-1, 1, 64 * 28 * 28).reshape(64, 1, 28, 28)
+    tracker.log_epoch(20, 1, samples, {**QUALITY, "d_gap": 0.2})
+    assert [r["kind"] for r in rows(f"{run}/metrics.jsonl")] == ["start", "step", "step", "step", "eval"]
+    tracker.finish({"final_step": 20})
+
+    lines = rows(f"{run}/metrics.jsonl")
+    assert [r["kind"] for r in lines] == ["start", "step", "step", "step", "eval", "finish"]
+    assert lines[4]["fid"] == 42.0 and lines[4]["samples"] == "samples/epoch_0001.png"
+    assert read(f"{run}/metrics.jsonl") == tracker.metrics_path.read_bytes()
+    grid = read(f"{run}/samples/epoch_0001.png")
+    assert read(f"{run}/samples/latest.png") == grid
+    (tmp_path / "grid.png").write_bytes(grid)
+    assert Image.open(tmp_path / "grid.png").size == (8 * 28 + 9 * 2,) * 2
+    (tmp_path / "curves.png").write_bytes(read(f"{run}/curves.png"))
+    assert Image.open(tmp_path / "curves.png").size[0] > 500
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_a_resumed_tracker_appends_to_the_buckets_metrics(bucket, tmp_path, monkeypatch):
+    cfg = TrainConfig(name="t-resume", storage_path=f"s3://{bucket}/runs", wandb_mode="disabled").validate()
+    uri = f"{cfg.storage_path}/{cfg.name}"
+    first = Tracker(cfg, uri, world_size=2, resumed=False, kernel_backend="eager")
+    for step in (1, 10):
+        first.log_step(step, step_metrics(step))
+    first.log_epoch(10, 1, torch.zeros(4, 1, 28, 28), dict(QUALITY))
+    first.finish({"final_step": 10})
+
+    # another node: nothing staged there, the rows come from the bucket
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node2"))
+    (tmp_path / "node2").mkdir()
+    second = Tracker(cfg, uri, world_size=2, resumed=True, kernel_backend="eager")
+    assert second.run_dir != first.run_dir
+    assert [r["kind"] for r in second.history] == ["start", "step", "step", "eval", "finish", "start"]
+    for step in (11, 20):
+        second.log_step(step, step_metrics(step))
+    second.finish({"final_step": 20})
+    lines = rows(f"{bucket}/runs/t-resume/metrics.jsonl")
+    assert [r["resumed"] for r in lines if r["kind"] == "start"] == [False, True]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == [1, 10, 11, 20]
+    assert [r["kind"] for r in lines].count("finish") == 2
+
+    # the same node after a crash: rows staged but not yet uploaded are kept, not replaced by the bucket's
+    third = Tracker(cfg, uri, world_size=2, resumed=True, kernel_backend="eager")
+    third.log_step(21, step_metrics(21))  # within UPLOAD_EVERY_S: staged only; then the process dies
+    fourth = Tracker(cfg, uri, world_size=2, resumed=True, kernel_backend="eager")
+    assert fourth.run_dir == third.run_dir
+    fourth.finish({"final_step": 21})
+    assert [r["step"] for r in rows(f"{bucket}/runs/t-resume/metrics.jsonl") if r["kind"] == "step"] == \
+        [1, 10, 11, 20, 21]
+
+
+def test_sample_reads_checkpoints_from_the_bucket_and_writes_next_to_them(bucket, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    local = tmp_path / "local" / "r"
+    for step in (4, 6):
+        make_checkpoint(local / f"checkpoint_{step:08d}", step)
+    (local / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        ray_snapshot({"checkpoint_00000004": 21.5, "checkpoint_00000006": 30.0})))
+    fs = s3()
+    for path in local.rglob("*"):
+        if path.is_file():
+            upload(path, fs, f"{bucket}/runs/r/{path.relative_to(local)}")
+    run = f"s3://{bucket}/runs/r"
+
+    assert sample_main(["--checkpoint", f"{run}/checkpoint_00000006", "--num-samples", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["using checkpoint_00000006", f"wrote 4 images to {run}/samples/sample-checkpoint_00000006-seed0.png"]
+    (tmp_path / "s.png").write_bytes(read(f"{bucket}/runs/r/samples/sample-checkpoint_00000006-seed0.png"))
+    assert Image.open(tmp_path / "s.png").size == (2 * 28 + 3 * 2,) * 2
+
+    # a run directory: the best checkpoint by FID; the same images as the local copy gives
+    assert sample_main(["--checkpoint", run, "--num-samples", "5", "--output", str(tmp_path / "s3.npz")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "using checkpoint_00000004 (best FID 21.5 of 2 checkpoints)"
+    assert sample_main(["--checkpoint", str(local), "--num-samples", "5", "--output", str(tmp_path / "l.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "s3.npz")["images"], np.load(tmp_path / "l.npz")["images"])
+    assert not list(work.iterdir())
+
+    assert sample_main(["--checkpoint", f"{run}/checkpoint_00000009"]) == 2
+    assert sample_main(["--checkpoint", f"s3://{bucket}/runs/nothing-here"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --checkpoint: {run}/checkpoint_00000009: no such checkpoint or run directory",
+                   f"error: --checkpoint: s3://{bucket}/runs/nothing-here: no such checkpoint or run directory"]
+
+
+def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_training(tmp_path, monkeypatch, capfd):
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": dead, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--checkpoint", "s3://bkt/runs/r"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --checkpoint s3://bkt/runs/r: cannot read the storage"), err
+    assert not list(tmp_path.iterdir())
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": dead, "WANDB_MODE": "disabled"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = TrainConfig(name="t-dead", storage_path="s3://bkt/runs", wandb_mode="disabled").validate()
+    t0 = time.monotonic()
+    tracker = Tracker(cfg, "s3://bkt/runs/t-dead", world_size=1, resumed=False, kernel_backend="eager")
+    for step in (1, 2, 3):  # within UPLOAD_EVERY_S of the failure: no further attempt, no waiting
+        tracker.log_step(step, step_metrics(step))
+    tracker.log_epoch(3, 1, torch.zeros(4, 1, 28, 28), dict(QUALITY))
+    tracker.finish({"final_step": 3})
+    took = time.monotonic() - t0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("WARNING: distgan")]
+    # reading the old rows, the first upload, and the last try at the end: one timeout each, then it gives up
+    assert len(warnings) == 3, warnings
+    assert "could not read" in warnings[0] and "could not upload" in warnings[1]
+    assert "not uploaded" in warnings[2] and str(tracker.run_dir) in warnings[2]
+    assert took < 3 * 30 + 20, f"{took:.0f}s"
+    assert [r["kind"] for r in tracking.read_metrics(tracker.metrics_path)] == \
+        ["start", "step", "step", "step", "eval", "finish"]
+    assert (tracker.run_dir / "samples" / "epoch_0001.png").is_file() and (tracker.run_dir / "curves.png").is_file()

@@ -294,3 +294,38 @@ def pop_stop_reason(storage_path: str, name: str) -> Optional[str]:
         reason = json.loads(fh.read().decode())["reason"]
     fs.delete_file(path)
     return reason
+
+
+# ------------------------------------------------------------------ the driver's look at a run before it resumes
+
+# Fields that fix what the saved data position (epoch, batch_in_epoch) means: the sampler's order depends on
+# the seed and the world size, and the offset into it on the per-worker batch and D steps per G step.
+POSITION_FIELDS = ("seed", "batch_size", "n_critic", "num_workers")
+
+
+def newest_checkpoint_state(storage_path: str, name: str, log=print) -> Optional[tuple[str, dict[str, Any]]]:
+    """(directory, state) of the run's newest readable checkpoint (by write time), for local paths and URIs
+    alike, or None when the run has none. The driver reads it to refuse an incompatible resubmission before
+    Ray starts; unreadable ones are skipped here (the workers report them when they fall back)."""
+    import io
+
+    import pyarrow.fs
+
+    try:
+        fs, run = _run_fs(storage_path, name)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+    except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
+        log(f"WARNING: cannot list {storage_path}/{name} to check its checkpoints before resuming ({e})")
+        return None
+    dirs = [e for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+    files = {d.path: fs.get_file_info(f"{d.path}/{STATE_FILE}") for d in dirs}
+    written = [d for d in dirs if files[d.path].type == pyarrow.fs.FileType.File]
+    for d in sorted(written, key=lambda d: (files[d.path].mtime_ns or 0, d.base_name), reverse=True):
+        try:
+            with fs.open_input_file(f"{d.path}/{STATE_FILE}") as fh:
+                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: the workers' own fall-back reports it
+            continue
+        if isinstance(state, dict) and isinstance(state.get("config"), dict) and "batch_in_epoch" in state:
+            return d.path, state
+    return None

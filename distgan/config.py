@@ -1,90 +1,129 @@
 """TrainConfig: one dataclass, the CLI generated from it, YAML overrides, validation on the driver.
 
 Everything here runs before Ray starts, so a bad value costs the user a second, not a cluster spin-up.
+Precedence: a flag typed on the command line > the `--config` YAML file > the dataclass default. Flags and
+YAML values go through the same conversions (`convert_value`), so `lr_g: 2e-4` in a file means what
+`--lr-g 2e-4` means.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import math
 import os
 import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder")
+DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")  # what torchvision can fetch; mnist5k is embedded
 IMAGE_SIZES = (28, 32, 64)
 KERNEL_IMPLS = ("auto", "triton", "eager")
 BN_POLICIES = ("local", "sync")
 WANDB_MODES = ("online", "offline", "disabled")
 NAN_POLICIES = ("rollback", "stop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local run's
+# failures are bugs or bad input, and retrying them only delays the error. train.py applies these.
+MAX_FAILURES_LOCAL, MAX_FAILURES_CLUSTER = 0, 2
+# numpy seeds each rank with seed + rank, and numpy takes seeds below 2**32
+SEED_LIMIT = 2**32
+# FID and KID need two generated images at least (a covariance); fewer would fail in rank 0 mid-run
+MIN_EVAL_SAMPLES = 2
+# W&B refuses these in a project name; a refused wandb.init would silently fall back to offline
+WANDB_NAME_FORBIDDEN = set("/\\#?%:")
+WANDB_NAME_MAX = 128
+# `ray job submit` hands the job's config (runtime env included) to the driver in this variable
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
+    """A user-facing configuration problem; the CLI prints it as one line and exits 2.
+
+    `field` is the TrainConfig field the message names (when it names one), so a caller can say where the
+    value came from."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _opt(default: Any, help: str, shown: Optional[str] = None) -> Any:
+    """A field with its --help text; `shown` describes the default when the literal is not the whole truth
+    (None that means "decided at run time", a relative path resolved later)."""
+    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {})})
 
 
 @dataclass
 class TrainConfig:
     # --- data
-    dataset: str = field(default="mnist5k", metadata={"help": f"one of {', '.join(DATASETS)}"})
-    data_root: Optional[str] = field(default=None, metadata={"help": "dataset directory (not for mnist5k)"})
-    download: bool = field(default=False, metadata={"help": "let torchvision download mnist/fashion-mnist/cifar10"})
-    image_size: int = field(default=28, metadata={"help": f"square image side, one of {IMAGE_SIZES}"})
-    channels: Optional[int] = field(default=None, metadata={"help": "1 or 3; default from the dataset"})
+    dataset: str = _opt("mnist5k", f"one of {', '.join(DATASETS)}")
+    data_root: Optional[str] = _opt(None, "dataset directory (not for mnist5k)", "none")
+    download: bool = _opt(False, f"let torchvision download {'/'.join(DOWNLOADABLE)}")
+    image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
+    channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10 and folder, else 1")
     # --- schedule
-    epochs: int = field(default=20, metadata={"help": "passes over the training split"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many G steps"})
-    batch_size: int = field(default=64, metadata={"help": "GLOBAL batch, split evenly across workers"})
-    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
-    use_gpu: Optional[bool] = field(default=None, metadata={"help": "default: use GPUs when the cluster has them"})
-    # --- optimisation (the seed's recipe)
-    lr_g: float = field(default=2e-4, metadata={"help": "generator Adam learning rate"})
-    lr_d: float = field(default=2e-4, metadata={"help": "discriminator Adam learning rate"})
-    beta1: float = field(default=0.5, metadata={"help": "Adam beta1 (both optimizers)"})
-    beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (both optimizers)"})
-    n_critic: int = field(default=1, metadata={"help": "D steps per G step"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "one-sided: real label = 1 - this"})
-    z_dim: int = field(default=100, metadata={"help": "latent noise dimension"})
-    negative_slope: float = field(default=0.2, metadata={"help": "LeakyReLU slope"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA of G for samples and metrics; 0 = off"})
-    seed: int = field(default=0, metadata={"help": "init, data order and noise (noise uses seed + rank)"})
+    epochs: int = _opt(20, "passes over the training split")
+    max_steps: Optional[int] = _opt(None, "stop after this many G steps", "none (all --epochs)")
+    batch_size: int = _opt(64, "GLOBAL batch, split evenly across workers")
+    # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)
+    lr_g: float = _opt(2e-4, "generator Adam learning rate")
+    lr_d: float = _opt(2e-4, "discriminator Adam learning rate")
+    beta1: float = _opt(0.5, "Adam beta1 (both optimizers)")
+    beta2: float = _opt(0.999, "Adam beta2 (both optimizers)")
+    n_critic: int = _opt(1, "D steps per G step")
+    label_smoothing: float = _opt(0.0, "one-sided: real label = 1 - this")
+    z_dim: int = _opt(100, "latent noise dimension")
+    negative_slope: float = _opt(0.2, "LeakyReLU slope")
+    ema_decay: float = _opt(0.999, "EMA of G for samples and metrics; 0 = off")
+    seed: int = _opt(0, "init, data order and noise (noise uses seed + rank)")
     # --- model execution
-    kernels: str = field(default="auto", metadata={"help": f"one of {', '.join(KERNEL_IMPLS)}"})
-    bn: str = field(default="local", metadata={"help": "BatchNorm statistics: local (per worker) or sync"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware runs it fast, else "
-                                                             "fp32), fp32, bf16, or fp16 (CUDA only)"})
+    num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
+    use_gpu: Optional[bool] = _opt(None, "one GPU per worker, NCCL; --no-use-gpu: CPU, gloo",
+                                   "use GPUs when the cluster has them")
+    kernels: str = _opt("auto", "triton (fused kernels; on CPU only with TRITON_INTERPRET=1), eager, or auto "
+                                "(triton on CUDA, else eager)")
+    bn: str = _opt("local", "BatchNorm statistics: local (per worker) or sync")
+    precision: str = _opt("auto", "auto (bf16 where the hardware runs it fast, else fp32), fp32, bf16, or fp16 "
+                                  "(CUDA only)")
     # --- outputs and checkpoints
-    storage_path: str = field(default="./runs", metadata={"help": "Ray storage path (local dir, NFS or s3://)"})
-    name: Optional[str] = field(default=None, metadata={"help": "run name; same name = resume"})
-    checkpoint_every: int = field(default=5, metadata={"help": "epochs between checkpoints (each is also evaluated)"})
-    checkpoint_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps; 0 = off"})
-    checkpoint_every_minutes: float = field(default=3.0, metadata={"help": "also checkpoint when this many "
-                                                                           "minutes passed since the last; 0 = off"})
-    num_to_keep: int = field(default=3, metadata={"help": "checkpoints kept (best by FID when measured)"})
+    storage_path: str = _opt("./runs", "Ray storage path (local dir, NFS or s3://); inside `ray job submit` "
+                                       "it must be absolute or a URI")
+    name: Optional[str] = _opt(None, "run name; same name = resume", "distgan-<date>-<time>")
+    checkpoint_every: int = _opt(5, "epochs between checkpoints (each is also evaluated)")
+    checkpoint_every_steps: int = _opt(0, "also checkpoint every N steps; 0 = off")
+    checkpoint_every_minutes: float = _opt(3.0, "also checkpoint when this many minutes passed since the "
+                                                "last; 0 = off")
+    num_to_keep: int = _opt(3, "checkpoints kept (best by FID when measured)")
     # --- fault tolerance
-    max_failures: Optional[int] = field(default=None, metadata={"help": "worker-group restarts; default 2"})
-    nan_policy: str = field(default="rollback", metadata={"help": "on a non-finite loss: rollback or stop"})
-    max_rollbacks: int = field(default=3, metadata={"help": "rollbacks before giving up"})
-    rollback_lr_factor: float = field(default=0.5, metadata={"help": "LR multiplier applied on each rollback"})
-    collective_timeout_s: int = field(default=120, metadata={"help": "process-group timeout: dead peer -> failure"})
-    placement_timeout_s: int = field(default=60, metadata={"help": "give up when workers cannot be placed"})
-    placement_strategy: str = field(default="PACK", metadata={"help": "PACK or SPREAD workers over nodes"})
+    max_failures: Optional[int] = _opt(None, "worker-group restarts; -1 = forever",
+                                       f"{MAX_FAILURES_LOCAL} for a local run, {MAX_FAILURES_CLUSTER} when "
+                                       f"joining a cluster (RAY_ADDRESS)")
+    nan_policy: str = _opt("rollback", "on a non-finite loss: rollback or stop")
+    max_rollbacks: int = _opt(3, "rollbacks before giving up")
+    rollback_lr_factor: float = _opt(0.5, "LR multiplier applied on each rollback")
+    collective_timeout_s: int = _opt(120, "process-group timeout: dead peer -> failure")
+    placement_timeout_s: int = _opt(60, "give up when workers cannot be placed")
+    placement_strategy: str = _opt("PACK", "PACK or SPREAD workers over nodes (or STRICT_PACK, STRICT_SPREAD)")
     # --- tracking and evaluation
-    log_every: int = field(default=10, metadata={"help": "steps between metric logs"})
-    eval_every: int = field(default=5, metadata={"help": "epochs between quality evaluations; 0 = off"})
-    eval_samples: int = field(default=1000, metadata={"help": "generated images per evaluation"})
-    wandb_project: Optional[str] = field(default=None, metadata={"help": "W&B project; default WANDB_PROJECT, "
-                                                                      "else distgan"})
-    wandb_mode: Optional[str] = field(default=None, metadata={"help": "online/offline/disabled; default offline "
-                                                                      "unless WANDB_API_KEY is set"})
-    wandb_group: Optional[str] = field(default=None, metadata={"help": "W&B group, e.g. for a sweep"})
-    config: Optional[str] = field(default=None, metadata={"help": "YAML file whose keys override the defaults"})
+    log_every: int = _opt(10, "steps between metric logs")
+    eval_every: int = _opt(5, "epochs between quality evaluations; 0 = off")
+    eval_samples: int = _opt(1000, f"generated images per evaluation (at least {MIN_EVAL_SAMPLES})")
+    wandb_project: Optional[str] = _opt(None, "W&B project", "WANDB_PROJECT, else distgan")
+    wandb_mode: Optional[str] = _opt(None, f"one of {', '.join(WANDB_MODES)}",
+                                     "WANDB_MODE, else online when WANDB_API_KEY is set, else offline")
+    wandb_group: Optional[str] = _opt(None, "W&B group, e.g. for a sweep", "none")
+    # --- general
+    config: Optional[str] = _opt(None, "YAML file whose keys (flag names) override the defaults; typed flags "
+                                       "override the file", "none")
+    verbose: bool = _opt(False, "show Ray's full output")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -106,11 +145,18 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
-        """Checks every value; raises ConfigError naming the flag. Fills in derived defaults."""
+        """Checks every value's type, range and combination; raises ConfigError naming the flag. Fills in
+        derived defaults (name, absolute storage path). Checks that need the data or the hardware are
+        `check_schedule` and `check_execution`."""
 
         def bad(flag: str, why: str) -> ConfigError:
-            return ConfigError(f"--{flag.replace('_', '-')}: {why}")
+            return ConfigError(f"{_flag(flag)}: {why}", field=flag)
 
+        for f in fields(self):
+            kind, optional = _field_kind(f)
+            if not _has_type(getattr(self, f.name), kind, optional):
+                raise bad(f.name, f"expected {_KIND_NAMES[kind]}{' or none' if optional else ''}, "
+                                  f"got {getattr(self, f.name)!r}")
         if self.dataset not in DATASETS:
             raise bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.image_size not in IMAGE_SIZES:
@@ -119,50 +165,51 @@ class TrainConfig:
             raise bad("channels", f"must be 1 or 3, got {self.channels}")
         for name in ("epochs", "batch_size", "num_workers", "n_critic", "z_dim", "checkpoint_every",
                      "num_to_keep", "log_every", "eval_samples", "collective_timeout_s", "placement_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise bad(name, f"must be a positive integer, got {value!r}")
-        for name in ("max_steps",):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise bad(name, f"must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise bad("max_steps", f"must be a positive integer, got {self.max_steps!r}")
         for name in ("checkpoint_every_steps", "eval_every", "max_rollbacks", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(name, f"must be a non-negative integer, got {value!r}")
-        if self.max_failures is not None and (not isinstance(self.max_failures, int) or self.max_failures < -1):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.seed + self.num_workers > SEED_LIMIT:
+            raise bad("seed", f"must be at most 2**32 - --num-workers = {SEED_LIMIT - self.num_workers} (numpy "
+                              f"seeds each rank with seed + rank), got {self.seed}")
+        if self.max_failures is not None and self.max_failures < -1:
             raise bad("max_failures", f"must be >= -1 (-1 = retry forever), got {self.max_failures!r}")
         for name in ("lr_g", "lr_d"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < 1):
-                raise bad(name, f"must be in (0, 1), got {value!r}")
-        for name in ("beta1", "beta2", "ema_decay", "label_smoothing"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise bad(name, f"must be in [0, 1), got {value!r}")
-        if not (isinstance(self.rollback_lr_factor, (int, float)) and 0 < self.rollback_lr_factor <= 1):
+            if not 0 < getattr(self, name) < 1:
+                raise bad(name, f"must be in (0, 1), got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2", "ema_decay", "label_smoothing", "negative_slope"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.rollback_lr_factor <= 1:
             raise bad("rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor!r}")
-        if not (isinstance(self.negative_slope, (int, float)) and 0 <= self.negative_slope < 1):
-            raise bad("negative_slope", f"must be in [0, 1), got {self.negative_slope!r}")
+        if self.checkpoint_every_minutes < 0:
+            raise bad("checkpoint_every_minutes", f"must be >= 0 (0 = off), got {self.checkpoint_every_minutes!r}")
         if self.batch_size % self.num_workers:
             raise bad("batch_size", f"global batch {self.batch_size} is not divisible by "
                                     f"--num-workers {self.num_workers}")
         if self.batch_size // self.num_workers < 2:
             raise bad("batch_size", "each worker needs at least 2 images for BatchNorm statistics")
-        if self.kernels not in KERNEL_IMPLS:
-            raise bad("kernels", f"unknown {self.kernels!r}; choose one of {', '.join(KERNEL_IMPLS)}")
-        if self.bn not in BN_POLICIES:
-            raise bad("bn", f"unknown {self.bn!r}; choose one of {', '.join(BN_POLICIES)}")
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if not (isinstance(self.checkpoint_every_minutes, (int, float)) and 0 <= self.checkpoint_every_minutes):
-            raise bad("checkpoint_every_minutes", f"must be >= 0, got {self.checkpoint_every_minutes!r}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise bad("nan_policy", f"unknown {self.nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise bad("placement_strategy", f"unknown {self.placement_strategy!r}")
+        if self.eval_every and self.eval_samples < MIN_EVAL_SAMPLES:
+            raise bad("eval_samples", f"FID and KID need at least {MIN_EVAL_SAMPLES} generated images, got "
+                                      f"{self.eval_samples} (or --eval-every 0 to turn evaluation off)")
+        for name, choices in (("kernels", KERNEL_IMPLS), ("bn", BN_POLICIES), ("precision", PRECISIONS),
+                              ("nan_policy", NAN_POLICIES), ("placement_strategy", PLACEMENT_STRATEGIES)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"unknown {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if self.precision == "fp16" and self.use_gpu is False:
+            raise bad("precision", "fp16 is CUDA only (autocast fp16 and its GradScaler), and --no-use-gpu "
+                                   "runs on CPU; use bf16 or fp32")
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise bad("wandb_mode", f"unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
+        for name in ("wandb_project", "wandb_group"):
+            value = getattr(self, name)
+            if value is not None and (not value or len(value) > WANDB_NAME_MAX
+                                      or WANDB_NAME_FORBIDDEN & set(value)):
+                raise bad(name, f"{value!r} must be 1-{WANDB_NAME_MAX} characters without "
+                                f"{' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
         if self.dataset == "mnist5k":
             if self.data_root is not None:
                 raise bad("data_root", "mnist5k is embedded in the package and takes no data root")
@@ -170,28 +217,192 @@ class TrainConfig:
                 raise bad("channels", "mnist5k is grayscale: channels must be 1")
         elif self.data_root is None:
             raise bad("data_root", f"dataset {self.dataset!r} needs --data-root DIR")
+        if self.download and self.dataset not in DOWNLOADABLE:
+            raise bad("download", f"dataset {self.dataset!r} cannot be downloaded (only "
+                                  f"{', '.join(DOWNLOADABLE)})")
         if self.name is None:
             self.name = time.strftime("distgan-%Y%m%d-%H%M%S")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", self.name):
             raise bad("name", f"{self.name!r} must be letters, digits, '.', '_' or '-' (no path separators)")
-        if "://" not in self.storage_path:
-            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
-            parent = Path(self.storage_path)
-            while not parent.exists():
-                parent = parent.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise bad("storage_path", f"{self.storage_path} is not writable")
+        self._validate_storage_path(bad)
         return self
+
+    def _validate_storage_path(self, bad) -> None:
+        if "://" in self.storage_path:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s]+", self.storage_path) \
+                    or self.storage_path.rstrip("/").endswith("://"):
+                raise bad("storage_path", f"{self.storage_path!r} is not a URI like s3://bucket/prefix")
+            return
+        if not Path(self.storage_path).expanduser().is_absolute() and inside_ray_job():
+            # `ray job submit --working-dir .` runs the driver in a temporary copy of the directory: a run
+            # stored there is deleted with it, and the next submission would start again from step 0.
+            raise bad("storage_path", f"{self.storage_path!r} is relative, and inside a Ray job it would resolve "
+                                      f"into the job's temporary working directory ({os.getcwd()}), so a "
+                                      f"resubmission could not resume; pass an absolute path every node can "
+                                      f"reach (NFS) or a URI (s3://bucket/prefix)")
+        self.storage_path = str(Path(self.storage_path).expanduser().resolve())
+        parent = Path(self.storage_path)
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise bad("storage_path", f"{self.storage_path} is not writable")
+
+
+def inside_ray_job(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in the driver of `ray job submit` (Ray's job supervisor sets this variable for it alone)."""
+    return RAY_JOB_CONFIG_ENV in environ
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# -------------------------------------------------------------------- driver checks beyond the values
+
+
+def check_schedule(cfg: TrainConfig, num_images: int) -> int:
+    """Checks the schedule against the training split's size; returns the G steps per epoch."""
+    steps_per_epoch = num_images // cfg.batch_size // cfg.n_critic
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs more images than the "
+                          f"training split has ({num_images})", field="batch_size")
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None and cfg.max_steps > total:
+        # the run would silently stop at the end of --epochs, short of the steps asked for
+        raise ConfigError(f"--max-steps {cfg.max_steps}: --epochs {cfg.epochs} ends the run at step {total} "
+                          f"({steps_per_epoch} steps an epoch); raise --epochs to "
+                          f"{math.ceil(cfg.max_steps / steps_per_epoch)} or lower --max-steps", field="max_steps")
+    return steps_per_epoch
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_execution(cfg: TrainConfig, use_gpu: bool, environ: Mapping[str, str] = os.environ,
+                    triton_installed: Optional[bool] = None) -> None:
+    """Checks what depends on where the workers run: `use_gpu` is what the run will use (the flag, else
+    whether the cluster has GPUs). `environ` is what reaches the workers (the driver's, which inside a Ray
+    job holds the job's runtime env)."""
+    if cfg.precision == "fp16" and not use_gpu:
+        raise ConfigError("--precision: fp16 is CUDA only and this run's workers use CPUs; use bf16 or fp32",
+                          field="precision")
+    if cfg.kernels == "triton":
+        if triton_installed is None:
+            triton_installed = importlib.util.find_spec("triton") is not None
+        if not triton_installed:
+            raise ConfigError("--kernels: triton needs the triton package, which is not installed; use auto or "
+                              "eager", field="kernels")
+        if not use_gpu and not _truthy(environ.get("TRITON_INTERPRET")):
+            raise ConfigError("--kernels: triton on CPU workers needs TRITON_INTERPRET=1 in the environment "
+                              "(the interpreter: slow, for testing); use auto or eager", field="kernels")
+
+
+# -------------------------------------------------------------------- conversions (flags and YAML alike)
+
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_NONE = ("none", "null", "~")
+
+
+def _field_kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """("int" | "float" | "str" | "bool", optional) from the annotation (a string: postponed evaluation)."""
+    t = str(f.type)
+    optional = t.startswith("Optional[")
+    kind = t.removeprefix("Optional[").removesuffix("]") if optional else t
+    if kind not in _KIND_NAMES:
+        raise TypeError(f"TrainConfig.{f.name}: unsupported type {t}")
+    return kind, optional
+
+
+def _has_type(value: Any, kind: str, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str)
+
+
+def convert_value(kind: str, optional: bool, value: Any) -> Any:
+    """A flag's text or a YAML value -> the field's type. Raises ValueError with the reason.
+
+    YAML 1.1 reads `2e-4` as a string and `yes`/`off` as booleans; both go through here, so a file means
+    what the same text typed as a flag means."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"expected {_KIND_NAMES[kind]}, got null")
+    if isinstance(value, str) and optional and kind != "str" and value.strip().lower() in _NONE:
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None  # YAML's 1 is "1" typed
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if isinstance(value, bool):
+        raise ValueError(f"expected {_KIND_NAMES[kind]}, got {str(value).lower()} (YAML reads unquoted yes, no, "
+                         f"on, off as booleans: quote the value)")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected {_KIND_NAMES[kind]}, got {type(value).__name__} {value!r}")
+    if kind == "str":
+        return value if isinstance(value, str) else str(value)
+    try:
+        if kind == "int":
+            if isinstance(value, float):
+                raise ValueError
+            return int(value)
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected {_KIND_NAMES[kind]}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _flag_type(kind: str, optional: bool):
+    def convert(text: str) -> Any:
+        try:
+            return convert_value(kind, optional, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = kind  # argparse names the type in some messages
+    return convert
 
 
 # -------------------------------------------------------------------- CLI
 
-_TYPES = {"int": int, "float": float, "str": str}
+# --help groups, in order; a field in none of them (config, verbose) is listed with the general options
+HELP_GROUPS = (
+    ("data", "what the GAN learns from", ("dataset", "data_root", "download", "image_size", "channels")),
+    ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
+    ("optimisation", "the recipe; configs/seed.yaml holds the seed's", (
+        "lr_g", "lr_d", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope", "ema_decay",
+        "seed")),
+    ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
+    ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
+        "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",
+        "num_to_keep")),
+    ("fault tolerance", "failures, non-finite losses, placement", (
+        "max_failures", "nan_policy", "max_rollbacks", "rollback_lr_factor", "collective_timeout_s",
+        "placement_timeout_s", "placement_strategy")),
+    ("tracking and evaluation", "W&B, metrics.jsonl, sample-quality metrics", (
+        "log_every", "eval_every", "eval_samples", "wandb_project", "wandb_mode", "wandb_group")),
+)
+SHORT_FLAGS = {"verbose": "-v"}
 
 
-def _field_type(f: dataclasses.Field) -> str:
-    t = str(f.type).replace("Optional[", "").rstrip("]")
-    return t
+def default_text(f: dataclasses.Field) -> str:
+    """What a flag's default really is, for --help and the README."""
+    return f.metadata.get("shown", str(f.default))
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -201,53 +412,64 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrors(
-        prog="python -m distgan.train",
-        description="Train the DCGAN with Ray Train + PyTorch DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """One flag per TrainConfig field. Flags not typed are absent from the parsed namespace (SUPPRESS), so
+    parse_args knows what was typed, rather than guessing from values equal to their defaults."""
+    parser = _OneLineErrors(prog="python -m distgan.train", argument_default=argparse.SUPPRESS,
+                            description="Train the DCGAN with Ray Train + PyTorch DDP.")
+    groups = {}
+    for title, description, names in HELP_GROUPS:
+        group = parser.add_argument_group(title, description)
+        groups.update(dict.fromkeys(names, group))
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", " ")
-        kind = _field_type(f)
+        target = groups.get(f.name, parser)
+        flags = [*([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []), _flag(f.name)]
+        help_text = f"{f.metadata.get('help', '')} (default: {default_text(f)})".strip()
+        kind, optional = _field_kind(f)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            target.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=_TYPES[kind], default=f.default, help=help_text,
+            target.add_argument(*flags, dest=f.name, type=_flag_type(kind, optional), help=help_text,
                                 metavar=f.name.upper())
     return parser
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
+    """The file's options, converted like flags; errors name the file and the key."""
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
+        raise ConfigError(f"--config: file not found: {path}", field="config")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})", field="config") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
-    known = {f.name for f in fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
+        raise ConfigError(f"--config: {path} must hold a mapping of option: value", field="config")
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
-        raise ConfigError(f"--config: {path} has unknown option(s): {', '.join(unknown)}")
-    return data
+        raise ConfigError(f"--config: {path} has unknown option(s): {', '.join(unknown)}", field="config")
+    if "config" in data:
+        raise ConfigError(f"--config: {path}: a config file cannot name another (key config)", field="config")
+    out = {}
+    for key, value in data.items():
+        try:
+            out[key] = convert_value(*_field_kind(by_name[key]), value)
+        except ValueError as e:
+            raise ConfigError(f"--config: {path}: {key}: {e}", field="config") from None
+    return out
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
-    """CLI > YAML > dataclass defaults. Raises ConfigError (argparse errors exit 2 by themselves)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    values = vars(args)
-    if args.config:
-        overrides = load_yaml(args.config)
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        for key, value in overrides.items():
-            if values[key] == defaults[key]:  # the command line wins over the file
-                values[key] = value
-    return TrainConfig(**values).validate()
+    """Typed flag > YAML file > dataclass default. Raises ConfigError (argparse errors exit 2 by themselves)."""
+    typed = vars(build_parser().parse_args(argv))
+    from_file = load_yaml(typed["config"]) if typed.get("config") else {}
+    try:
+        return TrainConfig(**{**from_file, **typed}).validate()
+    except ConfigError as e:
+        if e.field in from_file and e.field not in typed:
+            raise ConfigError(f"{e} (set in {typed['config']})", field=e.field) from None
+        raise
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from distgan.config import ConfigError, TrainConfig
+from distgan.config import DOWNLOADABLE, ConfigError, TrainConfig
 
 MNIST5K_PER_CLASS_TEST = 100  # the last 100 digits of each class are held out: 4,000 train / 1,000 test
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# torchvision's ImageFolder reads exactly these (case-insensitive): the driver's check counts what the workers'
+# ImageFolder will find, so a folder of, say, .gif files fails here, by name, and not in a worker.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataError(ConfigError):
@@ -96,33 +98,58 @@ def check_data_root(cfg: TrainConfig) -> None:
         return
     root = Path(cfg.data_root).expanduser()
     if not root.exists():
-        if cfg.download and cfg.dataset != "folder":
+        if cfg.download and cfg.dataset in DOWNLOADABLE:
             return
-        raise DataError(f"--data-root: {root} does not exist")
+        raise DataError(f"--data-root: {root} does not exist{_download_hint(cfg)}")
     if not root.is_dir():
         raise DataError(f"--data-root: {root} is not a directory")
     if not any(root.iterdir()):
-        if cfg.download and cfg.dataset != "folder":
+        if cfg.download and cfg.dataset in DOWNLOADABLE:
             return
-        raise DataError(f"--data-root: {root} is empty")
+        raise DataError(f"--data-root: {root} is empty{_download_hint(cfg)}")
     if cfg.dataset == "folder":
         verify_image_folder(root)
     else:
         build_dataset(cfg, "train")  # torchvision checks its files; errors are re-raised naming the root
 
 
+def _download_hint(cfg: TrainConfig) -> str:
+    """Only for datasets torchvision can fetch, and only when --download is not already on."""
+    if cfg.dataset in DOWNLOADABLE and not cfg.download:
+        return " (pass --download to fetch it, if this machine is online)"
+    return ""
+
+
+def _images_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def verify_image_folder(root: Path) -> int:
-    """Opens every image under root/<class>/; a file PIL cannot decode is reported by its path."""
+    """Opens every image under root/<class>/ (what ImageFolder will read); a file PIL cannot decode is reported
+    by its path. Returns the number of images."""
     from PIL import Image, UnidentifiedImageError
 
     classes = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    looked_for = f"looked for {', '.join(IMAGE_SUFFIXES)}"
     if not classes:
-        raise DataError(f"--data-root: {root} has no class subfolders (expected {root}/<class>/<image>)")
-    count = 0
+        loose = len(_images_under(root))
+        raise DataError(f"--data-root: found {loose} images directly in {root} and no class subfolders; "
+                        f"expected {root}/<class>/<image>")
+    images = {cls: _images_under(cls) for cls in classes}
+    count = sum(len(paths) for paths in images.values())
+    if count == 0:
+        others = [p for cls in classes for p in cls.rglob("*") if p.is_file()]
+        seen = f"; the {len(others)} other files, e.g. {others[0].relative_to(root)}, are not images" if others else ""
+        raise DataError(f"--data-root: found 0 images in {root}'s {len(classes)} class subfolders ({looked_for}"
+                        f"{seen})")
+    empty = [cls.name for cls in classes if not images[cls]]
+    if empty:  # ImageFolder refuses a class without images
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise DataError(f"--data-root: found {count} images in {len(classes) - len(empty)} of {len(classes)} class "
+                        f"subfolders of {root}; {len(empty)} hold none ({shown}); every class subfolder needs "
+                        f"an image ({looked_for})")
     for cls in classes:
-        for path in sorted(cls.rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+        for path in images[cls]:
             try:
                 with Image.open(path) as im:
                     im.verify()
@@ -130,9 +157,6 @@ def verify_image_folder(root: Path) -> int:
                     im.load()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 raise DataError(f"--data-root: cannot read image {path}: {e}") from None
-            count += 1
-    if count == 0:
-        raise DataError(f"--data-root: {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return count
 
 
@@ -157,6 +181,7 @@ def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
         if cfg.dataset == "folder":
             return datasets.ImageFolder(root, transform=tf)
     except (RuntimeError, OSError, FileNotFoundError) as e:
-        hint = "" if cfg.download else " (pass --download to fetch it, if this machine is online)"
-        raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {e}{hint}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {first}{_download_hint(cfg)}") \
+            from None
     raise DataError(f"--dataset: unknown dataset {cfg.dataset!r}")

@@ -10,11 +10,20 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Optional
 
-from distgan.checkpoint import pop_stop_reason
-from distgan.config import ConfigError, TrainConfig, parse_args
+from distgan.config import (
+    MAX_FAILURES_CLUSTER,
+    MAX_FAILURES_LOCAL,
+    RAY_JOB_CONFIG_ENV,
+    ConfigError,
+    TrainConfig,
+    check_execution,
+    check_schedule,
+    config_from_dict,
+    parse_args,
+)
 
 # Forwarded to the workers through the train-loop config (not the job's runtime env, which the dashboard
 # shows): W&B settings that are not secrets, and the test hooks. WANDB_API_KEY is never forwarded.
@@ -33,10 +42,34 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k != "WANDB_API_KEY"}
 
 
+def job_runtime_env(environ: Mapping[str, str] = os.environ) -> Optional[dict[str, Any]]:
+    """The runtime env of the `ray job submit` this driver runs in, or None outside a job."""
+    raw = environ.get(RAY_JOB_CONFIG_ENV)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def driver_runtime_env(environ: Mapping[str, str] = os.environ) -> Optional[dict[str, Any]]:
+    """What the driver adds to the workers' runtime env: RUNTIME_ENV_VARS from its environment, except those
+    the job's runtime env already sets. Ray refuses to merge a ray.init runtime env that repeats a key of the
+    job's (and the job's reaches the workers anyway; the driver's environment holds the same values)."""
+    job_vars = (job_runtime_env(environ) or {}).get("env_vars") or {}
+    env_vars = {k: environ[k] for k in RUNTIME_ENV_VARS if k in environ and k not in job_vars}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def default_max_failures(environ: Mapping[str, str] = os.environ) -> int:
+    return MAX_FAILURES_CLUSTER if environ.get("RAY_ADDRESS") else MAX_FAILURES_LOCAL
+
+
 def connect_ray(cfg: TrainConfig):
     import ray
 
-    runtime_env = {"env_vars": {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}}
+    runtime_env = driver_runtime_env()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -70,9 +103,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
 
     from distgan.loop import train_loop_per_worker
 
-    # On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local
-    # run's failures are bugs or bad input, and retrying them only delays the error.
-    max_failures = cfg.max_failures if cfg.max_failures is not None else (2 if os.environ.get("RAY_ADDRESS") else 0)
+    max_failures = cfg.max_failures if cfg.max_failures is not None else default_max_failures()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": _forwarded_env(), "score_fid": score_fid},
@@ -91,27 +122,83 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
     )
 
 
+def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
+    """Refuses a resubmission whose flags would change what the run's newest checkpoint means: the model's
+    shape at any position; the data position's meaning (seed, batch, D steps, workers) mid-epoch. At an
+    epoch boundary there is no position to misread, so those may change there."""
+    from distgan.checkpoint import MODEL_FIELDS, POSITION_FIELDS
+
+    if found is None:
+        return
+    where, state = found
+    saved = config_from_dict(state["config"])
+    for key in MODEL_FIELDS:  # what the workers' check_compatible compares, by effective value
+        before, now = (saved.image_channels, cfg.image_channels) if key == "channels" else \
+            (getattr(saved, key), getattr(cfg, key))
+        if before != now:
+            raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed with {key}={before!r} "
+                              f"({where}); this run has {now!r}, which changes the model; resubmit with "
+                              f"{before!r} or use a new --name", field=key)
+    batch_in_epoch = state.get("batch_in_epoch", 0)
+    if not batch_in_epoch:
+        return
+    for key in POSITION_FIELDS:
+        before = state.get("world_size", saved.num_workers) if key == "num_workers" else getattr(saved, key)
+        now = getattr(cfg, key)
+        if before != now:
+            raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed mid-epoch (epoch "
+                              f"{state.get('epoch')}, batch {batch_in_epoch}) with {key}={before!r}; this run has "
+                              f"{now!r}, which changes what that data position means; resubmit with {before!r}, "
+                              f"or use a new --name", field=key)
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_path(cfg: TrainConfig, *names: str) -> str:
+    """A path under the run directory as the user names it: an s3:// storage path keeps its scheme (Ray's
+    result paths drop it), and a URI's ?query stays at the end."""
+    if "://" not in cfg.storage_path:
+        return str(Path(cfg.storage_path, cfg.name, *names))
+    base, sep, query = cfg.storage_path.partition("?")
+    return "/".join([base.rstrip("/"), cfg.name, *names]) + sep + query
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems."""
+    """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems.
+
+    Everything the driver can check is checked before Ray starts: values (parse_args), the data and the
+    schedule, the run's newest checkpoint against these flags, and, for a local run, the hardware."""
+    # torch is imported from here on, not before: a bad flag is reported in a second
+    from distgan.checkpoint import newest_checkpoint_state, pop_stop_reason
     from distgan.data import build_dataset, check_data_root
 
     check_data_root(cfg)
-    num_images = len(build_dataset(cfg, "train"))
-    if num_images // cfg.batch_size < cfg.n_critic:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs more images than the "
-                          f"training split has ({num_images})")
+    check_schedule(cfg, len(build_dataset(cfg, "train")))
+    found = newest_checkpoint_state(cfg.storage_path, cfg.name)
+    check_resume(cfg, found)
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:  # a local run's cluster is this machine
+        gpus = local_gpu_count()
+        if cfg.use_gpu and gpus == 0:
+            raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
+                              "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
+        check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
     from distgan.metrics import metrics_supported
 
     t_submit = time.perf_counter()
     ray = connect_ray(cfg)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    if joining:  # the cluster's GPUs are known only now; still before any worker starts
+        check_execution(cfg, use_gpu)
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         print("note: --use-gpu and the cluster has no GPU yet; waiting for the autoscaler", flush=True)
     wait_for_placement(cfg, use_gpu)
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
     trainer = build_trainer(cfg, use_gpu, score_fid)
-    resumed = (Path(cfg.run_dir) / "checkpoint_manager_snapshot.json").exists() if "://" not in cfg.storage_path \
-        else None
     pop_stop_reason(cfg.storage_path, cfg.name)  # a note left by an earlier submission is stale now
     result = trainer.fit()
     wall = time.perf_counter() - t_submit
@@ -122,13 +209,13 @@ def run(cfg: TrainConfig) -> dict:
         if finite:
             best = min(finite, key=lambda cm: cm[1]["fid"])
     summary = {
-        "run_dir": result.path,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "best_checkpoint": best[0].path if best else None,
+        "run_dir": run_path(cfg),
+        "checkpoint": run_path(cfg, PurePosixPath(result.checkpoint.path).name) if result.checkpoint else None,
+        "best_checkpoint": run_path(cfg, PurePosixPath(best[0].path).name) if best else None,
         "best_fid": best[1]["fid"] if best else None,
-        "samples": str(Path(result.path) / "samples"),
-        "metrics_jsonl": str(Path(result.path) / "metrics.jsonl"),
-        "resumed": resumed,
+        "samples": run_path(cfg, "samples"),
+        "metrics_jsonl": run_path(cfg, "metrics.jsonl"),
+        "resumed": found is not None,
         "wall_time_s": round(wall, 1),
         "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "num_workers": cfg.num_workers,

@@ -86,3 +86,58 @@ def test_a_malformed_image_in_a_folder_dataset_is_reported_by_path(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(DataError, match="broken.png"):
         check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path)).validate())
+
+
+def _save(path, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((*size, 3), np.uint8) + 9).save(path)
+
+
+def test_a_folder_without_readable_images_says_how_many_were_found_where_and_no_download_hint(tmp_path):
+    for cls in ("cats", "dogs", "birds"):
+        _save(tmp_path / cls / "a.gif")  # PIL opens GIFs, torchvision's ImageFolder does not read them
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path)).validate()
+    with pytest.raises(DataError) as e:
+        check_data_root(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"--data-root: found 0 images in {tmp_path}'s 3 class subfolders (looked for .jpg")
+    assert "a.gif" in msg and "--download" not in msg and "\n" not in msg
+    with pytest.raises(DataError) as e:  # the worker-side loader's error carries no download hint either
+        build_dataset(cfg)
+    assert "--download" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_class_folder_without_images_is_named(tmp_path):
+    _save(tmp_path / "cats" / "a.png")
+    _save(tmp_path / "dogs" / "b.JPG")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"found 2 images in 2 of 3 class subfolders of .*; 1 hold none \(empty\)"):
+        check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path)).validate())
+
+
+def test_images_without_class_folders_are_counted(tmp_path):
+    _save(tmp_path / "a.png")
+    _save(tmp_path / "b.png")
+    with pytest.raises(DataError, match=f"found 2 images directly in {tmp_path} and no class subfolders"):
+        check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path)).validate())
+
+
+def test_the_folder_check_counts_what_image_folder_reads(tmp_path):
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from distgan.data import IMAGE_SUFFIXES, verify_image_folder
+
+    assert set(IMAGE_SUFFIXES) == set(IMG_EXTENSIONS)
+    _save(tmp_path / "a" / "x.png")
+    _save(tmp_path / "a" / "deep" / "y.webp")
+    _save(tmp_path / "b" / "z.jpeg")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path)).validate()
+    assert verify_image_folder(tmp_path) == len(build_dataset(cfg)) == 3
+
+
+def test_the_download_hint_is_only_for_datasets_that_can_be_downloaded(tmp_path):
+    with pytest.raises(DataError, match="pass --download"):
+        check_data_root(TrainConfig(dataset="cifar10", data_root=str(tmp_path / "nope")).validate())
+    with pytest.raises(DataError) as e:
+        check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path / "nope")).validate())
+    assert "--download" not in str(e.value)

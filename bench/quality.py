@@ -4,8 +4,10 @@ as a distgan run, scored with the same quality metrics, so the two can be compar
     python bench/quality.py --run runs/<name>            # the budget and the distgan figures come from that run
     python bench/quality.py --steps 1240 --batch-size 64  # or give the budget directly
 
-Writes bench/results/quality.json and prints a table. The plain loop uses every core this process is
-given (torch's default threads); the comparison is of sample quality at equal steps, not of speed.
+Writes a new bench/results/runs/quality-<YYYYmmdd-HHMMSS>.json (git-ignored), or exactly --output PATH (the
+committed bench/results/quality.json is refreshed only by naming it), and prints a table. The plain loop
+uses every core this process is given (torch's default threads); the comparison is of sample
+quality at equal steps, not of speed.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from distgan.config import TrainConfig
-from distgan.data import build_dataset
-from distgan.metrics import QualityEvaluator, reference_images
-from distgan.models import build_models
-from distgan.step import gan_step, make_optimizers
+from _results import add_output_args, write_result  # noqa: E402
+
+from distgan.config import TrainConfig  # noqa: E402
+from distgan.data import build_dataset  # noqa: E402
+from distgan.metrics import QualityEvaluator, reference_images  # noqa: E402
+from distgan.models import build_models  # noqa: E402
+from distgan.step import gan_step, make_optimizers  # noqa: E402
 
 QUALITY = ("fid", "kid", "classifier_score", "coverage", "diversity")
 
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    add_output_args(p, "quality")
     args = p.parse_args(argv)
     distgan = last_evaluation(args.run) if args.run else None
     steps = args.steps or (distgan or {}).get("steps")
@@ -83,11 +87,9 @@ def main(argv=None) -> int:
     print(f"{'recipe':28s} {'steps':>6s} " + " ".join(f"{k:>16s}" for k in QUALITY))
     for label, m in rows:
         print(f"{label:28s} {m['steps']:6d} " + " ".join(f"{m.get(k, float('nan')):16.4f}" for k in QUALITY))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,
-                                    "plain_eager_no_ema": plain, "distgan": distgan,
-                                    "distgan_run": str(args.run) if args.run else None}, indent=2))
-    print(f"wrote {args.out}")
+    result = {"machine": platform.platform(), "torch": torch.__version__, "plain_eager_no_ema": plain,
+              "distgan": distgan, "distgan_run": str(args.run) if args.run else None}
+    print(f"wrote {write_result(result, None, args.name or 'quality', args.output, args.out)}")
     return 0
 
 

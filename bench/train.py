@@ -1,37 +1,43 @@
 #!/usr/bin/env python
-"""End-to-end training throughput: what Ray Train and DDP cost, measured side by side in one run.
+"""End-to-end training throughput: what Ray Train, DDP and bf16 cost or gain, measured side by side in one run.
 
-    python bench/train.py [--quick | --smoke] [--workers 1 2] [--out bench/results]
+    python bench/train.py [--quick | --gpu-check | --smoke] [--workers N ...] [--precisions fp32 bf16]
+                          [--output PATH.json]
 
 Configurations, all on the same model (distgan's DCGAN at 28x28), the same global batch, the same data
-(mnist5k), the same alternating GAN step (distgan.step.gan_step), eager and fused kernels where they
-can run:
+(mnist5k), the same alternating GAN step (distgan.step.gan_step):
 
-    plain     one process, no Ray, no DDP: DataLoader -> gan_step -> one host sync per step (the
-              seed's recipe, with distgan's model and step).
-    ray xN    `python -m distgan.train --num-workers N`, as a user runs it on one machine: a fresh local
-              Ray cluster, a TorchTrainer with N DDP workers (gloo on CPU, NCCL on GPU). EMA, evaluation
-              and W&B are off and every step is logged, so both sides do the same work per step.
+    plain     one process, no Ray, no DDP: DataLoader -> gan_step -> one host sync per step (the seed's
+              recipe, with distgan's model and step). On CPU it gets as many threads as the largest
+              distgan run has workers, so both sides use the same cores. bf16: torch.autocast around both
+              GAN phases' forwards, the logits cast back to fp32, so the BCE losses run in fp32.
+    ray xN    `python -m distgan.train --num-workers N --precision P`, as a user runs it on one machine: a
+              fresh local Ray cluster, a TorchTrainer with N DDP workers (gloo on CPU, NCCL on GPU). EMA,
+              evaluation and W&B are off and every step is logged, so both sides do the same work per step.
 
-Each configuration is its own process, started the same way, so "submit -> first step" (process start to
-the end of step 1: imports, Ray start-up, worker group, data, model) compares like with like. On CPU the
-plain process gets OMP_NUM_THREADS=1, the setting Ray gives each 1-CPU worker.
+Defaults: on CPU, plain vs distgan with 2 workers, fp32 and bf16, eager kernels (Triton only runs under its
+interpreter there: n/a); on a GPU, plain vs distgan with 1 GPU worker, eager and Triton kernels, fp32 and
+bf16. Each configuration is its own process, started the same way, so "submit -> first step" (process start
+to the end of step 1) compares like with like.
 
-Images/s is measured over steady-state steps only (the first --warmup steps are excluded): from the
-wall-clock stamps of the rank-0 metrics.jsonl rows (one per step) for the Ray runs, and around the same
-steps in the plain process. Configurations run --repeats times, interleaved (plain, ray x1, ray x2,
-plain, ...) so that load from other processes falls on all of them alike; reported are medians, the
-spread, ratios to the plain loop, and the load average before each run.
+Images/s is measured over steady-state steps only (the first warm-up steps are excluded): from the wall-clock
+stamps of the rank-0 metrics.jsonl rows (one per step) for the Ray runs, and around the same steps in the
+plain process. Configurations run --repeats times, interleaved (plain fp32, ray fp32, plain bf16, ray bf16,
+plain fp32, ...) so that load from other processes falls on all of them alike; reported are medians, the
+spread, the ratios distgan bf16 / distgan fp32 and distgan (default precision) / plain fp32, and the load
+average before each run.
+
+Writes a new bench/results/runs/train-<cpu|gpu>[-<preset>]-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored), or
+exactly --output PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,14 +47,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import torch
+import torch  # noqa: E402
+from _results import add_output_args, write_result  # noqa: E402
+
+from distgan import provenance  # noqa: E402
 
 GPU = torch.cuda.is_available()
+PRECISIONS = ("fp32", "bf16")
+CONFIG_NAMES = {"plain": "plain loop (no Ray)", "ray": "distgan (Ray Train + DDP)"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preset:
     warmup: int  # steps excluded from the throughput (allocator, autograd, DDP bucket set-up)
     steps: int  # steady-state steps measured
@@ -59,9 +70,20 @@ class Preset:
 PRESETS = {
     "full": Preset(warmup=10, steps=50, repeats=5, batch_size=64),
     "quick": Preset(warmup=10, steps=30, repeats=3, batch_size=64),
+    # bench/gpu_check.sh: one repeat; on a GPU a step takes milliseconds, Ray's start-up dominates.
+    "gpu-check": Preset(warmup=10, steps=40, repeats=1, batch_size=64),
     "smoke": Preset(warmup=2, steps=3, repeats=1, batch_size=16),
 }
-CONFIG_NAMES = {"plain": "plain loop (no Ray)", "ray": "distgan (Ray Train + DDP)"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One configuration to measure."""
+
+    config: str  # "plain" | "ray"
+    workers: int
+    kernels: str
+    precision: str
 
 
 def fused_unavailable() -> str | None:
@@ -74,6 +96,20 @@ def fused_unavailable() -> str | None:
         "n/a on CPU: Triton runs only under its interpreter here (~10 ms per program, minutes per "
         "step), which measures nothing about the kernels"
     )
+
+
+def default_precision() -> str:
+    """What distgan's `--precision auto` (the default) runs here: distgan's own resolver when it has one,
+    else its documented rule (bf16 where the hardware runs it fast: a GPU with bf16 support; else fp32)."""
+    from distgan import config
+
+    resolve = getattr(config, "resolve_precision", None)
+    if resolve is not None:
+        try:
+            return resolve("auto", "cuda" if GPU else "cpu")
+        except Exception:  # noqa: BLE001 - a resolver of another signature: fall back to the rule
+            pass
+    return "bf16" if GPU and torch.cuda.is_bf16_supported() else "fp32"
 
 
 # Set by main(): a private Ray temp dir. Without RAY_ADDRESS, ray.init() joins any cluster `ray start`
@@ -95,34 +131,56 @@ def _child_env(**extra) -> dict:
 # plain loop: `python bench/train.py --plain-child ...` prints one JSON line
 
 
-def plain_child(args) -> None:
-    """The plain loop itself, in its own process; prints its timings as one JSON line."""
+class Autocast(torch.nn.Module):
+    """Runs the wrapped module's forward under torch.autocast and returns fp32, so what follows (the BCE
+    losses) runs in fp32. The inner module is not called `module`: gan_step unwraps `.module` (DDP's) for
+    the G phase, which would skip the autocast there."""
+
+    def __init__(self, inner: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+    def forward(self, x):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.inner(x)
+        return out.float()
+
+
+def plain_setup(args, device):
+    """(g, d, opt_g, opt_d, loader, sample_z, cfg) for the plain loop, initialised as the trainer does."""
     from torch.utils.data import DataLoader
 
     from distgan.config import TrainConfig
     from distgan.data import build_dataset
     from distgan.models import build_models
-    from distgan.step import gan_step, make_optimizers
+    from distgan.step import make_optimizers
 
-    device = torch.device("cuda" if GPU else "cpu")
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=1, kernels=args.kernels, seed=args.seed)
     torch.manual_seed(cfg.seed)  # the trainer's init: same seed, same weights
     g, d = build_models(cfg)
     g.to(device)
     d.to(device)
     opt_g, opt_d = make_optimizers(g, d, cfg)
-    loader = DataLoader(
-        build_dataset(cfg, "train"),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    if args.precision == "bf16":
+        g, d = (Autocast(m, device.type, torch.bfloat16) for m in (g, d))
+    loader = DataLoader(build_dataset(cfg, "train"), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     noise = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
 
     def sample_z(n):
         return torch.randn(n, cfg.z_dim, device=device, generator=noise)
 
+    return g, d, opt_g, opt_d, loader, sample_z, cfg
+
+
+def plain_child(args) -> dict:
+    """The plain loop itself, in its own process; returns (and prints as one JSON line) its timings."""
+    from distgan.step import gan_step
+
+    device = torch.device("cuda" if GPU else "cpu")
+    if not GPU:
+        torch.set_num_threads(args.threads)
+    g, d, opt_g, opt_d, loader, sample_z, cfg = plain_setup(args, device)
     batches = iter(loader)
     first_step = t0 = None
     for step in range(args.warmup + args.steps):
@@ -134,113 +192,66 @@ def plain_child(args) -> None:
             batches = iter(loader)
             real = next(batches)[0]
         out = gan_step(g, d, opt_g, opt_d, [real.to(device, non_blocking=True)], sample_z, 1.0, cfg.kernels)
-        float(out["loss_d"])  # one host sync per step, as the trainer's per-step all-reduce makes
+        loss = float(out["loss_d"])  # one host sync per step, as the trainer's per-step all-reduce makes
         if first_step is None:
             first_step = time.time()
     elapsed = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "first_step_time": first_step,
-                "steady_s": elapsed,
-                "threads": torch.get_num_threads(),
-                "images_per_s": args.steps * args.batch_size / elapsed,
-            }
-        )
-    )
+    result = {"first_step_time": first_step, "steady_s": elapsed, "threads": torch.get_num_threads(),
+              "images_per_s": args.steps * args.batch_size / elapsed, "last_loss_d": loss}
+    print(json.dumps(result))
+    return result
 
 
-def plain_run(preset: Preset, kernels_impl: str, seed: int) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--plain-child",
-        "--kernels",
-        kernels_impl,
-        "--batch-size",
-        str(preset.batch_size),
-        "--warmup",
-        str(preset.warmup),
-        "--steps",
-        str(preset.steps),
-        "--seed",
-        str(seed),
-    ]
-    # Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the plain process gets the same on CPU.
-    env = _child_env(**({} if GPU else {"OMP_NUM_THREADS": "1"}))
+def plain_run(preset: Preset, spec: Spec, threads: int, seed: int = 0, timeout: float = 900) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-child", "--kernels", spec.kernels,
+           "--precision", spec.precision, "--threads", str(threads), "--batch-size", str(preset.batch_size),
+           "--warmup", str(preset.warmup), "--steps", str(preset.steps), "--seed", str(seed)]
+    env = _child_env(**({} if GPU else {"OMP_NUM_THREADS": str(threads)}))
     t_submit = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"plain loop failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
-        "images_per_s": out["images_per_s"],
-        "first_step_s": out["first_step_time"] - t_submit,
-        "steady_s": out["steady_s"],
-        "threads": out["threads"],
-        "wall_s": time.time() - t_submit,
-    }
+    return {"images_per_s": out["images_per_s"], "first_step_s": out["first_step_time"] - t_submit,
+            "steady_s": out["steady_s"], "threads": out["threads"], "wall_s": time.time() - t_submit}
 
 
 # ---------------------------------------------------------------------------------------------------
 # distgan through Ray Train
 
 
-def ray_run(preset: Preset, workers: int, kernels_impl: str, storage: Path, name: str) -> dict:
-    """`python -m distgan.train` in a subprocess, like a user; throughput from its metrics.jsonl."""
+def ray_command(preset: Preset, spec: Spec, storage: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "distgan.train", "--num-workers", str(spec.workers),
+            "--batch-size", str(preset.batch_size), "--epochs", "1", "--max-steps", str(preset.warmup + preset.steps),
+            "--storage-path", str(storage), "--name", name, "--kernels", spec.kernels, "--precision", spec.precision,
+            "--eval-every", "0", "--log-every", "1", "--ema-decay", "0", "--wandb-mode", "disabled"]
+
+
+def throughput_from_metrics(path: Path, preset: Preset, t_submit: float) -> dict:
+    """images/s over the steady-state steps, from the step rows' wall-clock stamps in metrics.jsonl."""
     total = preset.warmup + preset.steps
-    cmd = [
-        sys.executable,
-        "-m",
-        "distgan.train",
-        "--num-workers",
-        str(workers),
-        "--batch-size",
-        str(preset.batch_size),
-        "--epochs",
-        "1",
-        "--max-steps",
-        str(total),
-        "--storage-path",
-        str(storage),
-        "--name",
-        name,
-        "--kernels",
-        kernels_impl,
-        "--eval-every",
-        "0",
-        "--log-every",
-        "1",
-        "--ema-decay",
-        "0",
-        "--wandb-mode",
-        "disabled",
-    ]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = {r["step"]: r for r in rows if r.get("kind") == "step"}
+    start = next((r for r in rows if r.get("kind") == "start"), None)
+    if preset.warmup not in steps or total not in steps or 1 not in steps:
+        raise RuntimeError(f"{path}: lacks the step rows 1, {preset.warmup}, {total} (has {sorted(steps)})")
+    # A step row is stamped after its step: steps warmup+1 .. total lie between these two stamps.
+    elapsed = steps[total]["time"] - steps[preset.warmup]["time"]
+    return {"images_per_s": preset.steps * preset.batch_size / elapsed, "first_step_s": steps[1]["time"] - t_submit,
+            "worker_start_s": (start["time"] - t_submit) if start else None, "steady_s": elapsed}
+
+
+def ray_run(preset: Preset, spec: Spec, storage: Path, name: str, timeout: float = 900) -> dict:
+    """`python -m distgan.train` in a subprocess, like a user; throughput from its metrics.jsonl."""
+    cmd = ray_command(preset, spec, storage, name)
     t_submit = time.time()
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=900, check=False
-    )
+    proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=timeout,
+                          check=False)
     wall = time.time() - t_submit
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(cmd[2:])} failed (rc={proc.returncode}):\n{tail}")
-    lines = (storage / name / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
-    steps = {r["step"]: r for r in rows if r.get("kind") == "step"}
-    start = next((r for r in rows if r.get("kind") == "start"), None)
-    if preset.warmup not in steps or total not in steps or 1 not in steps:
-        raise RuntimeError(
-            f"{name}: metrics.jsonl lacks the step rows 1, {preset.warmup}, {total} (has {sorted(steps)})"
-        )
-    # A step row is stamped after its step: steps warmup+1 .. total lie between these two stamps.
-    elapsed = steps[total]["time"] - steps[preset.warmup]["time"]
-    return {
-        "images_per_s": preset.steps * preset.batch_size / elapsed,
-        "first_step_s": steps[1]["time"] - t_submit,
-        "worker_start_s": (start["time"] - t_submit) if start else None,
-        "steady_s": elapsed,
-        "wall_s": wall,
-    }
+    return {**throughput_from_metrics(storage / name / "metrics.jsonl", preset, t_submit), "wall_s": wall}
 
 
 def _wait_for_ray_exit(timeout_s: float = 60.0) -> float:
@@ -267,127 +278,84 @@ def _wait_for_ray_exit(timeout_s: float = 60.0) -> float:
 # Results
 
 
-def _machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.machine(),
-        "gpu": torch.cuda.get_device_name() if GPU else None,
-        "gpu_count": torch.cuda.device_count() if GPU else 0,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["processor"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
+def _median_by(runs: list[dict]) -> dict[Spec, float]:
+    groups: dict[Spec, list[float]] = {}
+    for r in runs:
+        groups.setdefault(Spec(r["config"], r["workers"], r["kernels"], r["precision"]), []).append(r["images_per_s"])
+    return {k: statistics.median(v) for k, v in groups.items()}
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("ray", "triton"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
+def _figure(common: dict, metric: str, value, unit: str, samples, method: str) -> dict:
+    return {**common, "metric": metric, "value": value, "unit": unit, "samples": samples, "method": method}
 
 
-def _git() -> dict:
-    def git(*args):
-        p = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-        return p.stdout.strip() if p.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench", "distgan")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
-
-
-def _loadavg() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def spec_records(spec: Spec, rs: list[dict], medians: dict, preset: Preset) -> tuple[list[dict], dict]:
+    """One configuration's records (images/s, start-up, ratios) and its table row."""
+    ips, firsts = [x["images_per_s"] for x in rs], [x["first_step_s"] for x in rs]
+    med = statistics.median(ips)
+    plain = medians.get(Spec("plain", 1, spec.kernels, "fp32"))
+    fp32 = medians.get(dataclasses.replace(spec, precision="fp32")) if spec.precision != "fp32" else None
+    common = {"op": "gan_step", "config": spec.config, "workers": spec.workers, "kernels": spec.kernels,
+              "precision": spec.precision, "batch_size": preset.batch_size, "shape": [preset.batch_size, 1, 28, 28],
+              "dtype": spec.precision, "mode": "full", "provider": spec.kernels, "source": "measured",
+              "repeats": len(rs)}
+    steady = f"global images over {preset.steps} steady-state steps after {preset.warmup} warm-up steps"
+    records = [
+        _figure(common, "images_per_s", med, "images/s", ips, f"{steady}; median of {len(rs)} runs"),
+        _figure(common, "submit_to_first_step_s", statistics.median(firsts), "s", firsts,
+                "process start to the end of step 1 (wall clock); median"),
+    ]
+    if plain:
+        records.append(_figure(common, "ratio_vs_plain", med / plain, "x", [x / plain for x in ips],
+                               "median images/s over the plain fp32 loop's median images/s (same kernels)"))
+    if fp32:
+        records.append(_figure(common, "ratio_vs_fp32", med / fp32, "x", [x / fp32 for x in ips],
+                               "median images/s over the same configuration's fp32 median"))
+    row = {"config": spec.config, "workers": spec.workers, "kernels": spec.kernels, "precision": spec.precision,
+           "median": med, "lo": min(ips), "hi": max(ips), "ratio": med / plain if plain else None,
+           "ratio_fp32": med / fp32 if fp32 else None, "first": statistics.median(firsts), "n": len(rs)}
+    return records, row
 
 
 def summarise(runs: list[dict], preset: Preset) -> tuple[list[dict], list[dict]]:
     """Per-configuration medians and ratios, as records (one per figure) and as table rows."""
-    configs: dict[tuple, list[dict]] = {}
+    groups: dict[Spec, list[dict]] = {}
     for r in runs:
-        configs.setdefault((r["config"], r["workers"], r["kernels"]), []).append(r)
-    plain = {
-        k: statistics.median(x["images_per_s"] for x in v) for (c, _, k), v in configs.items() if c == "plain"
-    }
+        groups.setdefault(Spec(r["config"], r["workers"], r["kernels"], r["precision"]), []).append(r)
+    medians = _median_by(runs)
     records, rows = [], []
-    for (config, workers, impl), rs in configs.items():
-        ips = [x["images_per_s"] for x in rs]
-        firsts = [x["first_step_s"] for x in rs]
-        med = statistics.median(ips)
-        base = plain.get(impl)
-        common = {
-            "op": "gan_step",
-            "config": config,
-            "workers": workers,
-            "kernels": impl,
-            "batch_size": preset.batch_size,
-            "shape": [preset.batch_size, 1, 28, 28],
-            "dtype": "fp32",
-            "mode": "full",
-            "provider": impl,
-            "source": "measured",
-            "repeats": len(rs),
-        }
-        records.append(
-            {
-                **common,
-                "metric": "images_per_s",
-                "value": med,
-                "unit": "images/s",
-                "samples": ips,
-                "method": (
-                    f"global images over {preset.steps} steady-state steps after {preset.warmup} "
-                    f"warm-up steps; median of {len(rs)} runs"
-                ),
-            }
-        )
-        records.append(
-            {
-                **common,
-                "metric": "submit_to_first_step_s",
-                "value": statistics.median(firsts),
-                "unit": "s",
-                "samples": firsts,
-                "method": "process start to the end of step 1 (wall clock); median",
-            }
-        )
-        if base:
-            records.append(
-                {
-                    **common,
-                    "metric": "ratio_vs_plain",
-                    "value": med / base,
-                    "unit": "x",
-                    "samples": [x / base for x in ips],
-                    "method": "median images/s over the plain loop's median images/s (same kernels)",
-                }
-            )
-        rows.append(
-            {
-                "config": config,
-                "workers": workers,
-                "kernels": impl,
-                "median": med,
-                "lo": min(ips),
-                "hi": max(ips),
-                "ratio": med / base if base else None,
-                "first": statistics.median(firsts),
-                "n": len(rs),
-            }
-        )
+    for spec, rs in groups.items():
+        recs, row = spec_records(spec, rs, medians, preset)
+        records += recs
+        rows.append(row)
     return records, rows
 
 
-def render_markdown(result) -> str:
+def headline(rows: list[dict], default: str) -> dict:
+    """The two ratios the table leads with, per kernel path: distgan bf16 / distgan fp32 and distgan at its
+    default precision / plain fp32 (at the largest worker count measured)."""
+    out = {}
+    for impl in dict.fromkeys(r["kernels"] for r in rows):
+        ray = [r for r in rows if r["config"] == "ray" and r["kernels"] == impl]
+        if not ray:
+            continue
+        n = max(r["workers"] for r in ray)
+        by = {r["precision"]: r for r in ray if r["workers"] == n}
+        plain = next((r for r in rows if r["config"] == "plain" and r["kernels"] == impl
+                      and r["precision"] == "fp32"), None)
+        out[impl] = {
+            "workers": n,
+            "distgan_bf16_over_fp32": by["bf16"]["median"] / by["fp32"]["median"] if {"bf16", "fp32"} <= by.keys()
+            else None,
+            "default_precision": default,
+            "distgan_default_over_plain_fp32": by[default]["median"] / plain["median"] if default in by and plain
+            else None,
+        }
+    return out
+
+
+def _markdown_header(result) -> list[str]:
     m, p = result["machine"], result["preset_values"]
-    loads = [r["loadavg"] for r in result["runs"] if r.get("loadavg") is not None]
     lines = [
         f"# Training throughput ({result['preset']}, {'GPU: ' + m['gpu'] if m['gpu'] else 'CPU only'})",
         "",
@@ -402,50 +370,61 @@ def render_markdown(result) -> str:
             "**measured**."
         ),
         (
-            "- distgan runs: `python -m distgan.train --num-workers N --batch-size "
+            "- distgan runs: `python -m distgan.train --num-workers N --precision P --batch-size "
             f"{p['batch_size']} --eval-every 0 --ema-decay 0 --log-every 1 --wandb-mode disabled`, a fresh "
-            "local Ray cluster each."
+            "local Ray cluster each. Plain bf16: torch.autocast around both GAN phases' forwards, BCE in fp32."
         ),
     ]
     if not m["gpu"]:
         lines.append(
-            "- CPU: every process runs PyTorch with OMP_NUM_THREADS=1 (Ray sets it for each 1-CPU "
-            "worker; the plain process gets it too)."
+            f"- CPU: each Ray worker runs PyTorch with 1 thread (Ray's OMP_NUM_THREADS=1 for a 1-CPU worker); "
+            f"the plain process gets {result['plain_threads']} threads, the cores the largest distgan run uses."
         )
+    loads = [r["loadavg"] for r in result["runs"] if r.get("loadavg") is not None]
     if loads:
         busy = max(loads) > (m["cpu_count"] or 1)
         lines.append(
-            f"- 1-minute load average before the runs: {min(loads):.1f}–{max(loads):.1f} on "
-            f"{m['cpu_count']} CPUs"
-            + (" — **the machine was busy with other work: figures are noisy**" if busy else "")
+            f"- 1-minute load average before the runs: {min(loads):.1f}–{max(loads):.1f} on {m['cpu_count']} "
+            "CPUs" + (" — **the machine was busy with other work: figures are noisy**" if busy else "")
         )
-    lines += [
+    return lines
+
+
+def _markdown_table(result) -> list[str]:
+    lines = [
         "",
-        (
-            "| configuration | workers | kernels | images/s (median) | min–max | vs plain | "
-            "submit → first step |"
-        ),
-        "|---|---|---|---|---|---|---|",
+        "| configuration | workers | kernels | precision | images/s (median) | min–max | vs plain fp32 | "
+        "bf16 / fp32 | submit → first step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ratio = f"{r['ratio']:.3f}×" if r["ratio"] else "—"
+        ratio_fp32 = f"{r['ratio_fp32']:.3f}×" if r.get("ratio_fp32") else "—"
         lines.append(
-            f"| {CONFIG_NAMES[r['config']]} | {r['workers']} | {r['kernels']} | {r['median']:.1f} | "
-            f"{r['lo']:.1f}–{r['hi']:.1f} | {ratio} | {r['first']:.1f} s |"
+            f"| {CONFIG_NAMES[r['config']]} | {r['workers']} | {r['kernels']} | {r['precision']} | "
+            f"{r['median']:.1f} | {r['lo']:.1f}–{r['hi']:.1f} | {ratio} | {ratio_fp32} | {r['first']:.1f} s |"
         )
     for u in result["unavailable"]:
-        lines.append(
-            f"| {CONFIG_NAMES[u['config']]} | {u['workers']} | {u['kernels']} | {u['reason']} | | | |"
-        )
-    if result.get("overhead_pct") is not None:
-        lines += [
-            "",
-            (
-                f"Ray + DDP overhead at 1 worker vs the plain loop: **{result['overhead_pct']:.1f} %** of "
-                "its images/s (target: within 5 %)."
-            ),
-        ]
-    return "\n".join(lines) + "\n"
+        reason = " ".join(u["reason"].split())[:300]  # a failed run's reason holds its log's tail
+        lines.append(f"| {CONFIG_NAMES[u['config']]} | {u['workers']} | {u['kernels']} | {u['precision']} | "
+                     f"{reason} | | | | |")
+    return lines
+
+
+def _markdown_ratios(result) -> list[str]:
+    lines = []
+    for impl, h in result["headline"].items():
+        n, default = h["workers"], h["default_precision"]
+        if h["distgan_bf16_over_fp32"] is not None:
+            lines.append(f"- {impl} kernels, distgan ×{n}: bf16 / fp32 = **{h['distgan_bf16_over_fp32']:.3f}×**")
+        if h["distgan_default_over_plain_fp32"] is not None:
+            lines.append(f"- {impl} kernels: distgan ×{n} at its default precision ({default}) / plain fp32 loop = "
+                         f"**{h['distgan_default_over_plain_fp32']:.3f}×**")
+    return ["", *lines] if lines else []
+
+
+def render_markdown(result) -> str:
+    return "\n".join(_markdown_header(result) + _markdown_table(result) + _markdown_ratios(result)) + "\n"
 
 
 def parse_args(argv=None):
@@ -454,31 +433,90 @@ def parse_args(argv=None):
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
+    size.add_argument("--gpu-check", action="store_true", help="bench/gpu_check.sh's preset (one repeat)")
     size.add_argument("--smoke", action="store_true", help="the tests' tiny preset")
-    p.add_argument(
-        "--workers",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Ray worker counts; default 1 and 2 on CPU, 1 and every GPU on a GPU machine",
-    )
-    p.add_argument(
-        "--kernels",
-        nargs="+",
-        choices=("eager", "triton"),
-        default=["eager", "triton"],
-        help="kernel paths to compare (triton is n/a on CPU)",
-    )
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="Ray worker counts; default 2 on CPU, 1 on a GPU machine")
+    p.add_argument("--kernels", nargs="+", choices=("eager", "triton"), default=None,
+                   help="kernel paths to compare; default eager on CPU (triton is n/a there), eager and triton on GPU")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--configs", nargs="+", choices=("plain", "ray"), default=["plain", "ray"])
     p.add_argument("--repeats", type=int, default=None, help="default: the preset's")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    p.add_argument("--name", default=None, help="file stem; default train-<cpu|gpu>[-<preset>]")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no new run after this many seconds (the rest are listed as not run)")
+    add_output_args(p, "train-<cpu|gpu>[-<preset>]")
     # the plain loop's own process (internal)
     p.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=30, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def plan_specs(args, workers: list[int], impls: list[str]) -> list[Spec]:
+    """The configurations of one repeat, in the order they run: per precision, the plain loop, then distgan
+    at each worker count, each with every kernel path (so a time budget cuts bf16 before fp32)."""
+    specs = []
+    for precision in args.precisions:
+        if "plain" in args.configs:
+            specs += [Spec("plain", 1, impl, precision) for impl in impls]
+        if "ray" in args.configs:
+            specs += [Spec("ray", n, impl, precision) for n in workers for impl in impls]
+    return specs
+
+
+def run_one(spec: Spec, preset: Preset, rep: int, storage: Path, threads: int, timeout: float) -> dict:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if spec.config == "plain":
+        r = plain_run(preset, spec, threads, seed=0, timeout=timeout)
+    else:
+        name = f"bench-w{spec.workers}-{spec.kernels}-{spec.precision}-r{rep}"
+        r = ray_run(preset, spec, storage, name, timeout=timeout)
+        r["teardown_wait_s"] = round(_wait_for_ray_exit(), 1)
+    return {**asdict(spec), "repeat": rep, "loadavg": load, **r}
+
+
+def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | None) -> tuple[list, list, list]:
+    """Every spec, `preset.repeats` times interleaved; (runs, failed runs, specs skipped because the time
+    budget was spent)."""
+    global RAY_TMPDIR
+    t0 = time.time()
+    runs, failed, skipped = [], [], []
+    storage = Path(tempfile.mkdtemp(prefix="distgan-bench-"))
+    RAY_TMPDIR = tempfile.mkdtemp(prefix="dgb", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        for rep in range(preset.repeats):
+            for spec in specs:
+                left = None if budget_s is None else budget_s - (time.time() - t0)
+                if left is not None and left <= 0:
+                    skipped.append(spec)
+                    continue
+                try:
+                    r = run_one(spec, preset, rep, storage, threads, timeout=900 if left is None else max(left, 30))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded; the other runs go on
+                    failed.append({**asdict(spec), "repeat": rep, "reason": f"FAILED: {str(exc)[-1500:]}"})
+                    print(f"  {spec} failed: {exc}", file=sys.stderr, flush=True)
+                    continue
+                runs.append(r)
+                print(f"  [{rep + 1}/{preset.repeats}] {spec.config} x{spec.workers} {spec.kernels:6s} "
+                      f"{spec.precision} {r['images_per_s']:8.1f} images/s, first step after "
+                      f"{r['first_step_s']:.1f} s (load {r['loadavg']})", file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", str(storage), RAY_TMPDIR], check=False)
+    return runs, failed, skipped
+
+
+def unavailable_rows(args, workers, no_fused, failed, skipped, budget_s) -> list[dict]:
+    out = list(failed)
+    if no_fused and "triton" in args.kernels:
+        out += [{**asdict(s), "reason": no_fused} for s in plan_specs(args, workers, ["triton"])]
+    for s in dict.fromkeys(skipped):
+        if not any(asdict(s).items() <= r.items() for r in out):
+            out.append({**asdict(s), "reason": f"not run: the time budget of {budget_s:.0f} s was spent"})
+    return out
 
 
 def main(argv=None) -> int:
@@ -487,83 +525,47 @@ def main(argv=None) -> int:
         args.kernels = args.kernels[0] if isinstance(args.kernels, list) else args.kernels
         plain_child(args)
         return 0
-    preset_name = "quick" if args.quick else "smoke" if args.smoke else "full"
+    preset_name = "quick" if args.quick else "gpu-check" if args.gpu_check else "smoke" if args.smoke else "full"
     preset = PRESETS[preset_name]
     if args.repeats:
-        preset.repeats = args.repeats
-    workers = args.workers or ([1, 2] if not GPU else sorted({1, torch.cuda.device_count()}))
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
+        preset = dataclasses.replace(preset, repeats=args.repeats)
+    workers = args.workers or ([1] if GPU else [2])
+    args.kernels = args.kernels or (["eager", "triton"] if GPU else ["eager"])
     no_fused = fused_unavailable()
     impls = [k for k in args.kernels if not (k == "triton" and no_fused)]
-    unavailable = []
-    if no_fused and "triton" in args.kernels:
-        unavailable = [
-            {"config": c, "workers": w, "kernels": "triton", "reason": no_fused}
-            for c, w in [("plain", 1)] + [("ray", w) for w in workers]
-        ]
-    global RAY_TMPDIR
+    threads = 1 if GPU else max(workers)
     t_start = time.perf_counter()
-    runs = []
-    storage = Path(tempfile.mkdtemp(prefix="distgan-bench-"))
-    RAY_TMPDIR = tempfile.mkdtemp(prefix="dgb", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    try:
-        for rep in range(preset.repeats):
-            for impl in impls:
-                for config, n in [("plain", 1)] + [("ray", w) for w in workers]:
-                    load = _loadavg()
-                    if config == "plain":
-                        r = plain_run(preset, impl, seed=0)
-                    else:
-                        r = ray_run(preset, n, impl, storage, f"bench-w{n}-{impl}-r{rep}")
-                        r["teardown_wait_s"] = round(_wait_for_ray_exit(), 1)
-                    runs.append(
-                        {"config": config, "workers": n, "kernels": impl, "repeat": rep, "loadavg": load, **r}
-                    )
-                    log(
-                        f"  [{rep + 1}/{preset.repeats}] {config} x{n} {impl:6s} {r['images_per_s']:8.1f} images/s, "
-                        f"first step after {r['first_step_s']:.1f} s (load {load:.1f})"
-                    )
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-        shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+    runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s)
     records, rows = summarise(runs, preset)
-    by = {(r["config"], r["workers"], r["kernels"]): r for r in rows}
-    base_impl = "eager" if "eager" in impls else impls[0]
-    overhead = None
-    if ("plain", 1, base_impl) in by and ("ray", 1, base_impl) in by:
-        overhead = 100 * (1 - by[("ray", 1, base_impl)]["median"] / by[("plain", 1, base_impl)]["median"])
+    default = default_precision()
+    heads = headline(rows, default)
+    base = heads.get("eager" if "eager" in heads else next(iter(heads), None)) or {}
+    ratio = base.get("distgan_default_over_plain_fp32")
     result = {
-        "schema": 1,
+        "schema": 2,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": preset_name,
         "preset_values": asdict(preset),
         "device": "cuda" if GPU else "cpu",
-        "machine": _machine(),
-        "versions": _versions(),
-        "git": _git(),
+        **provenance.collect(),  # machine, versions, git
         "workers": workers,
-        "threads": None if GPU else "OMP_NUM_THREADS=1 in every process (Ray's setting for a 1-CPU worker)",
+        "plain_threads": threads,
+        "default_precision": default,
         "records": records,
         "rows": rows,
+        "headline": heads,
         "runs": runs,
-        "unavailable": unavailable,
-        "overhead_pct": overhead,
+        "unavailable": unavailable_rows(args, workers, no_fused, failed, skipped, args.time_budget_s),
+        "overhead_pct": None if ratio is None else 100 * (1 - ratio),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     md = render_markdown(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"train-{'gpu' if GPU else 'cpu'}" + (
-        "" if preset_name == "full" else f"-{preset_name}"
-    )
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
+    stem = args.name or f"train-{'gpu' if GPU else 'cpu'}" + ("" if preset_name == "full" else f"-{preset_name}")
+    path = write_result(result, md, stem, args.output, args.out)
     print(md)
-    log(f"wrote {args.out / stem}.json and .md in {result['wall_s']} s")
-    return 0
+    print(f"wrote {path} and .md in {result['wall_s']} s", file=sys.stderr)
+    return 1 if failed or not runs else 0
 
 
 if __name__ == "__main__":

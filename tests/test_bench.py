@@ -1,13 +1,20 @@
-"""The benchmark machinery: the counters count what they claim, and both benchmarks run on CPU and
-write JSON with every field other tools read."""
+"""The benchmark machinery: the counters count what they claim, the proxy model and the GPU timing path
+produce the records other tools read, results never overwrite committed files unless named, bench/train.py's
+pieces (plain loop in fp32 and bf16, summaries and ratios) work on a tiny preset, and bench/gpu_check.sh
+exits cleanly without a GPU."""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +28,13 @@ from kernels import reference
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from _counters import DispatchCounter, SavedCounter, TritonCounter, count_region, tensor_bytes
+import _cases  # noqa: E402
+import _counting  # noqa: E402
+import _gpu_report  # noqa: E402
+import _plans  # noqa: E402
+import _results  # noqa: E402
+import _timing  # noqa: E402
+from _counters import DispatchCounter, SavedCounter, TritonCounter, count_region, tensor_bytes  # noqa: E402
 
 RECORD_FIELDS = {"op", "shape", "dtype", "mode", "provider", "metric", "value", "unit", "source", "method"}
 
@@ -142,46 +155,98 @@ def test_saved_counter_separates_the_inputs_from_new_activations():
 
 
 # ---------------------------------------------------------------------------------------------------
-# bench/kernels.py
+# bench/kernels.py: cases, CPU counting, GPU timing, report
+
+
+def test_no_function_in_bench_is_longer_than_80_lines():
+    long = []
+    for path in sorted((REPO / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_benches_take_the_eager_providers_from_kernels_reference():
+    bn, bce, dloss = (_cases.EAGER[op] for op in (_cases.BN, _cases.BCE, _cases.DLOSS))
+    x = torch.randn(4, 3, 5, 5)
+    w, b, rm, rv = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
+    want = reference.batch_norm_leaky_relu(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, 0.2)
+    assert torch.equal(bn(x, w, b, rm, rv), want)
+    logits = torch.randn(8)
+    assert torch.equal(bce(logits), reference.bce_with_logits(logits, 1.0, "mean"))
+    assert torch.equal(dloss(logits), reference.discriminator_loss(logits, 4)[0])
+    assert _cases.reference is reference
 
 
 def test_proxy_shapes_keep_the_launch_plan_and_the_spatial_extent():
-    bk = _load_bench("kernels")
     for shape in [(256, 64, 64, 64), (1024, 256, 16, 16), (128, 64, 14, 14), (256, 12544), (16384, 1024)]:
-        case = bk.Case(bk.BN, shape, "fp32", "")
-        proxy = bk.proxy_case(case, 1 << 16)
+        case = _cases.Case(_cases.BN, shape, "fp32", "")
+        proxy = _counting.proxy_case(case, 1 << 16)
         assert proxy is not None and proxy.numel <= 1 << 16, shape
-        assert bk.path_signature(proxy) == bk.path_signature(case)
+        assert _plans.path_signature(proxy) == _plans.path_signature(case)
         assert proxy.shape[2:] == shape[2:]
         if len(shape) == 2:  # (N, C): per-channel costs only scale with C, so N is kept
             assert proxy.shape[0] == shape[0]
-    big = bk.Case(bk.BCE, (1 << 20,), "fp32", "")
-    assert bk.path_signature(bk.proxy_case(big, 1 << 16)) == bk.path_signature(big)
+    big = _cases.Case(_cases.BCE, (1 << 20,), "fp32", "")
+    assert _plans.path_signature(_counting.proxy_case(big, 1 << 16)) == _plans.path_signature(big)
 
 
-def test_gpu_timing_path_runs_with_a_stand_in_timer():
+def test_gpu_check_preset_has_every_provider_dtype_and_the_shapes_it_promises():
+    preset = _cases.PRESETS["gpu-check"]
+    cases = _cases.build_cases(preset)
+    assert set(preset.providers) == set(_cases.PROVIDERS) and set(preset.dtypes) == {"fp32", "bf16"}
+    labels = {c.label for c in cases if c.op == _cases.BN and c.dtype == "fp32"}
+    assert {lab.split()[-1] for lab in labels if lab.startswith("G.")} == {"b64", "b256"}
+    assert sum(c.label == "large" for c in cases if c.dtype == "fp32") == 2
+
+
+def _stand_in_timer(fn):
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms, ms, ms]
+
+
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_gpu_timing_path_runs_with_a_stand_in_timer(provider):
     """The GPU code path (do_bench + copy bandwidth + records) on CPU tensors, timed by perf_counter:
-    checks the plumbing, not the numbers."""
-    import time
+    checks the plumbing, not the numbers. Triton runs here under the interpreter."""
+    import kernels
 
-    bk = _load_bench("kernels")
-
-    def timer(fn):
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return [ms, ms, ms]
-
-    case = bk.Case(bk.BN, (4, 3, 5, 5), "fp32", "")
-    recs = bk.gpu_records(
-        case, "eager", torch.device("cpu"), timer, None, copy_gbps=10.0, launches=lambda fn: 2
+    if provider == "triton" and not kernels.triton_can_run("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "")
+    recs = _timing.gpu_records(
+        case, provider, torch.device("cpu"), _stand_in_timer, None, copy_gbps=10.0, launches=lambda fn: 2
     )
     metrics = {(r["mode"], r["metric"]) for r in recs}
-    for mode in bk.MODES:
+    for mode in _cases.MODES:
         assert {(mode, "ms"), (mode, "gbps"), (mode, "pct_copy"), (mode, "launches")} <= metrics
     assert ("forward", "saved_new_bytes") in metrics
-    assert all(RECORD_FIELDS <= r.keys() for r in recs)
-    assert bk.copy_bandwidth_gbps(timer, torch.device("cpu"), nbytes=1 << 20) > 0
+    assert all(RECORD_FIELDS <= r.keys() and r["source"] == "measured" for r in recs)
+    pct = next(r for r in recs if r["metric"] == "pct_copy" and r["mode"] == "full")
+    gbps = next(r for r in recs if r["metric"] == "gbps" and r["mode"] == "full")
+    assert pct["value"] == pytest.approx(100 * gbps["value"] / 10.0)
+    assert _timing.copy_bandwidth_gbps(_stand_in_timer, torch.device("cpu"), nbytes=1 << 20) > 0
+
+
+def test_gpu_report_renders_timings_against_the_copy_bandwidth():
+    import _report
+
+    case = _cases.Case(_cases.BCE, (64,), "fp32", "G loss")
+    eager = _timing.gpu_records(case, "eager", torch.device("cpu"), _stand_in_timer, None, copy_gbps=10.0,
+                                launches=lambda fn: 1)
+    recs = eager + [{**r, "provider": "triton"} for r in eager]  # stands in for a timed Triton run
+    result = {"machine": {"processor": "x", "cpu_count": 2, "gpu": "Fake GPU"}, "versions": {"torch": "t"},
+              "git": {"commit": "abc", "dirty": False}, "device": "cuda", "preset": "smoke", "command": "c",
+              "created": "now", "copy_gbps": 10.0, "records": recs, "checks": _report.checks(recs, [case]),
+              "unavailable": [], "compile_report": []}
+    md = _report.render_markdown(result, [case])
+    assert "GPU: Fake GPU" in md and "copy bandwidth measured in this run: 10 GB/s" in md
+    assert "| op | shape | dtype | mode | eager ms (p20–p80)" in md and "triton vs eager" in md
 
 
 def _check_kernels_json(result: dict, expect_modelled: bool) -> None:
@@ -190,14 +255,10 @@ def _check_kernels_json(result: dict, expect_modelled: bool) -> None:
         missing = RECORD_FIELDS - r.keys()
         assert not missing, f"record lacks {missing}: {r}"
         assert r["op"] in ("batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss")
-        assert r["mode"] in ("forward", "backward", "full") and r["provider"] in (
-            "eager",
-            "compile",
-            "triton",
-        )
+        assert r["mode"] in ("forward", "backward", "full") and r["provider"] in ("eager", "compile", "triton")
         assert r["source"] in ("measured", "modelled") and isinstance(r["shape"], list)
     assert {"machine", "versions", "git", "checks", "unavailable"} <= result.keys()
-    assert result["git"]["commit"] and result["versions"]["torch"]
+    assert result["git"]["commit"] and result["versions"]["torch"] and "driver" in result["versions"]
     metrics = {(r["provider"], r["metric"], r["source"]) for r in result["records"]}
     for provider in ("eager", "triton"):
         assert {
@@ -213,107 +274,228 @@ def _check_kernels_json(result: dict, expect_modelled: bool) -> None:
     assert never_more["ok"], never_more["violations"]
 
 
+def _committed_results() -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted((REPO / "bench" / "results").glob("*.*")) if p.is_file()}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU counting path (a GPU machine times instead)")
-def test_bench_kernels_smoke_runs_on_cpu_and_writes_json_and_markdown(tmp_path):
+def test_bench_kernels_smoke_writes_a_new_ignored_run_and_leaves_committed_results_alone(tmp_path):
+    before = _committed_results()
+    existing = set(_results.RUNS.glob("*")) if _results.RUNS.is_dir() else set()
     env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     proc = subprocess.run(
-        [sys.executable, "bench/kernels.py", "--smoke", "--wandb", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        [sys.executable, "bench/kernels.py", "--smoke", "--wandb"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "--wandb logged no run"
-    result = json.loads((tmp_path / "kernels-cpu-smoke.json").read_text())
-    _check_kernels_json(result, expect_modelled=True)
-    md = (tmp_path / "kernels-cpu-smoke.md").read_text()
-    assert "| op | shape | dtype | mode |" in md and "modelled" in md
-    assert "bytes eager" in proc.stdout and "launches triton" in proc.stdout
-    # eager BN+LReLU forward at the one directly counted shape is native_batch_norm + leaky_relu
-    recs = [
-        r
-        for r in result["records"]
-        if r["op"] == "batch_norm_leaky_relu"
-        and r["provider"] == "eager"
-        and r["metric"] == "launches"
-        and r["mode"] == "forward"
-    ]
-    assert recs and all(r["value"] == 2 for r in recs)
-    proxy_checks = [c for c in result["checks"] if c["check"].startswith("proxy model")]
-    assert proxy_checks and all(c["ok"] for c in proxy_checks), proxy_checks
+    new = sorted(set(_results.RUNS.glob("*")) - existing)
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [p.suffix for p in new] == [".json", ".md"] and new[0].name.startswith("kernels-cpu-smoke-2"), new
+        assert _committed_results() == before, "a bench run changed a committed result"
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(new[0])], cwd=REPO, check=False)
+        assert ignored.returncode == 0, f"{new[0]} is not git-ignored"
+        assert list((tmp_path / "wandb").glob("offline-run-*")), "--wandb logged no run"
+        result = json.loads(new[0].read_text())
+        _check_kernels_json(result, expect_modelled=True)
+        md = new[1].read_text()
+        assert "| op | shape | dtype | mode |" in md and "modelled" in md
+        assert "bytes eager" in proc.stdout and "launches triton" in proc.stdout
+        # eager BN+LReLU forward at the one directly counted shape is native_batch_norm + leaky_relu
+        recs = [r for r in result["records"] if r["op"] == "batch_norm_leaky_relu" and r["provider"] == "eager"
+                and r["metric"] == "launches" and r["mode"] == "forward"]
+        assert recs and all(r["value"] == 2 for r in recs)
+        proxy_checks = [c for c in result["checks"] if c["check"].startswith("proxy model")]
+        assert proxy_checks and all(c["ok"] for c in proxy_checks), proxy_checks
+    finally:
+        for p in new:
+            p.unlink()
 
 
-@pytest.mark.parametrize("stem", ["kernels-cpu-quick"])
-def test_committed_kernel_results_have_every_field_and_meet_the_targets(stem):
-    path = REPO / "bench" / "results" / f"{stem}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not generated yet")
-    result = json.loads(path.read_text())
-    _check_kernels_json(result, expect_modelled=True)
-    ratios = [c for c in result["checks"] if c["check"].startswith("generator BN+LReLU layers at batch 64")]
-    assert ratios and all(c["ok"] and c["source"] == "measured" for c in ratios), ratios
-    assert (path.with_suffix(".md")).is_file()
+# ---------------------------------------------------------------------------------------------------
+# where results go
+
+
+def test_results_go_to_a_new_dated_file_unless_a_path_is_named(tmp_path):
+    import datetime
+
+    now = datetime.datetime(2026, 11, 30, 12, 34, 56)
+    first, md = _results.output_paths("kernels-cpu-quick", out_dir=tmp_path, now=now)
+    assert first == tmp_path / "kernels-cpu-quick-20261130-123456.json" and md == first.with_suffix(".md")
+    first.write_text("{}")
+    second, _ = _results.output_paths("kernels-cpu-quick", out_dir=tmp_path, now=now)
+    assert second != first and not second.exists()  # two runs in one second: never the same file
+    named = tmp_path / "committed" / "kernels-cpu-quick.json"
+    named.parent.mkdir()
+    named.write_text("old")
+    path = _results.write_result({"records": []}, "# md\n", "ignored-stem", output=named)
+    assert path == named and json.loads(named.read_text()) == {"records": []}
+    assert named.with_suffix(".md").read_text() == "# md\n"
+
+
+def test_the_default_writer_leaves_committed_results_alone_and_its_files_are_ignored():
+    before = _committed_results()
+    path = _results.write_result({"records": []}, "# md\n", "kernels-cpu-quick")
+    try:
+        assert path.parent == _results.RUNS and path.name.startswith("kernels-cpu-quick-")
+        assert _committed_results() == before
+        status = subprocess.run(["git", "status", "--porcelain", "--", "bench/results"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+        assert status == "", status
+    finally:
+        path.unlink()
+        path.with_suffix(".md").unlink()
 
 
 # ---------------------------------------------------------------------------------------------------
 # bench/train.py
 
-TRAIN_FIELDS = {
-    "op",
-    "config",
-    "workers",
-    "kernels",
-    "metric",
-    "value",
-    "unit",
-    "source",
-    "method",
-    "samples",
-}
+TRAIN_FIELDS = {"op", "config", "workers", "kernels", "precision", "metric", "value", "unit", "source", "method",
+                "samples"}
 
 
-def _check_train_json(result: dict, workers: list[int]) -> None:
-    assert {"machine", "versions", "git", "preset_values", "rows", "runs", "records"} <= result.keys()
-    for r in result["records"]:
-        assert TRAIN_FIELDS <= r.keys(), r
-    got = {(r["config"], r["workers"], r["metric"]) for r in result["records"]}
-    assert ("plain", 1, "images_per_s") in got
-    for n in workers:
-        assert {
-            ("ray", n, "images_per_s"),
-            ("ray", n, "ratio_vs_plain"),
-            ("ray", n, "submit_to_first_step_s"),
-        } <= got
-    assert all(r["value"] > 0 for r in result["records"])
-    assert result["overhead_pct"] is not None
-    if result["device"] == "cpu":
-        assert result["unavailable"] and all("n/a on CPU" in u["reason"] for u in result["unavailable"])
+def _plain_args(precision: str) -> argparse.Namespace:
+    return argparse.Namespace(kernels="eager", precision=precision, threads=2, batch_size=8, warmup=1, steps=2,
+                              seed=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plain_loop_runs_in_fp32_and_bf16(precision, capsys):
+    bt = _load_bench("train")
+    threads = torch.get_num_threads()
+    try:
+        out = bt.plain_child(_plain_args(precision))
+    finally:
+        torch.set_num_threads(threads)
+    assert out["images_per_s"] > 0 and math.isfinite(out["last_loss_d"]) and out["threads"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_per_s"] == out["images_per_s"]
+
+
+def test_plain_bf16_runs_the_forwards_under_autocast_and_the_losses_in_fp32():
+    from distgan.config import TrainConfig
+    from distgan.models import build_models
+    from distgan.step import _bare, gan_step, make_optimizers
+
+    bt = _load_bench("train")
+    cfg = TrainConfig(batch_size=4, num_workers=1, kernels="eager")
+    g, d = build_models(cfg)
+    opt_g, opt_d = make_optimizers(g, d, cfg)
+    seen = []
+    d.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    wg, wd = (bt.Autocast(m, "cpu", torch.bfloat16) for m in (g, d))
+    assert _bare(wd) is wd  # the G phase keeps the autocast wrapper
+    assert wg(torch.randn(2, cfg.z_dim)).dtype == torch.float32
+    out = gan_step(wg, wd, opt_g, opt_d, [torch.randn(4, 1, 28, 28)], lambda n: torch.randn(n, cfg.z_dim),
+                   impl="eager")
+    assert seen == [torch.bfloat16] * 2  # both of D's forwards ran in bf16: the D phase and the G phase
+    assert out["loss_d"].dtype == out["loss_g"].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in g.parameters())
+
+
+def _fake_runs() -> list[dict]:
+    runs = []
+    for rep, scale in enumerate((1.0, 1.1, 0.9)):
+        for config, workers, precision, ips in [("plain", 1, "fp32", 100), ("plain", 1, "bf16", 80),
+                                                ("ray", 2, "fp32", 150), ("ray", 2, "bf16", 120)]:
+            runs.append({"config": config, "workers": workers, "kernels": "eager", "precision": precision,
+                         "repeat": rep, "loadavg": 1.0, "images_per_s": ips * scale, "first_step_s": 5.0})
+    return runs
+
+
+def test_train_summary_carries_precision_and_the_two_ratios():
+    bt = _load_bench("train")
+    preset = bt.PRESETS["smoke"]
+    records, rows = bt.summarise(_fake_runs(), preset)
+    assert all(TRAIN_FIELDS <= r.keys() for r in records)
+    by = {(r["config"], r["precision"], r["metric"]): r["value"] for r in records}
+    assert by[("ray", "bf16", "ratio_vs_fp32")] == pytest.approx(120 / 150)
+    assert by[("ray", "fp32", "ratio_vs_plain")] == pytest.approx(150 / 100)
+    assert by[("plain", "bf16", "ratio_vs_fp32")] == pytest.approx(0.8)
+    head = bt.headline(rows, "fp32")["eager"]
+    assert head["distgan_bf16_over_fp32"] == pytest.approx(0.8)
+    assert head["distgan_default_over_plain_fp32"] == pytest.approx(1.5)
+    result = {"machine": {"processor": "x", "cpu_count": 2, "gpu": None}, "preset_values": dataclasses.asdict(preset),
+              "versions": {"torch": "t"}, "git": {"commit": "abc", "dirty": False}, "preset": "smoke",
+              "command": "c", "created": "now", "plain_threads": 2, "runs": _fake_runs(), "rows": rows,
+              "unavailable": [{"config": "ray", "workers": 2, "kernels": "triton", "precision": "bf16",
+                               "reason": "n/a on CPU"}], "headline": {"eager": head}}
+    md = bt.render_markdown(result)
+    assert "| precision |" in md and "bf16 / fp32" in md and "0.800×" in md
+    assert "bf16 / fp32 = **0.800×**" in md and "default precision (fp32) / plain fp32 loop = **1.500×**" in md
+
+
+def test_train_plans_interleave_precisions_and_pass_them_to_distgan(tmp_path):
+    bt = _load_bench("train")
+    args = bt.parse_args(["--smoke"])
+    specs = bt.plan_specs(args, [2], ["eager"])
+    assert [(s.config, s.precision) for s in specs] == [("plain", "fp32"), ("ray", "fp32"), ("plain", "bf16"),
+                                                       ("ray", "bf16")]
+    cmd = bt.ray_command(bt.PRESETS["smoke"], specs[-1], tmp_path, "n")
+    assert cmd[cmd.index("--precision") + 1] == "bf16" and cmd[cmd.index("--num-workers") + 1] == "2"
+    from distgan.config import TrainConfig
+
+    assert "precision" in {f for f in TrainConfig.__dataclass_fields__}  # the flag distgan.train accepts
+
+
+def test_train_throughput_comes_from_the_steady_state_step_stamps(tmp_path):
+    bt = _load_bench("train")
+    preset = bt.PRESETS["smoke"]  # 2 warm-up steps, 3 measured, batch 16
+    rows = [{"kind": "start", "time": 101.0}]
+    rows += [{"kind": "step", "step": s, "time": 100.0 + 2 * s} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = bt.throughput_from_metrics(tmp_path / "metrics.jsonl", preset, t_submit=90.0)
+    assert got["images_per_s"] == pytest.approx(3 * 16 / 6.0)
+    assert got["first_step_s"] == pytest.approx(12.0) and got["worker_start_s"] == pytest.approx(11.0)
 
 
 @pytest.mark.slow
-def test_bench_train_smoke_runs_plain_and_ray_with_one_and_two_workers(tmp_path):
+def test_bench_train_smoke_measures_plain_and_distgan_in_fp32_and_bf16(tmp_path):
+    out = tmp_path / "train.json"
     proc = subprocess.run(
-        [sys.executable, "bench/train.py", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+        [sys.executable, "bench/train.py", "--smoke", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    result = json.loads((tmp_path / f"train-{device}-smoke.json").read_text())
-    _check_train_json(result, result["workers"])
-    assert "images/s (median)" in proc.stdout
+    result = json.loads(out.read_text())
+    got = {(r["config"], r["precision"], r["metric"]) for r in result["records"]}
+    for precision in ("fp32", "bf16"):
+        assert {("plain", precision, "images_per_s"), ("ray", precision, "images_per_s")} <= got
+    assert ("ray", "bf16", "ratio_vs_fp32") in got and ("ray", "fp32", "ratio_vs_plain") in got
+    assert result["git"]["commit"] and result["versions"]["torch"]
+    assert "images/s (median)" in proc.stdout and "bf16 / fp32" in proc.stdout
 
 
-def test_committed_train_results_have_every_field():
-    path = REPO / "bench" / "results" / "train-cpu-quick.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not generated yet")
-    result = json.loads(path.read_text())
-    _check_train_json(result, [1, 2])
-    assert result["preset_values"]["repeats"] >= 3
+# ---------------------------------------------------------------------------------------------------
+# bench/gpu_check.sh
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the check runs for minutes")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0_quickly():
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no NVIDIA GPU" in proc.stdout
+    assert time.perf_counter() - t0 < 60
+
+
+def test_gpu_report_combines_stages_and_records_and_fails_on_a_failed_stage(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "stages.tsv").write_text("versions\tPASS\t0\t3\t60\texit 0\nfaults\tFAIL\t1\t40\t120\texit 1\n")
+    (logs / "provenance.json").write_text(json.dumps({"machine": {"gpu": "G"}, "git": {"commit": "c", "dirty": False},
+                                                     "versions": {"gpu": "G", "torch": "t"}}))
+    rec = {"op": "bce_with_logits", "shape": [64], "dtype": "fp32", "mode": "full", "metric": "ms", "unit": "ms",
+           "source": "measured", "method": "m"}
+    kern = {"copy_gbps": 4000.0, "checks": [], "unavailable": [],
+            "records": [{**rec, "provider": "eager", "value": 2.0}, {**rec, "provider": "triton", "value": 1.0}]}
+    (logs / "kernels.json").write_text(json.dumps(kern))
+    (logs / "kernels.md").write_text("# Kernel benchmark\n\ntable\n")
+    rc = _gpu_report.main(["--logs", str(logs), "--json", str(tmp_path / "g.json"), "--md", str(tmp_path / "g.md")])
+    assert rc == 1
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert [s["status"] for s in result["stages"]] == ["PASS", "FAIL"]
+    assert {r["bench"] for r in result["records"]} == {"kernels"} and result["git"]["commit"] == "c"
+    shown = capsys.readouterr().out
+    assert "FAIL  faults" in shown and "triton vs eager, fp32, forward+backward: 2.00x" in shown
+    md = (tmp_path / "g.md").read_text()
+    assert "| faults | FAIL |" in md and "## Kernel benchmark" in md

@@ -1,0 +1,315 @@
+"""bench/kernels.py's report: the acceptance checks computed from the records, the Markdown tables (CPU
+counts or GPU timings), and the records as a wandb.Table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from _cases import BN, DTYPES, MODEL_GPU, MODES, PROVIDERS
+
+
+def index(records) -> dict:
+    return {
+        (r["op"], tuple(r["shape"]), r["dtype"], r["mode"], r["provider"], r["metric"]): r for r in records
+    }
+
+
+def checks(records, cases) -> list[dict]:
+    """The issue's acceptance figures, computed from the records themselves."""
+    idx = index(records)
+    out = []
+    for dtype in DTYPES:
+        layers = [
+            c
+            for c in cases
+            if c.op == BN and c.dtype == dtype and c.label.startswith("G.") and c.label.endswith(" b64")
+        ]
+        got = [
+            (
+                idx.get((BN, c.shape, dtype, "full", "triton", "bytes")),
+                idx.get((BN, c.shape, dtype, "full", "eager", "bytes")),
+            )
+            for c in layers
+        ]
+        if layers and all(t and e for t, e in got):
+            ratio = sum(t["value"] for t, _ in got) / sum(e["value"] for _, e in got)
+            sources = sorted({t["source"] for t, _ in got})
+            out.append(
+                {
+                    "check": f"generator BN+LReLU layers at batch 64, {dtype}, forward+backward: "
+                    f"triton bytes / eager bytes",
+                    "value": round(ratio, 4),
+                    "limit": 0.65,
+                    "ok": ratio <= 0.65,
+                    "source": "/".join(sources),
+                }
+            )
+    worse = []
+    for key, r in idx.items():
+        op, shape, dtype, mode, provider, metric = key
+        if provider == "triton" and metric == "bytes":
+            e = idx.get((op, shape, dtype, mode, "eager", "bytes"))
+            if e is not None and r["value"] > e["value"]:
+                worse.append(f"{op} {list(shape)} {dtype} {mode}: {r['value']} > {e['value']}")
+    out.append(
+        {
+            "check": "triton bytes <= eager bytes at every shape, dtype and mode",
+            "value": len(worse),
+            "limit": 0,
+            "ok": not worse,
+            "violations": worse,
+        }
+    )
+    return out
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "—"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_ms(ms) -> str:
+    if ms is None:
+        return "—"
+    return f"{ms * 1e3:.3g} µs" if ms < 1 else f"{ms:.3g} ms"
+
+
+def table_cpu(records, cases, providers) -> list[str]:
+    idx = index(records)
+    cols = (
+        ["op", "shape", "dtype", "mode"]
+        + [f"bytes {p}" for p in providers]
+        + ["triton/eager"]
+        + [f"launches {p}" for p in providers]
+        + [f"saved {p}" for p in providers]
+        + [f"model µs {p}" for p in providers]
+    )
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for c in cases:
+        for mode in MODES:
+
+            def get(p, metric, m=mode, c=c):
+                return idx.get((c.op, c.shape, c.dtype, m, p, metric))
+
+            if not any(get(p, "bytes") for p in providers):
+                continue
+            row = [
+                c.op.replace("batch_norm_leaky_relu", "bn_lrelu"),
+                "×".join(map(str, c.shape)) + (f" ({c.label})" if c.label else ""),
+                c.dtype,
+                mode,
+            ]
+            for p in providers:
+                r = get(p, "bytes")
+                row.append(fmt_bytes(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
+            t, e = get("triton", "bytes"), get("eager", "bytes")
+            row.append(f"{t['value'] / e['value']:.2f}" if t and e else "—")
+            for p in providers:
+                r = get(p, "launches")
+                row.append(str(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
+            for p in providers:
+                r = get(p, "saved_new_bytes", "forward") if mode != "backward" else None
+                row.append(fmt_bytes(r["value"]) if r else "—")
+            for p in providers:
+                r = get(p, "ms")
+                row.append(f"{r['value'] * 1e3:.3g}" if r else "—")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def table_gpu(records, cases, providers) -> list[str]:
+    idx = index(records)
+    cols = (
+        ["op", "shape", "dtype", "mode"]
+        + [f"{p} ms (p20–p80)" for p in providers]
+        + [f"{p} GB/s (% copy)" for p in providers]
+        + ["triton vs eager", "triton vs compile"]
+        + [f"launches {p}" for p in providers]
+        + [f"peak {p}" for p in providers]
+    )
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for c in cases:
+        for mode in MODES:
+
+            def get(p, metric, m=mode, c=c):
+                return idx.get((c.op, c.shape, c.dtype, m, p, metric))
+
+            if not any(get(p, "ms") for p in providers):
+                continue
+            row = [
+                c.op.replace("batch_norm_leaky_relu", "bn_lrelu"),
+                "×".join(map(str, c.shape)),
+                c.dtype,
+                mode,
+            ]
+            for p in providers:
+                r = get(p, "ms")
+                g = get(p, "ms_cudagraph")
+                cell = f"{fmt_ms(r['value'])} ({fmt_ms(r['p20'])}–{fmt_ms(r['p80'])})" if r else "n/a"
+                if g and g["value"] is not None:
+                    cell += f"; graph {fmt_ms(g['value'])}"
+                row.append(cell)
+            for p in providers:
+                r, pc = get(p, "gbps"), get(p, "pct_copy")
+                row.append(f"{r['value']:.0f} ({pc['value']:.0f}%)" if r else "n/a")
+            t = get("triton", "ms")
+            for other in ("eager", "compile"):
+                o = get(other, "ms")
+                row.append(f"{o['value'] / t['value']:.2f}×" if t and o else "—")
+            for p in providers:
+                r = get(p, "launches")
+                row.append(str(r["value"]) if r else "n/a")
+            for p in providers:
+                r = get(p, "peak_bytes")
+                row.append(fmt_bytes(r["value"]) if r else "n/a")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def table_compile_report(rows) -> list[str]:
+    lines = [
+        "| kernel | case | sm | warps | regs | spills (stack + local B) | ld.v4 / ld.global |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {r['regs']} | "
+            f"{r.get('stack', 0) + r.get('local', 0)} | {r.get('v4_loads', '?')} / {r.get('loads', '?')} |"
+        )
+    return lines
+
+
+def _header(result) -> list[str]:
+    m, v, g = result["machine"], result["versions"], result["git"]
+    gpu = result["device"] == "cuda"
+    return [
+        f"# Kernel benchmark ({result['preset']}, {'GPU: ' + m['gpu'] if gpu else 'CPU only'})",
+        "",
+        f"`{result['command']}` — {result['created']}",
+        "",
+        f"- machine: {m['processor']}, {m['cpu_count']} CPUs" + (f", {m['gpu']}" if gpu else ", no GPU"),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- git: {g['commit']}" + (" (with uncommitted changes in kernels/ bench/ distgan/)" if g["dirty"] else ""),
+        "",
+    ]
+
+
+def _gpu_intro(result) -> list[str]:
+    return [
+        (
+            f"Timed with triton.testing.do_bench (median, p20–p80); copy bandwidth measured in this run: "
+            f"{result['copy_gbps']:.0f} GB/s. GB/s uses the minimal-traffic model (forward reads x and "
+            "writes z; backward reads x and dz, writes dx). Everything here is **measured**."
+        ),
+        "",
+    ]
+
+
+def _cpu_intro() -> list[str]:
+    return [
+        (
+            "No GPU: nothing is timed. **Measured** here = counted in this run: bytes each provider moves "
+            "per call, kernel launches, bytes saved for backward (`saved` = beyond the op's inputs)."
+        ),
+        "",
+        (
+            "- eager bytes: every ATen op dispatched, charged its inputs + outputs once (a lower bound: "
+            "batch_norm reads x twice and is charged once)."
+        ),
+        (
+            "- compile bytes: inductor's count of the buffers each generated kernel reads + writes (CPU "
+            "backend; on a GPU inductor emits different, Triton kernels)."
+        ),
+        (
+            "- triton bytes: every unmasked lane the interpreter loads or stores, launch plan as on "
+            f"{MODEL_GPU['name']} ({MODEL_GPU['sms']} SMs), plus the ATen ops around the kernels."
+        ),
+        (
+            "- `*` = **modelled**: counted at a smaller proxy shape with the same launch plan and scaled "
+            "by element count."
+        ),
+        (
+            f"- `model µs` is **modelled**: bytes / {MODEL_GPU['copy_gbps']:.0f} GB/s, the copy bandwidth of "
+            f"an {MODEL_GPU['name']} (~90 % of its {MODEL_GPU['peak_gbps']:.0f} GB/s peak); launch latency "
+            "not included."
+        ),
+        "",
+    ]
+
+
+def _checks_section(result) -> list[str]:
+    lines = ["", "## Checks", ""]
+    for c in result["checks"]:
+        lines.append(
+            f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']} = {c['value']} "
+            f"(limit {'±' if 'relative' in c['check'] else ''}{c['limit']})"
+            + (f" [{c['source']}]" if c.get("source") else "")
+        )
+        for v_ in c.get("violations", [])[:20]:
+            lines.append(f"  - {v_}")
+    return lines
+
+
+def _unavailable_section(result) -> list[str]:
+    if not result["unavailable"]:
+        return []
+    lines = ["", "## Not available here", ""]
+    seen = set()
+    for u in result["unavailable"]:
+        key = (u["provider"], u["reason"])
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"- {u['provider']}: {u['reason']} (first: {u['op']} {u['shape']} {u['dtype']})")
+    return lines
+
+
+def render_markdown(result, cases) -> str:
+    gpu = result["device"] == "cuda"
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in result["records"])]
+    lines = _header(result)
+    if gpu:
+        lines += _gpu_intro(result) + table_gpu(result["records"], cases, providers)
+    else:
+        lines += _cpu_intro() + table_cpu(result["records"], cases, providers)
+    lines += _checks_section(result) + _unavailable_section(result)
+    if result["compile_report"]:
+        lines += [
+            "",
+            "## Static compile report (sm_80 / sm_90, no GPU needed: `python -m kernels._compile_report`)",
+            "",
+        ]
+        lines += table_compile_report(result["compile_report"])
+    return "\n".join(lines) + "\n"
+
+
+def log_wandb(result) -> None:
+    """The records as one wandb.Table under distgan's key for it (the dashboard reads it there)."""
+    import wandb
+
+    try:
+        from distgan.tracking import BENCH_TABLE_KEY
+    except ImportError:
+        BENCH_TABLE_KEY = "bench/kernels"
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "distgan"),
+        job_type="bench-kernels",
+        mode=mode,
+        config={k: result[k] for k in ("preset", "device", "machine", "versions", "git")},
+    )
+    cols = ["op", "shape", "dtype", "mode", "provider", "metric", "value", "unit", "source", "method", "case"]
+    table = wandb.Table(
+        columns=cols,
+        data=[[json.dumps(r[c]) if c == "shape" else r[c] for c in cols] for r in result["records"]],
+    )
+    run.log({BENCH_TABLE_KEY: table})
+    run.summary.update({c["check"]: c["value"] for c in result["checks"]})
+    run.finish()
+
+

@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -121,19 +119,11 @@ def _init_timeout() -> float:
 
 
 def versions() -> dict[str, str | None]:
-    """Library and accelerator versions for the W&B config (read from package metadata: no imports)."""
+    """Library and accelerator versions for the W&B config (read from package metadata: no imports); the
+    benchmarks record the same dict (distgan.provenance)."""
+    from distgan import provenance
 
-    def dist(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": dist("torchvision"),
-        "triton": dist("triton"), "ray": dist("ray"), "wandb": dist("wandb"), "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    return provenance.versions()
 
 
 def _redact(value: Any) -> Any:

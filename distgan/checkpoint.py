@@ -146,10 +146,16 @@ def fetch_state(location: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
-    saved = state["config"]
+    """Refuses a checkpoint whose model-shaping fields differ from this run's, compared by effective value
+    (channels unset = the dataset's), as the driver compares them."""
+    from distgan.config import config_from_dict
+
+    saved, now = config_from_dict(state["config"]), config_from_dict(config)
     for key in MODEL_FIELDS:
-        if key in saved and key in config and saved[key] != config[key]:
-            raise CheckpointError(f"{where}: saved with {key}={saved[key]!r}, this run has {config[key]!r}; "
+        before, after = (saved.image_channels, now.image_channels) if key == "channels" else \
+            (getattr(saved, key), getattr(now, key))
+        if before != after:
+            raise CheckpointError(f"{where}: saved with {key}={before!r}, this run has {after!r}; "
                                   f"use a new --name to start fresh")
 
 

@@ -229,7 +229,7 @@ class Trainer:
         """The complete training state (collective: every rank must call it; each rank's RNG is gathered)."""
         state = {
             "format": 1, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
-            "batch_in_epoch": self.steps_into_epoch, "samples_into_epoch": self.samples_into_epoch,
+            "batch_in_epoch": self.steps_into_epoch,  # G steps done in this epoch
             "generator": self.g_bare.state_dict(), "discriminator": self.d_bare.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "fixed_noise": self.fixed_noise,
             "rng": self._all_gather_objects(self._rng_state()), "world_size": self.world,

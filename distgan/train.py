@@ -6,9 +6,13 @@ Joins the cluster in RAY_ADDRESS (set by `ray job submit`) or starts a local one
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
@@ -70,12 +74,101 @@ def connect_ray(cfg: TrainConfig):
     import ray
 
     runtime_env = driver_runtime_env()
+    # Ray's own chatter stays at warning level unless --verbose; the workers' output (progress bar, evaluation
+    # lines, warnings) still reaches this terminal.
+    quiet = {} if cfg.verbose else {"logging_level": logging.WARNING}
+    # Ray Train's worker print() patch sends each print through a logger as well as stdout (every line twice)
+    # and drops it below the log level; plain prints are what the workers mean. Ray propagates this variable
+    # from the driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(runtime_env=runtime_env, log_to_driver=True, **quiet)
     else:
+        # The dashboard process serves Ray's State API, which Ray Train's placement-group cleaner polls every
+        # few seconds; without it each poll logs "State API may be temporarily unavailable". Loopback only.
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
-                 include_dashboard=False)
+                 include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     return ray
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the workers to stop at the next step boundary and write a checkpoint (a note in the
+    run directory that rank 0 polls); a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.requested, self.previous = cfg, False, None
+
+    def _request_path(self):
+        from distgan.checkpoint import run_fs
+        from distgan.loop import STOP_REQUEST_FILE
+
+        fs, run = run_fs(self.cfg.storage_path, self.cfg.name)
+        return fs, run, f"{run}/{STOP_REQUEST_FILE}"
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        fs, run, path = self._request_path()
+        fs.create_dir(run, recursive=True)
+        with fs.open_output_stream(path) as fh:
+            fh.write(b"stop")
+        print("\ninterrupt: the workers stop at the next step and write a checkpoint; Ctrl-C again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        """Removes a request left by an earlier submission (or this one, once served)."""
+        from pyarrow.fs import FileType
+
+        fs, _, path = self._request_path()
+        if fs.get_file_info(path).type != FileType.NotFound:
+            fs.delete_file(path)
+
+    def __enter__(self) -> "StopOnInterrupt":
+        self.clear()
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+        self.clear()
+
+
+def fit_in_thread(trainer):
+    """`trainer.fit()` off the main thread. Ray Train's fit() installs its own SIGINT handler (abort the run)
+    only when called on the main thread; running it on another keeps StopOnInterrupt's graceful stop."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: the main thread must stay free to run the SIGINT handler
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def resume_command(cfg: TrainConfig, argv: list[str]) -> str:
+    """The command that continues this run: the same flags, with --storage-path and --name made explicit."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--name", "--storage-path"):
+            skip = True
+            continue
+        if arg.startswith(("--name=", "--storage-path=")):
+            continue
+        args.append(arg)
+    return shlex.join(["python", "-m", "distgan.train", *args, "--storage-path", cfg.storage_path,
+                       "--name", cfg.name])
 
 
 def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
@@ -98,7 +191,7 @@ def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
 
 
 def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distgan.loop import train_loop_per_worker
@@ -118,6 +211,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
                 checkpoint_score_attribute="fid" if score_fid else None,
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
         ),
     )
 
@@ -200,8 +294,10 @@ def run(cfg: TrainConfig) -> dict:
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
     trainer = build_trainer(cfg, use_gpu, score_fid)
     pop_stop_reason(cfg.storage_path, cfg.name)  # a note left by an earlier submission is stale now
-    result = trainer.fit()
+    with StopOnInterrupt(cfg) as interrupt:
+        result = fit_in_thread(trainer)
     wall = time.perf_counter() - t_submit
+    ray.shutdown()  # flushes the workers' last lines now, so nothing prints after the summary
     metrics = result.metrics or {}
     best = None
     if score_fid and result.best_checkpoints:
@@ -224,10 +320,26 @@ def run(cfg: TrainConfig) -> dict:
     stopped = pop_stop_reason(cfg.storage_path, cfg.name)
     if stopped:
         summary["stopped"] = stopped
+    summary["interrupted"] = interrupt.requested
     return summary
 
 
+def _exit_now(code: int) -> None:
+    """Exit without waiting for the training thread, which is blocked inside Ray: stop Ray (a local instance's
+    processes with it) within a bounded time, then leave."""
+    import ray
+
+    stopper = threading.Thread(target=ray.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(timeout=15)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         cfg = parse_args(argv)
         summary = run(cfg)
@@ -235,8 +347,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resubmit with the same --storage-path and --name to resume", file=sys.stderr)
-        return 130
+        where = f": {resume_command(cfg, argv)}" if cfg is not None else ""
+        print(f"interrupted at once; the last checkpoint is kept; to resume{where}", file=sys.stderr, flush=True)
+        _exit_now(130)
     except Exception as e:  # Ray's TrainingFailedError and friends: one line, then where to look
         from distgan.checkpoint import CheckpointError
 
@@ -248,10 +361,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {kind} failed: {type(cause).__name__}: {msg}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, default=str))
-    print(f"\nrun directory : {summary['run_dir']}\nsamples       : {summary['samples']}\n"
-          f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint']} "
-          f"(FID {summary['best_fid']})\nsample images : python -m distgan.sample --checkpoint "
-          f"{summary['checkpoint']} --num-samples 64 --output samples.png")
+    best = f" (FID {summary['best_fid']:.2f})" if summary["best_fid"] is not None else ""
+    print(f"\nrun directory  : {summary['run_dir']}\nsample grids   : {summary['samples']}\n"
+          f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint']}{best}\n"
+          f"draw samples   : python -m distgan.sample --checkpoint {summary['run_dir']}")
     final = summary["final"]
     if "fid" in final:
         print(f"quality (EMA G, {summary['final'].get('step')} steps, vs the held-out digits): "
@@ -260,6 +373,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if summary.get("stopped"):
         print(f"error: training stopped: {summary['stopped']}", file=sys.stderr)
         return 1
+    if summary["interrupted"]:
+        print(f"interrupted: checkpoint {summary['checkpoint']} written at step {final.get('step')}; to resume: "
+              f"{resume_command(cfg, argv)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -11,6 +11,7 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +117,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for key, value in loop_config.get("env", {}).items():
         os.environ.setdefault(key, value)
     cfg = config_from_dict(loop_config["cfg"])
+    if not cfg.verbose:
+        # Ray Train logs every report at INFO on every rank ("Reporting training result ..."), through a logger
+        # named after its file, i.e. the root logger's handlers: the workers' INFO stays out of the terminal.
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()  # (1)
     rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
     print(f"[rank {rank}] of {ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()[:12]} "

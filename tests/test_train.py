@@ -22,9 +22,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, tmp_path_factory):
+    # 8 steps an epoch (4,000 images / 500): the epoch checkpoint and the every-4-steps one fall on step 8
     storage = tmp_path_factory.mktemp("runs")
-    proc = run_train(ray_cluster, "--num-workers", 2, "--batch-size", 32, "--epochs", 1, "--max-steps", 6,
-                     "--checkpoint-every-steps", 3, "--eval-samples", 200, "--log-every", 2,
+    proc = run_train(ray_cluster, "--num-workers", 2, "--batch-size", 500, "--epochs", 1, "--checkpoint-every", 1,
+                     "--checkpoint-every-steps", 4, "--num-to-keep", 1, "--eval-samples", 200, "--log-every", 2,
                      "--storage-path", storage, "--name", "e2e")
     assert proc.returncode == 0, describe(proc)
     return storage / "e2e", summary_of(proc), proc
@@ -32,7 +33,7 @@ def two_worker_run(ray_cluster, tmp_path_factory):
 
 def test_two_worker_run_trains_with_finite_losses_and_reports_its_outputs(two_worker_run):
     run_dir, summary, _ = two_worker_run
-    assert summary["num_workers"] == 2 and summary["final"]["step"] == 6
+    assert summary["num_workers"] == 2 and summary["final"]["step"] == 8
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in rows if "loss_d" in r]
     assert step_rows and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in step_rows)
@@ -43,10 +44,31 @@ def test_two_worker_run_trains_with_finite_losses_and_reports_its_outputs(two_wo
 def test_checkpoint_holds_the_full_training_state(two_worker_run):
     run_dir, summary, _ = two_worker_run
     state = load_state(summary["checkpoint"])
-    assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["step"] == 8 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert {"generator", "discriminator", "ema", "opt_g", "opt_d", "config"} <= set(state)
     assert state["config"]["num_workers"] == 2
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000003", "checkpoint_00000006"]
+
+
+def test_one_checkpoint_per_step_and_every_kept_checkpoint_exists(two_worker_run):
+    run_dir, summary, proc = two_worker_run
+    # step 8 was due twice (epoch end and every 4 steps): one report; --num-to-keep 1 keeps the evaluated one
+    assert [p.name for p in run_dir.glob("checkpoint_0*")] == ["checkpoint_00000008"]
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    kept = [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
+    assert kept == ["checkpoint_00000008"] and all((run_dir / name / "state.pt").is_file() for name in kept)
+    assert snapshot["current_report_index"] == 2  # steps 4 and 8: one report each
+    assert Path(summary["best_checkpoint"]).is_dir() and Path(summary["checkpoint"]).is_dir()
+
+
+def test_the_terminal_shows_few_lines_and_one_line_per_evaluation(two_worker_run):
+    _, _, proc = two_worker_run
+    lines = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+             if line.strip() and "img/s" not in line]  # progress-bar redraws aside
+    assert len(lines) < 60, "\n".join(lines)
+    assert not any("State API may be temporarily unavailable" in line for line in lines)
+    assert not any("Reporting training result" in line for line in lines)  # Ray Train's INFO chatter
+    evaluations = [line for line in lines if "epoch 1 step 8: FID" in line]
+    assert len(evaluations) == 1, "\n".join(lines)
 
 
 def test_sample_grid_png_is_written(two_worker_run):
@@ -96,7 +118,7 @@ def test_wandb_offline_run_of_the_two_worker_training(two_worker_run):
     run = read_offline_run(run_dir / "wandb")
     assert run["num_runs"] == 1 and run["complete"] and run["offline"] and run["name"] == "e2e"
     step_rows = [r for r in run["history"] if "loss_d" in r]
-    assert [r["_step"] for r in step_rows] == [1, 2, 4, 6]
+    assert [r["_step"] for r in step_rows] == [1, 2, 4, 6, 8]
     for row in step_rows:
         for key in STEP_KEYS:
             assert math.isfinite(row[key]), key
@@ -104,7 +126,7 @@ def test_wandb_offline_run_of_the_two_worker_training(two_worker_run):
     eval_row = next(r for r in run["history"] if "fid" in r)
     assert all(math.isfinite(eval_row[k]) for k in EPOCH_KEYS)
     assert run["config"]["world_size"] == 2 and run["config"]["kernel_backend"] == "eager"
-    assert run["config"]["per_worker_batch"] == 16
+    assert run["config"]["per_worker_batch"] == 250
     # the workers' environment held a W&B key: nothing the run wrote or printed contains it
     assert FAKE_KEY not in proc.stdout + proc.stderr
     for path in run_dir.rglob("*"):
@@ -128,3 +150,41 @@ def test_dashboard_panels_name_keys_the_real_training_run_logged(two_worker_run)
             assert set(keys) <= logged[kind], f"{section.name}: {set(keys) - logged[kind]} not logged"
             checked += len(keys)
     assert checked >= len(STEP_KEYS) + len(EPOCH_KEYS)
+
+
+def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resumes(ray_cluster, tmp_path):
+    import re
+    import shlex
+    import signal
+    import time
+
+    args = ["--batch-size", 32, "--max-steps", 300, "--eval-every", 0, "--checkpoint-every-minutes", 0,
+            "--storage-path", tmp_path, "--name", "ctrl-c"]
+    log = tmp_path / "driver.log"
+    env = ray_cluster.client_env(WANDB_MODE="disabled")
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
+                                  stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 180
+        while "img/s" not in log.read_text() and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+        time.sleep(2)  # a few steps in, between checkpoints
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=120)
+    text = log.read_text()
+    assert driver.returncode == 130, text[-3000:]
+    found = re.search(r"interrupted: checkpoint (\S+) written at step (\d+); to resume: (.+)", text)
+    assert found, text[-3000:]
+    checkpoint, step, command = Path(found.group(1)), int(found.group(2)), found.group(3)
+    assert 0 < step < 300 and checkpoint.name == f"checkpoint_{step:08d}" and checkpoint.is_dir()
+    assert load_state(checkpoint)["step"] == step
+
+    # the printed command, as the user would paste it (here with --verbose: Ray's own output comes back)
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "distgan.train"]
+    resumed = subprocess.run([sys.executable, *argv[1:], "--max-steps", str(step + 3), "--verbose"], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"at step {step} " in resumed.stdout + resumed.stderr and "resumed from" in resumed.stdout
+    assert "Reporting training result" in resumed.stdout + resumed.stderr
+    assert summary_of(resumed)["final"]["step"] == step + 3

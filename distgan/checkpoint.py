@@ -32,24 +32,30 @@ class CheckpointError(RuntimeError):
 # ------------------------------------------------------------------ RNG state as plain tensors
 
 
-def capture_rng(noise_gen: torch.Generator) -> dict[str, Any]:
-    """Every RNG this rank draws from, as weights_only-loadable values."""
+def capture_rng(noise_gen: torch.Generator, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Every RNG stream a training rank draws from, as weights_only-loadable values: the global torch CPU
+    generator, the training device's CUDA generator (when it is one), the noise generator, numpy, python."""
+    device = torch.device(device)
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state = {
-        "torch": torch.get_rng_state(),
-        "noise": noise_gen.get_state(),
+        "device_type": device.type, "torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
                    "gauss": py_gauss},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any], noise_gen: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any], noise_gen: torch.Generator, device: torch.device | str = "cpu") -> bool:
+    """Restores what capture_rng saved. Returns False, touching nothing, when the state was captured on another
+    device kind (a CPU generator's state does not fit a CUDA generator, nor the reverse)."""
+    device = torch.device(device)
+    if state.get("device_type", "cuda" if "cuda" in state else "cpu") != device.type:
+        return False
     torch.set_rng_state(state["torch"])
     noise_gen.set_state(state["noise"])
     n = state["numpy"]
@@ -57,8 +63,9 @@ def restore_rng(state: dict[str, Any], noise_gen: torch.Generator) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return True
 
 
 # ------------------------------------------------------------------ write
@@ -168,13 +175,6 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
             raise CheckpointError(f"{where}: {key} does not match this model ({str(e).splitlines()[0]})") from None
 
 
-def checkpoint_name(step: int, resumed_at: Optional[int]) -> str:
-    """checkpoint_<step>, plus _resume<step> in a resumed attempt: after a fall-back to an older checkpoint
-    the run passes the same steps again, and reusing a name would let Ray's clean-up of the old record
-    delete the new checkpoint."""
-    return f"checkpoint_{step:08d}" + ("" if resumed_at is None else f"_resume{resumed_at:08d}")
-
-
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.split("_")[1])
@@ -277,7 +277,6 @@ def run_fs(storage_path: str, name: str):
     return fs, f"{root.rstrip('/')}/{name}"
 
 
-_run_fs = run_fs  # the name other modules used before it became public
 
 
 def write_stop_reason(storage_path: str, name: str, reason: str) -> None:
@@ -318,7 +317,7 @@ def newest_checkpoint_state(storage_path: str, name: str, log=print) -> Optional
     import pyarrow.fs
 
     try:
-        fs, run = _run_fs(storage_path, name)
+        fs, run = run_fs(storage_path, name)
         entries = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
     except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
         log(f"WARNING: cannot list {storage_path}/{name} to check its checkpoints before resuming ({e})")

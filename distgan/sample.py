@@ -37,8 +37,8 @@ from distgan.checkpoint import (
 from distgan.config import config_from_dict
 from distgan.models import Generator
 
-# checkpoint.checkpoint_name(): checkpoint_<step>, plus _resume<step> in a resumed attempt
-CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8}))?")
+# loop.checkpoint_dir_name(): checkpoint_<step>, plus _resume<step>[.n] in a resumed attempt
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8})(?:\.(\d+))?)?")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the kept checkpoints and their metrics
 
 
@@ -48,10 +48,10 @@ class Choice(NamedTuple):
     reason: str  # one line: which checkpoint and why
 
 
-def _order(name: str) -> tuple[int, int]:
+def _order(name: str) -> tuple[int, int, int]:
     """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
     m = CHECKPOINT_NAME.fullmatch(name)
-    return (int(m[1]), int(m[2]) if m[2] else -1) if m else (-1, -1)
+    return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
 
 
 def _parent(location: str) -> str:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from distgan.checkpoint import check_compatible, load_into
+from distgan.checkpoint import capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
 from distgan.data import build_dataset
 from distgan.models import build_models
@@ -181,38 +181,12 @@ class Trainer:
     def samples_into_epoch(self) -> int:
         return self.steps_into_epoch * self.cfg.n_critic * self.cfg.per_worker_batch
 
-    def _rng_state(self) -> dict[str, Any]:
-
-        np_state = np.random.get_state()
-        py_version, py_internal, py_gauss = random.getstate()
-        state = {
-            "device_type": self.device.type, "torch": torch.get_rng_state(), "noise": self.noise_gen.get_state(),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-            "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                       "gauss": py_gauss},
-        }
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
     def _restore_rng(self, state: dict[str, Any]) -> None:
-
-        saved_kind = state.get("device_type", "cuda" if "cuda" in state else "cpu")
-        if saved_kind != self.device.type:
-            warnings.warn(f"checkpoint RNG streams were saved on {saved_kind}, this run trains on {self.device.type}: "
-                          f"noise and dropout restart from the seed, so the resume is not bit-exact", stacklevel=2)
+        if not restore_rng(state, self.noise_gen, self.device):
+            warnings.warn(f"checkpoint RNG streams were saved on {state.get('device_type')}, this run trains on "
+                          f"{self.device.type}: noise and dropout restart from the seed, so the resume is not "
+                          f"bit-exact", stacklevel=3)
             self._reseed_streams()
-            return
-        torch.set_rng_state(state["torch"])
-        self.noise_gen.set_state(state["noise"])
-        n = state["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        p = state["python"]
-        random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _reseed_streams(self) -> None:
         torch.manual_seed(self.cfg.seed + self.rank + 1000003 * self.step)
@@ -232,7 +206,7 @@ class Trainer:
             "batch_in_epoch": self.steps_into_epoch,  # G steps done in this epoch
             "generator": self.g_bare.state_dict(), "discriminator": self.d_bare.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "fixed_noise": self.fixed_noise,
-            "rng": self._all_gather_objects(self._rng_state()), "world_size": self.world,
+            "rng": self._all_gather_objects(capture_rng(self.noise_gen, self.device)), "world_size": self.world,
             "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "best_fid": self.best_fid,
             "precision": self.precision,
             "scalers": [s.state_dict() for s in self.scalers],

@@ -136,3 +136,12 @@ def test_locations_keep_a_uris_query_and_errors_name_what_the_user_gave(tmp_path
         fetch_state(f"file://{tmp_path}/c")
     with pytest.raises(CheckpointError, match=f"^file://{tmp_path}/d/state.pt: missing"):
         fetch_state(f"file://{tmp_path}/d")
+
+
+def test_rng_state_of_another_device_kind_is_not_restored():
+    gen = torch.Generator().manual_seed(5)
+    saved = capture_rng(gen)
+    saved["device_type"] = "cuda"  # as a CUDA worker wrote it
+    before = torch.get_rng_state()
+    assert restore_rng(saved, gen) is False
+    assert torch.equal(torch.get_rng_state(), before)

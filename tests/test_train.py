@@ -93,17 +93,26 @@ def test_distgan_sample_loads_the_checkpoint(two_worker_run, tmp_path, suffix):
         assert Image.open(out).size[0] > 28
 
 
-def test_ray_job_submit_runs_the_trainer(ray_cluster, tmp_path):
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"),
-         "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".", "--",
-         "python", "-m", "distgan.train", "--epochs", "1", "--max-steps", "5", "--batch-size", "32",
-         "--eval-every", "0", "--storage-path", str(tmp_path), "--name", "job"],
-        env=ray_cluster.client_env(WANDB_MODE="offline"), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, describe(proc)
-    assert "succeeded" in proc.stdout + proc.stderr
-    state = load_state(next((tmp_path / "job").glob("checkpoint_0*")))
+def test_ray_job_submit_runs_the_trainer_and_the_same_submission_resumes(ray_cluster, tmp_path):
+    """The README's job example: submitted twice with an absolute --storage-path, the second job continues."""
+
+    def submit(max_steps):
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "ray"),
+             "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".", "--",
+             "python", "-m", "distgan.train", "--epochs", "1", "--max-steps", str(max_steps), "--batch-size", "32",
+             "--eval-every", "0", "--storage-path", str(tmp_path), "--name", "job"],
+            env=ray_cluster.client_env(WANDB_MODE="offline"), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    first = submit(5)
+    assert first.returncode == 0, describe(first)
+    assert "succeeded" in first.stdout + first.stderr
+    state = load_state(tmp_path / "job" / "checkpoint_00000005")
     assert state["step"] == 5 and torch.isfinite(state["generator"]["project.weight"]).all()
+    second = submit(8)
+    assert second.returncode == 0, describe(second)
+    assert "resumed from" in second.stdout and "at step 5" in second.stdout
+    assert load_state(tmp_path / "job" / "checkpoint_00000008_resume00000005")["step"] == 8
 
 
 def test_too_many_workers_fails_fast_naming_the_flag(ray_cluster, tmp_path):

@@ -1,0 +1,29 @@
+"""The README's commands, run as written in a fresh clone, leave `git status` clean: training writes under
+./runs, `distgan.sample` into the run directory, the benchmarks into git-ignored dated files."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, describe
+
+pytestmark = pytest.mark.slow
+
+
+def test_readme_commands_leave_the_clone_clean(ray_cluster, tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    env = ray_cluster.client_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    commands = [
+        [sys.executable, "-m", "distgan.train", "--max-steps", "20", "--eval-every", "0", "--name", "smoke"],
+        [sys.executable, "-m", "distgan.sample", "--checkpoint", "runs/smoke"],
+        [sys.executable, "bench/kernels.py", "--quick"],
+    ]
+    for command in commands:
+        proc = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{command}\n{describe(proc)}"
+    assert list((clone / "runs" / "smoke" / "samples").glob("sample-*.png"))
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                            capture_output=True, text=True, check=True)
+    assert status.stdout == "", status.stdout

@@ -11,6 +11,7 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -130,8 +131,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def tracker_factory(resumed: bool):
         from distgan.tracking import Tracker
 
-        return Tracker(cfg, f"{cfg.storage_path}/{cfg.name}", trainer.world, resumed=resumed,
-                       kernel_backend=trainer.kernel_backend)
+        # the W&B config records the precision that runs, not "auto"
+        return Tracker(dataclasses.replace(cfg, precision=trainer.precision), f"{cfg.storage_path}/{cfg.name}",
+                       trainer.world, resumed=resumed, kernel_backend=trainer.kernel_backend)
 
     trainer = Trainer(cfg, device, wrap_model=ray.train.torch.prepare_model,  # (2)
                       evaluate=bool(loop_config.get("score_fid")), tracker_factory=tracker_factory)
@@ -150,6 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         if score_fid:  # Ray keeps the best checkpoints by this; a checkpoint not evaluated never wins
             metrics.setdefault("fid", float("inf"))
+        metrics["precision"] = trainer.precision  # reaches the driver's summary
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if trainer.rank == 0 and state is not None:

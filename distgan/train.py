@@ -316,6 +316,7 @@ def run(cfg: TrainConfig) -> dict:
         "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "num_workers": cfg.num_workers,
         "use_gpu": use_gpu,
+        "precision": metrics.get("precision"),
     }
     stopped = pop_stop_reason(cfg.storage_path, cfg.name)
     if stopped:

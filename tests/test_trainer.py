@@ -284,3 +284,19 @@ def test_train_step_does_not_sync_with_the_host(tmp_path, nccl_group):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.device.type == "cuda" for v in out.values())
+
+
+def test_an_fp32_checkpoint_loads_into_a_bf16_trainer_and_trains(tmp_path):
+    fp32 = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=2, eval_every=0, precision="fp32"),
+                   dataset=small_dataset())
+    fp32.fit()
+    bf16 = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=4, eval_every=0, precision="bf16"),
+                   dataset=small_dataset())
+    bf16.load_state_dict(fp32.state_dict(), "fp32 checkpoint")
+    assert bf16.fit()["step"] == 4
+    # master weights, optimizer state and EMA stay fp32 under autocast
+    state = bf16.state_dict()
+    assert all(t.dtype == torch.float32 for t in state["generator"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in state["ema"]["model"].values() if t.is_floating_point())
+    assert state["opt_g"]["state"][0]["exp_avg"].dtype == torch.float32
+    assert torch.isfinite(state["generator"]["project.weight"]).all()

@@ -11,11 +11,10 @@ through the public API, and how the benchmarks run the interpreter with a GPU's 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import math
 from dataclasses import dataclass
+
+from ._limits import LimitsSource
 
 # GPU tuning constants (DeviceLimits' defaults; the compile report checks them for spills and 128-bit loads).
 FUSED_MAX_TILE = 4096  # one channel (block) held in registers: 16 fp32 per thread at 8 warps, no spills
@@ -183,33 +182,6 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: DeviceLimits) -
     )
 
 
-_OVERRIDE: contextvars.ContextVar[DeviceLimits | None] = contextvars.ContextVar("bnlr_limits", default=None)
-
-
-@contextlib.contextmanager
-def limits_override(limits: DeviceLimits):
-    """Inside the block, `device_limits` returns `limits` for every device (forward and backward alike)."""
-    token = _OVERRIDE.set(limits)
-    try:
-        yield limits
-    finally:
-        _OVERRIDE.reset(token)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def device_limits(device) -> DeviceLimits:
-    """The limits the launchers plan with on `device` (a torch.device), unless `limits_override` is active."""
-    override = _OVERRIDE.get()
-    if override is not None:
-        return override
-    if device.type == "cuda":
-        import torch
-
-        return DeviceLimits.gpu(_sm_count(device.index if device.index is not None else torch.cuda.current_device()))
-    return DeviceLimits.cpu()
+_LIMITS = LimitsSource("bnlr_limits", DeviceLimits.gpu, DeviceLimits.cpu)
+limits_override = _LIMITS.override  # `with limits_override(DeviceLimits(...)):` plans every device with those limits
+device_limits = _LIMITS.for_device  # the DeviceLimits the launchers plan with on a torch.device

@@ -7,11 +7,9 @@ partials. `limits_override(limits)` makes `device_limits` answer `limits` inside
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 from dataclasses import dataclass
 
+from ._limits import LimitsSource
 from .batch_norm_leaky_relu_plan import cdiv
 
 BLOCK = 1024  # logits per tile: 4 KB fp32, 8 per thread at 4 warps (2 x ld.v4)
@@ -60,32 +58,6 @@ def plan(m: int, limits: BCELimits) -> BCEPlan:
                    num_warps=limits.num_warps)
 
 
-_OVERRIDE: contextvars.ContextVar[BCELimits | None] = contextvars.ContextVar("bce_limits", default=None)
-
-
-@contextlib.contextmanager
-def limits_override(limits: BCELimits):
-    """Inside the block, `device_limits` returns `limits` for every device."""
-    token = _OVERRIDE.set(limits)
-    try:
-        yield limits
-    finally:
-        _OVERRIDE.reset(token)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def device_limits(device) -> BCELimits:
-    override = _OVERRIDE.get()
-    if override is not None:
-        return override
-    if device.type == "cuda":
-        import torch
-
-        return BCELimits.gpu(_sm_count(device.index if device.index is not None else torch.cuda.current_device()))
-    return BCELimits.cpu()
+_LIMITS = LimitsSource("bce_limits", BCELimits.gpu, BCELimits.cpu)
+limits_override = _LIMITS.override  # `with limits_override(BCELimits(...)):` plans every device with those limits
+device_limits = _LIMITS.for_device  # the BCELimits the launchers plan with on a torch.device

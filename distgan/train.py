@@ -86,7 +86,9 @@ def connect_ray(cfg: TrainConfig):
     else:
         # The dashboard process serves Ray's State API, which Ray Train's placement-group cleaner polls every
         # few seconds; without it each poll logs "State API may be temporarily unavailable". Loopback only.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
+        # address="local": a new instance of our own. Without it ray.init joins any instance that `ray start`
+        # left on this machine (and then refuses num_cpus).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
                  include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     return ray
 

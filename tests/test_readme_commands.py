@@ -14,7 +14,10 @@ pytestmark = pytest.mark.slow
 def test_readme_commands_leave_the_clone_clean(ray_cluster, tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
-    env = ray_cluster.client_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    # as a user types them: no RAY_ADDRESS, so distgan.train starts its own Ray instance, even though the
+    # test cluster (a `ray start` instance) is up on this machine
+    env = {k: v for k, v in ray_cluster.client_env(WANDB_MODE="offline", WANDB_SILENT="true").items()
+           if not k.startswith("RAY_")}
     commands = [
         [sys.executable, "-m", "distgan.train", "--max-steps", "20", "--eval-every", "0", "--name", "smoke"],
         [sys.executable, "-m", "distgan.sample", "--checkpoint", "runs/smoke"],

@@ -162,6 +162,7 @@ def test_dashboard_panels_name_keys_the_real_training_run_logged(two_worker_run)
 
 
 def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resumes(ray_cluster, tmp_path):
+    import os
     import re
     import shlex
     import signal
@@ -173,12 +174,12 @@ def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resu
     env = ray_cluster.client_env(WANDB_MODE="disabled")
     with open(log, "w") as out:
         driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
-                                  stdout=out, stderr=subprocess.STDOUT, text=True)
+                                  stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.time() + 180
         while "img/s" not in log.read_text() and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
         time.sleep(2)  # a few steps in, between checkpoints
-        driver.send_signal(signal.SIGINT)
+        os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         driver.wait(timeout=120)
     text = log.read_text()
     assert driver.returncode == 130, text[-3000:]

@@ -70,10 +70,20 @@ def default_max_failures(environ: Mapping[str, str] = os.environ) -> int:
     return MAX_FAILURES_CLUSTER if environ.get("RAY_ADDRESS") else MAX_FAILURES_LOCAL
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect_ray(cfg: TrainConfig):
     import ray
 
-    runtime_env = driver_runtime_env()
+    runtime_env = driver_runtime_env() or {}
+    env_vars = runtime_env.setdefault("env_vars", {})
+    job_vars = (job_runtime_env() or {}).get("env_vars") or {}
     # Ray's own chatter stays at warning level unless --verbose; the workers' output (progress bar, evaluation
     # lines, warnings) still reaches this terminal.
     quiet = {} if cfg.verbose else {"logging_level": logging.WARNING}
@@ -81,15 +91,21 @@ def connect_ray(cfg: TrainConfig):
     # and drops it below the log level; plain prints are what the workers mean. Ray propagates this variable
     # from the driver to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's placement-group cleaner (an actor) polls Ray's State API, whose address it discovers from
+    # its environment; with two Ray instances on one machine, discovery fails and it logs an error every few
+    # seconds. So the run's actors are told which instance is theirs.
     if os.environ.get("RAY_ADDRESS"):
+        if "RAY_ADDRESS" not in job_vars:
+            env_vars["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
         ray.init(runtime_env=runtime_env, log_to_driver=True, **quiet)
     else:
-        # The dashboard process serves Ray's State API, which Ray Train's placement-group cleaner polls every
-        # few seconds; without it each poll logs "State API may be temporarily unavailable". Loopback only.
-        # address="local": a new instance of our own. Without it ray.init joins any instance that `ray start`
-        # left on this machine (and then refuses num_cpus).
+        # The dashboard process serves the State API (without it every poll logs "State API may be temporarily
+        # unavailable"); loopback only. address="local": a new instance of our own, where a bare ray.init()
+        # would join any instance that `ray start` left on this machine (and then refuse num_cpus).
+        port = _free_port()
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
-                 include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
     return ray
 
 
@@ -111,10 +127,15 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        fs, run, path = self._request_path()
-        fs.create_dir(run, recursive=True)
-        with fs.open_output_stream(path) as fh:
-            fh.write(b"stop")
+        try:
+            fs, run, path = self._request_path()
+            fs.create_dir(run, recursive=True)
+            with fs.open_output_stream(path) as fh:
+                fh.write(b"stop")
+        except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
+            print(f"\ninterrupt: cannot leave the stop request in the run directory ({e}); Ctrl-C again to stop "
+                  f"at once", file=sys.stderr, flush=True)
+            return
         print("\ninterrupt: the workers stop at the next step and write a checkpoint; Ctrl-C again to stop at once",
               file=sys.stderr, flush=True)
 
@@ -122,9 +143,12 @@ class StopOnInterrupt:
         """Removes a request left by an earlier submission (or this one, once served)."""
         from pyarrow.fs import FileType
 
-        fs, _, path = self._request_path()
-        if fs.get_file_info(path).type != FileType.NotFound:
-            fs.delete_file(path)
+        try:
+            fs, _, path = self._request_path()
+            if fs.get_file_info(path).type != FileType.NotFound:
+                fs.delete_file(path)
+        except OSError:  # unreachable storage: the driver's other reads say so; a stale request cannot be read
+            pass
 
     def __enter__(self) -> "StopOnInterrupt":
         self.clear()

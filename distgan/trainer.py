@@ -158,6 +158,7 @@ class Trainer:
         # Training streams: every rank its own (seed + rank), drawn only by training from here on.
         torch.manual_seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed())
         self.fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
         self.step = self.epoch = self.steps_into_epoch = 0

@@ -210,6 +210,11 @@ class TrainConfig:
                                       or WANDB_NAME_FORBIDDEN & set(value)):
                 raise bad(name, f"{value!r} must be 1-{WANDB_NAME_MAX} characters without "
                                 f"{' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
+        self._validate_data_and_name(bad)
+        self._validate_storage_path(bad)
+        return self
+
+    def _validate_data_and_name(self, bad) -> None:
         if self.dataset == "mnist5k":
             if self.data_root is not None:
                 raise bad("data_root", "mnist5k is embedded in the package and takes no data root")
@@ -224,8 +229,6 @@ class TrainConfig:
             self.name = time.strftime("distgan-%Y%m%d-%H%M%S")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", self.name):
             raise bad("name", f"{self.name!r} must be letters, digits, '.', '_' or '-' (no path separators)")
-        self._validate_storage_path(bad)
-        return self
 
     def _validate_storage_path(self, bad) -> None:
         if "://" in self.storage_path:

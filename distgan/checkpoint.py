@@ -175,6 +175,35 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
             raise CheckpointError(f"{where}: {key} does not match this model ({str(e).splitlines()[0]})") from None
 
 
+def checkpoint_dir_name(step: int, tag: str) -> str:
+    return f"checkpoint_{step:08d}" + (f"_{tag}" if tag else "")
+
+
+def resume_tag(existing: list[str], resumed_at: Optional[int]) -> str:
+    """The suffix of a resumed attempt's checkpoint names: `resume<step>`, plus `.<n>` when an earlier attempt
+    resumed from the same step (after a fall-back). A name is never reused: Ray's clean-up of an old record
+    would delete the new checkpoint that took its name."""
+    if resumed_at is None:
+        return ""
+    tag = f"resume{resumed_at:08d}"
+    earlier = {name.split(f"_{tag}", 1)[1].split("_")[0] for name in existing if f"_{tag}" in name}
+    n = 1
+    while (f".{n}" if n > 1 else "") in earlier:
+        n += 1
+    return tag + (f".{n}" if n > 1 else "")
+
+
+def run_dir_listing(storage_path: str, name: str) -> list[str]:
+    """The names in a run directory (local or URI); empty when it does not exist or cannot be read."""
+    from pyarrow.fs import FileSelector
+
+    fs, run = run_fs(storage_path, name)
+    try:
+        return [info.base_name for info in fs.get_file_info(FileSelector(run, allow_not_found=True))]
+    except OSError:
+        return []
+
+
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.split("_")[1])

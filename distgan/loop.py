@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,40 +24,21 @@ import ray.train
 import ray.train.torch
 import torch.distributed as dist
 
-from distgan.checkpoint import load_latest_valid, load_state, run_fs, save_state, write_stop_reason
+from distgan.checkpoint import (
+    checkpoint_dir_name,
+    load_latest_valid,
+    load_state,
+    resume_tag,
+    run_dir_listing,
+    run_fs,
+    save_state,
+    write_stop_reason,
+)
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
 
 STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C; polled by rank 0
 STOP_POLL_S = 2.0
-
-
-def checkpoint_dir_name(step: int, tag: str) -> str:
-    return f"checkpoint_{step:08d}" + (f"_{tag}" if tag else "")
-
-
-def resume_tag(existing: list[str], resumed_at: Optional[int]) -> str:
-    """The suffix of a resumed attempt's checkpoint names: `resume<step>`, plus `.<n>` when an earlier attempt
-    resumed from the same step (after a fall-back). A name is never reused: Ray's clean-up of an old record
-    would delete the new checkpoint that took its name."""
-    if resumed_at is None:
-        return ""
-    tag = f"resume{resumed_at:08d}"
-    earlier = {name.split(f"_{tag}", 1)[1].split("_")[0] for name in existing if f"_{tag}" in name}
-    n = 1
-    while (f".{n}" if n > 1 else "") in earlier:
-        n += 1
-    return tag + (f".{n}" if n > 1 else "")
-
-
-def _run_dir_listing(cfg) -> list[str]:
-    from pyarrow.fs import FileSelector
-
-    fs, run = run_fs(cfg.storage_path, cfg.name)
-    try:
-        return [info.base_name for info in fs.get_file_info(FileSelector(run, allow_not_found=True))]
-    except OSError:
-        return []
 
 
 def _load_checkpoint(trainer: Trainer) -> Optional[int]:
@@ -113,8 +95,6 @@ class _Progress:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import os
-
     for key, value in loop_config.get("env", {}).items():
         os.environ.setdefault(key, value)
     cfg = config_from_dict(loop_config["cfg"])
@@ -135,19 +115,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return Tracker(dataclasses.replace(cfg, precision=trainer.precision), f"{cfg.storage_path}/{cfg.name}",
                        trainer.world, resumed=resumed, kernel_backend=trainer.kernel_backend)
 
+    score_fid = bool(loop_config.get("score_fid"))
     trainer = Trainer(cfg, device, wrap_model=ray.train.torch.prepare_model,  # (2)
-                      evaluate=bool(loop_config.get("score_fid")), tracker_factory=tracker_factory)
+                      evaluate=score_fid, tracker_factory=tracker_factory)
     if rank == 0:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision}, kernels "
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
     resumed_at = _load_checkpoint(trainer)
-    box = [resume_tag(_run_dir_listing(cfg), resumed_at) if rank == 0 else None]
+    box = [resume_tag(run_dir_listing(cfg.storage_path, cfg.name), resumed_at) if rank == 0 else None]
     if trainer.distributed:
         from kernels.collectives import collective_device
 
         dist.broadcast_object_list(box, src=0, device=collective_device())
     tag = box[0]
-    score_fid = bool(loop_config.get("score_fid"))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         if score_fid:  # Ray keeps the best checkpoints by this; a checkpoint not evaluated never wins
@@ -165,7 +145,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         result = trainer.fit(report, should_stop=_StopRequest(cfg, rank), on_step=progress)
     finally:
-        if progress is not None:
-            progress.close()
+        progress and progress.close()
     if rank == 0 and result["stopped"]:
         write_stop_reason(cfg.storage_path, cfg.name, result["stopped"])

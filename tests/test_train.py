@@ -94,25 +94,33 @@ def test_distgan_sample_loads_the_checkpoint(two_worker_run, tmp_path, suffix):
 
 
 def test_ray_job_submit_runs_the_trainer_and_the_same_submission_resumes(ray_cluster, tmp_path):
-    """The README's job example: submitted twice with an absolute --storage-path, the second job continues."""
+    """The README's job example: submitted twice with an absolute --storage-path, the second job continues.
+    The first sets a variable in the job's runtime env that distgan also forwards (Ray refuses to merge a
+    repeated key); a relative --storage-path inside a job is refused."""
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+              "--working-dir", "."]
+    env = ray_cluster.client_env(WANDB_MODE="offline")
 
-    def submit(max_steps):
-        return subprocess.run(
-            [str(Path(sys.executable).parent / "ray"),
-             "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".", "--",
-             "python", "-m", "distgan.train", "--epochs", "1", "--max-steps", str(max_steps), "--batch-size", "32",
-             "--eval-every", "0", "--storage-path", str(tmp_path), "--name", "job"],
-            env=ray_cluster.client_env(WANDB_MODE="offline"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    def train(*args, job_env=()):
+        return subprocess.run([*submit, *job_env, "--", "python", "-m", "distgan.train", "--epochs", "1",
+                               "--batch-size", "32", "--eval-every", "0", *args],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
-    first = submit(5)
+    job = ("--storage-path", str(tmp_path), "--name", "job")
+    first = train("--max-steps", "5", *job,
+                  job_env=("--runtime-env-json", json.dumps({"env_vars": {"TRITON_INTERPRET": "1"}})))
     assert first.returncode == 0, describe(first)
     assert "succeeded" in first.stdout + first.stderr
     state = load_state(tmp_path / "job" / "checkpoint_00000005")
     assert state["step"] == 5 and torch.isfinite(state["generator"]["project.weight"]).all()
-    second = submit(8)
+    second = train("--max-steps", "8", *job)
     assert second.returncode == 0, describe(second)
     assert "resumed from" in second.stdout and "at step 5" in second.stdout
     assert load_state(tmp_path / "job" / "checkpoint_00000008_resume00000005")["step"] == 8
+    relative = train("--max-steps", "2", "--name", "rel")
+    out = relative.stdout + relative.stderr
+    assert relative.returncode != 0 and "--storage-path: './runs' is relative, and inside a Ray job" in out, \
+        describe(relative)
 
 
 def test_too_many_workers_fails_fast_naming_the_flag(ray_cluster, tmp_path):

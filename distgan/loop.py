@@ -23,6 +23,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch.distributed as dist
+from pyarrow.fs import FileType
 
 from distgan.checkpoint import (
     checkpoint_dir_name,
@@ -48,8 +49,9 @@ def _load_checkpoint(trainer: Trainer) -> Optional[int]:
     if Path(checkpoint.path).is_dir():  # local storage: fall back past a bad latest checkpoint
         state, where = load_latest_valid(Path(checkpoint.path), log=lambda m: print(m, flush=True))
     else:  # remote storage: only the latest is fetched; a bad one stops the run naming it
-        with checkpoint.as_directory() as tmp:
-            state, where = load_state(tmp), checkpoint.path
+        with checkpoint.as_directory() as tmp:  # Ray's path drops the URI scheme; the user's storage path has it
+            where = f"{trainer.cfg.storage_path.rstrip('/')}/{trainer.cfg.name}/{Path(checkpoint.path).name}"
+            state = load_state(tmp, where)
     trainer.load_state_dict(state, str(where))
     print(f"[rank {trainer.rank}] resumed from {where} at step {trainer.step} (epoch {trainer.epoch}, "
           f"batch {trainer.steps_into_epoch})", flush=True)
@@ -66,8 +68,6 @@ class _StopRequest:
         if self.rank != 0 or time.monotonic() - self.last < STOP_POLL_S:
             return False
         self.last = time.monotonic()
-        from pyarrow.fs import FileType
-
         fs, run = run_fs(self.cfg.storage_path, self.cfg.name)
         try:
             return fs.get_file_info(f"{run}/{STOP_REQUEST_FILE}").type != FileType.NotFound

@@ -205,3 +205,28 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
     assert [r["kind"] for r in tracking.read_metrics(tracker.metrics_path)] == \
         ["start", "step", "step", "step", "eval", "finish"]
     assert (tracker.run_dir / "samples" / "epoch_0001.png").is_file() and (tracker.run_dir / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_training_run_in_a_bucket_resumes_from_it_and_prints_s3_paths(s3_endpoint, tmp_path):
+    """Two local runs (their own Ray instance; the workers inherit the S3 settings): every artifact lands in
+    the bucket, the resubmission resumes from the bucket's checkpoint, printed paths keep s3://."""
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
+    fs.create_dir("train-bucket")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint, WANDB_MODE="disabled")
+
+    def train(steps):
+        return subprocess.run([sys.executable, "-m", "distgan.train", "--max-steps", str(steps), "--batch-size", "32",
+                               "--eval-every", "0", "--storage-path", "s3://train-bucket/exp", "--name", "s3run"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    first = train(3)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "last checkpoint: s3://train-bucket/exp/s3run/checkpoint_00000003" in first.stdout
+    second = train(5)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from s3://train-bucket/exp/s3run/checkpoint_00000003 at step 3" in second.stdout
+    names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector("train-bucket/exp/s3run"))}
+    assert {"checkpoint_00000003", "checkpoint_00000005_resume00000003", "metrics.jsonl", "samples",
+            "curves.png"} <= names

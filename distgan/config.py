@@ -70,12 +70,12 @@ class TrainConfig:
     image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
     channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10 and folder, else 1")
     # --- schedule
-    epochs: int = _opt(20, "passes over the training split")
+    epochs: int = _opt(40, "passes over the training split")
     max_steps: Optional[int] = _opt(None, "stop after this many G steps", "none (all --epochs)")
     batch_size: int = _opt(64, "GLOBAL batch, split evenly across workers")
     # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)
-    lr_g: float = _opt(2e-4, "generator Adam learning rate")
-    lr_d: float = _opt(2e-4, "discriminator Adam learning rate")
+    lr_g: float = _opt(1e-3, "generator Adam learning rate (the seed recipe's: 2e-4)")
+    lr_d: float = _opt(1e-3, "discriminator Adam learning rate (the seed recipe's: 2e-4)")
     beta1: float = _opt(0.5, "Adam beta1 (both optimizers)")
     beta2: float = _opt(0.999, "Adam beta2 (both optimizers)")
     n_critic: int = _opt(1, "D steps per G step")
@@ -97,7 +97,7 @@ class TrainConfig:
     storage_path: str = _opt("./runs", "Ray storage path (local dir, NFS or s3://); inside `ray job submit` "
                                        "it must be absolute or a URI")
     name: Optional[str] = _opt(None, "run name; same name = resume", "distgan-<date>-<time>")
-    checkpoint_every: int = _opt(5, "epochs between checkpoints (each is also evaluated)")
+    checkpoint_every: int = _opt(10, "epochs between checkpoints (each is also evaluated)")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N steps; 0 = off")
     checkpoint_every_minutes: float = _opt(3.0, "also checkpoint when this many minutes passed since the "
                                                 "last; 0 = off")
@@ -114,7 +114,7 @@ class TrainConfig:
     placement_strategy: str = _opt("PACK", "PACK or SPREAD workers over nodes (or STRICT_PACK, STRICT_SPREAD)")
     # --- tracking and evaluation
     log_every: int = _opt(10, "steps between metric logs")
-    eval_every: int = _opt(5, "epochs between quality evaluations; 0 = off")
+    eval_every: int = _opt(10, "epochs between quality evaluations; 0 = off")
     eval_samples: int = _opt(1000, f"generated images per evaluation (at least {MIN_EVAL_SAMPLES})")
     wandb_project: Optional[str] = _opt(None, "W&B project", "WANDB_PROJECT, else distgan")
     wandb_mode: Optional[str] = _opt(None, f"one of {', '.join(WANDB_MODES)}",

@@ -172,7 +172,7 @@ def test_nan_is_detected_on_every_rank_and_rolled_back(behaviours):
     for out in behaviours:
         result, rollbacks, lr_scale, lr_g, step = out["nan"]
         assert result["stopped"] is None and step == 6
-        assert rollbacks == 1 and lr_scale == 0.5 and lr_g == pytest.approx(1e-4)
+        assert rollbacks == 1 and lr_scale == 0.5 and lr_g == pytest.approx(TrainConfig().lr_g / 2)
 
 
 def _slow_rank0_worker(rank, tmp):

@@ -37,9 +37,10 @@ from distgan.checkpoint import (
 )
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
+from kernels.collectives import collective_device
 
 STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C; polled by rank 0
-STOP_POLL_S = 2.0
+STOP_POLL_S = {"local": 0.5, "remote": 5.0}  # a stat is free; an s3:// HEAD request is not
 
 
 def _load_checkpoint(trainer: Trainer) -> Optional[int]:
@@ -59,13 +60,14 @@ def _load_checkpoint(trainer: Trainer) -> Optional[int]:
 
 
 class _StopRequest:
-    """Rank 0 polls the run directory for the driver's stop request, at most every STOP_POLL_S seconds."""
+    """Rank 0 polls the run directory for the driver's stop request (every STOP_POLL_S seconds at most)."""
 
     def __init__(self, cfg, rank: int):
         self.cfg, self.rank, self.last = cfg, rank, 0.0
 
     def __call__(self) -> bool:
-        if self.rank != 0 or time.monotonic() - self.last < STOP_POLL_S:
+        every = STOP_POLL_S["remote" if "://" in self.cfg.storage_path else "local"]
+        if self.rank != 0 or time.monotonic() - self.last < every:
             return False
         self.last = time.monotonic()
         fs, run = run_fs(self.cfg.storage_path, self.cfg.name)
@@ -124,8 +126,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resumed_at = _load_checkpoint(trainer)
     box = [resume_tag(run_dir_listing(cfg.storage_path, cfg.name), resumed_at) if rank == 0 else None]
     if trainer.distributed:
-        from kernels.collectives import collective_device
-
         dist.broadcast_object_list(box, src=0, device=collective_device())
     tag = box[0]
 

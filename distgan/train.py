@@ -104,6 +104,8 @@ def connect_ray(cfg: TrainConfig):
         # would join any instance that `ray start` left on this machine (and then refuse num_cpus).
         port = _free_port()
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
     return ray
@@ -388,9 +390,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {kind} failed: {type(cause).__name__}: {msg}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, default=str))
-    best = f" (FID {summary['best_fid']:.2f})" if summary["best_fid"] is not None else ""
+    best = f" (FID {summary['best_fid']:.2f})" if summary["best_fid"] is not None else " (no evaluation ran)"
     print(f"\nrun directory  : {summary['run_dir']}\nsample grids   : {summary['samples']}\n"
-          f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint']}{best}\n"
+          f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint'] or '-'}{best}\n"
           f"draw samples   : python -m distgan.sample --checkpoint {summary['run_dir']}")
     final = summary["final"]
     if "fid" in final:

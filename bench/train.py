@@ -116,12 +116,14 @@ def default_precision() -> str:
 # left on this machine (it reads <temp dir>/ray/ray_current_cluster); an empty temp dir of its own
 # makes each distgan run start a fresh local cluster, as on a machine where nothing else runs Ray.
 RAY_TMPDIR: str | None = None
+JOIN_CLUSTER = False  # --join-cluster: the distgan runs join RAY_ADDRESS (the tests' cluster) instead
 
 
 def _child_env(**extra) -> dict:
     env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
     env.pop("TRITON_INTERPRET", None)  # neither side may run the interpreter (see fused_unavailable)
-    env.pop("RAY_ADDRESS", None)
+    if not JOIN_CLUSTER:
+        env.pop("RAY_ADDRESS", None)
     if RAY_TMPDIR:
         env["RAY_TMPDIR"] = RAY_TMPDIR
     return env
@@ -444,6 +446,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="default: the preset's")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="start no new run after this many seconds (the rest are listed as not run)")
+    p.add_argument("--join-cluster", action="store_true",
+                   help="distgan runs join the cluster in RAY_ADDRESS instead of starting their own Ray instance "
+                        "(quicker; start-up times then say nothing of a fresh machine)")
     add_output_args(p, "train-<cpu|gpu>[-<preset>]")
     # the plain loop's own process (internal)
     p.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
@@ -520,7 +525,9 @@ def unavailable_rows(args, workers, no_fused, failed, skipped, budget_s) -> list
 
 
 def main(argv=None) -> int:
+    global JOIN_CLUSTER
     args = parse_args(argv)
+    JOIN_CLUSTER = args.join_cluster
     if args.plain_child:
         args.kernels = args.kernels[0] if isinstance(args.kernels, list) else args.kernels
         plain_child(args)

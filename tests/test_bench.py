@@ -436,11 +436,11 @@ def test_train_throughput_comes_from_the_steady_state_step_stamps(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_smoke_measures_plain_and_distgan_in_fp32_and_bf16(tmp_path):
+def test_bench_train_smoke_measures_plain_and_distgan_in_fp32_and_bf16(ray_cluster, tmp_path):
     out = tmp_path / "train.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/train.py", "--smoke", "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    proc = subprocess.run(  # joins the tests' cluster: a Ray start per run would double the time
+        [sys.executable, "bench/train.py", "--smoke", "--join-cluster", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env=ray_cluster.client_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -70,7 +70,7 @@ class TrainConfig:
     image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
     channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10 and folder, else 1")
     # --- schedule
-    epochs: int = _opt(40, "passes over the training split")
+    epochs: int = _opt(38, "passes over the training split")
     max_steps: Optional[int] = _opt(None, "stop after this many G steps", "none (all --epochs)")
     batch_size: int = _opt(64, "GLOBAL batch, split evenly across workers")
     # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)

@@ -111,20 +111,20 @@ def test_readme_flag_table_lists_every_flag_with_its_current_default():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--epochs", "40", "--batch-size", "64"],  # typed values equal to the defaults still win over the file
-    ["--epochs=40", "--batch-size=64"],
+    ["--epochs", "38", "--batch-size", "64"],  # typed values equal to the defaults still win over the file
+    ["--epochs=38", "--batch-size=64"],
 ])
 def test_a_typed_flag_wins_over_the_file_even_when_it_equals_the_default(tmp_path, argv):
     f = tmp_path / "c.yaml"
     f.write_text("epochs: 5\nbatch_size: 32\nuse_gpu: false\ndownload: false\n")
     cfg = parse_args(["--config", str(f), *argv, "--use-gpu"])
-    assert (TrainConfig().epochs, TrainConfig().batch_size) == (40, 64)  # the typed values are the defaults
-    assert (cfg.epochs, cfg.batch_size, cfg.use_gpu) == (40, 64, True)
+    assert (TrainConfig().epochs, TrainConfig().batch_size) == (38, 64)  # the typed values are the defaults
+    assert (cfg.epochs, cfg.batch_size, cfg.use_gpu) == (38, 64, True)
     # what is not typed comes from the file, then from the defaults
     cfg = parse_args(["--config", str(f)])
     assert (cfg.epochs, cfg.batch_size, cfg.use_gpu, cfg.lr_g) == (5, 32, False, TrainConfig().lr_g)
     # the order on the command line does not matter
-    assert parse_args([*argv, "--config", str(f)]).epochs == 40
+    assert parse_args([*argv, "--config", str(f)]).epochs == 38
 
 
 def test_bool_flags_typed_false_win_over_a_file_that_says_true(tmp_path):

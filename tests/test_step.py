@@ -13,10 +13,10 @@ def _setup(seed=0, z_dim=16):
     return g, d, opt_g, opt_d
 
 
-def test_adam_defaults_are_the_seeds_recipe():
+def test_adam_takes_the_configured_learning_rates_and_betas():
     g, d, opt_g, opt_d = _setup()
     for opt in (opt_g, opt_d):
-        assert opt.defaults["lr"] == 2e-4 and opt.defaults["betas"] == (0.5, 0.999)
+        assert opt.defaults["lr"] == TrainConfig().lr_g and opt.defaults["betas"] == (0.5, 0.999)
     cfg = TrainConfig(lr_g=1e-3, lr_d=3e-4)
     opt_g, opt_d = make_optimizers(g, d, cfg)
     assert (opt_g.defaults["lr"], opt_d.defaults["lr"]) == (1e-3, 3e-4)

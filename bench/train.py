@@ -99,17 +99,10 @@ def fused_unavailable() -> str | None:
 
 
 def default_precision() -> str:
-    """What distgan's `--precision auto` (the default) runs here: distgan's own resolver when it has one,
-    else its documented rule (bf16 where the hardware runs it fast: a GPU with bf16 support; else fp32)."""
-    from distgan import config
+    """What distgan's `--precision auto` (the default) runs here, by distgan's own resolver."""
+    from distgan.step import resolve_precision
 
-    resolve = getattr(config, "resolve_precision", None)
-    if resolve is not None:
-        try:
-            return resolve("auto", "cuda" if GPU else "cpu")
-        except Exception:  # noqa: BLE001 - a resolver of another signature: fall back to the rule
-            pass
-    return "bf16" if GPU and torch.cuda.is_bf16_supported() else "fp32"
+    return resolve_precision("auto", "cuda" if GPU else "cpu")
 
 
 # Set by main(): a private Ray temp dir. Without RAY_ADDRESS, ray.init() joins any cluster `ray start`

@@ -85,10 +85,6 @@ def _checksum(tensors) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum()])
 
 
-def _bare(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
-
-
 def _default_wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP when a process group of more than one rank is up (what Ray's prepare_model does), else the module."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -4,7 +4,6 @@
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +23,17 @@ from distgan.config import TrainConfig
 from distgan.sample import main as sample_main
 from distgan.tracking import Tracker
 
+from ray_local import free_port
 from wandb_offline import QUALITY, step_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -176,7 +170,7 @@ def test_sample_reads_checkpoints_from_the_bucket_and_writes_next_to_them(bucket
 
 
 def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_training(tmp_path, monkeypatch, capfd):
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": dead, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--checkpoint", "s3://bkt/runs/r"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=180)

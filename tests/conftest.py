@@ -18,19 +18,44 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ray_local import LocalRayCluster  # noqa: E402
+from ray_local import LocalRayCluster, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ray Train's controller polls its workers every 2 s by default, so noticing that a run ended (or a worker died)
+# costs up to 2 s; the tests' short runs poll faster. The controller reads it from its node's environment.
+FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+# S3 client settings for the tests' S3-protocol server (moto's); never real credentials
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """A local S3-protocol server (moto) on a loopback port, found the way Ray Train and pyarrow find a non-AWS
+    server: AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     """One real Ray head node on loopback (token auth on) shared by every test that trains."""
     from wandb_offline import FAKE_KEY
 
-    # Like a provisioned cloud node, the workers' environment holds a W&B key: the tests check it never
-    # reaches a file (runs default to offline here: the drivers pass WANDB_MODE).
-    cluster = LocalRayCluster(num_cpus=3, node_env={"WANDB_API_KEY": FAKE_KEY}).start()
+    # Like a provisioned cloud node, the workers' environment holds a W&B key (the tests check it never reaches
+    # a file; runs default to offline here: the drivers pass WANDB_MODE) and the object store's settings.
+    node_env = {"WANDB_API_KEY": FAKE_KEY, **S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, **FAST_POLL}
+    cluster = LocalRayCluster(num_cpus=3, node_env=node_env).start()
     try:
         yield cluster
     finally:
@@ -39,7 +64,7 @@ def ray_cluster():
 
 def run_train(cluster, *args, env=None, timeout=300, cwd=None):
     """`python -m distgan.train ...` as a driver of the test cluster; returns the CompletedProcess."""
-    full_env = cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})})
+    full_env = cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAST_POLL, **(env or {})})
     return subprocess.run([sys.executable, "-m", "distgan.train", *map(str, args)], env=full_env, cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout)
 

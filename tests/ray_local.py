@@ -100,8 +100,8 @@ class LocalRayCluster:
             return
         sid = os.getsid(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
+        try:  # whatever has not exited by then is killed below
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
         for pid in _session_pids(sid):

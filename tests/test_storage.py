@@ -1,5 +1,6 @@
-"""A run directory in an S3 bucket: the Tracker's files and `distgan.sample` against a local S3-protocol server
-(moto's, on a loopback port), found the way Ray Train and pyarrow find a non-AWS server: AWS_ENDPOINT_URL."""
+"""A run directory in an S3 bucket: the Tracker's files, `distgan.sample` and the driver's look at a run before it
+resumes, against a local S3-protocol server (conftest's `s3_endpoint`). A Ray run in a bucket, killed and resumed
+from it: tests/test_fault_tolerance.py."""
 
 import hashlib
 import json
@@ -23,26 +24,13 @@ from distgan.config import TrainConfig
 from distgan.sample import main as sample_main
 from distgan.tracking import Tracker
 
+from conftest import S3_ENV
 from ray_local import free_port
 from wandb_offline import QUALITY, step_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture
@@ -201,26 +189,20 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
     assert (tracker.run_dir / "samples" / "epoch_0001.png").is_file() and (tracker.run_dir / "curves.png").is_file()
 
 
-@pytest.mark.slow
-def test_a_training_run_in_a_bucket_resumes_from_it_and_prints_s3_paths(s3_endpoint, tmp_path):
-    """Two local runs (their own Ray instance; the workers inherit the S3 settings): every artifact lands in
-    the bucket, the resubmission resumes from the bucket's checkpoint, printed paths keep s3://."""
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
-    fs.create_dir("train-bucket")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint, WANDB_MODE="disabled")
+def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_changed_model(bucket, tmp_path):
+    """What a resubmission with an s3:// --storage-path does before Ray starts (distgan.train.check_resume)."""
+    from distgan.checkpoint import newest_checkpoint_state
+    from distgan.config import ConfigError
+    from distgan.train import check_resume
 
-    def train(steps):
-        return subprocess.run([sys.executable, "-m", "distgan.train", "--max-steps", str(steps), "--batch-size", "32",
-                               "--eval-every", "0", "--storage-path", "s3://train-bucket/exp", "--name", "s3run"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-    first = train(3)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "last checkpoint: s3://train-bucket/exp/s3run/checkpoint_00000003" in first.stdout
-    second = train(5)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from s3://train-bucket/exp/s3run/checkpoint_00000003 at step 3" in second.stdout
-    names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector("train-bucket/exp/s3run"))}
-    assert {"checkpoint_00000003", "checkpoint_00000005_resume00000003", "metrics.jsonl", "samples",
-            "curves.png"} <= names
+    fs = pyarrow.fs.FileSystem.from_uri(f"s3://{bucket}")[0]
+    for step in (3, 5):
+        local = make_checkpoint(tmp_path / f"c{step}", step=step)
+        upload(local / "state.pt", fs, f"{bucket}/runs/r/checkpoint_{step:08d}/state.pt")
+        time.sleep(1.1)  # S3 modification times have a resolution of a second
+    where, state = newest_checkpoint_state(f"s3://{bucket}/runs", "r")
+    assert where.endswith("runs/r/checkpoint_00000005") and state["step"] == 5
+    cfg = TrainConfig(**{**state["config"], "storage_path": f"s3://{bucket}/runs", "name": "r"})
+    check_resume(cfg, (where, state))  # the same flags resume
+    with pytest.raises(ConfigError, match="^--z-dim: run r was checkpointed with z_dim=100 .*checkpoint_00000005"):
+        check_resume(TrainConfig(**{**state["config"], "name": "r", "z_dim": 64}), (where, state))

@@ -40,6 +40,7 @@ RECIPES = {
     "lr6e-4-ema.995": {"lr_g": 6e-4, "lr_d": 6e-4, "ema_decay": 0.995},
     "lr1e-3": {"lr_g": 1e-3, "lr_d": 1e-3},
     "lr8e-4-batch128": {"lr_g": 8e-4, "lr_d": 8e-4, "batch_size": 128},
+    "lr1e-3-batch32": {"lr_g": 1e-3, "lr_d": 1e-3, "batch_size": 32},  # twice the G steps per image
 }
 SEED_RECIPE = dict(num_workers=2, batch_size=64, lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, ema_decay=0.999,
                    precision="auto", wandb_mode="disabled", checkpoint_every_minutes=0, eval_samples=1000)

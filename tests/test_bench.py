@@ -25,7 +25,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from kernels import reference
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+# The repository first, as bench/*.py do it: processes spawned later inherit sys.path, and with bench/ first their
+# `import kernels` would find bench/kernels.py instead of the kernels package.
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import _cases  # noqa: E402
 import _counting  # noqa: E402

@@ -6,7 +6,7 @@
 # Stages, each under its own `timeout` (a hang costs its stage, not the whole check), all inside one
 # overall budget (GPU_CHECK_BUDGET_S, default 470 s, so the whole check stays under 8 minutes):
 #   versions   GPU, driver, CUDA, torch, triton, ray (distgan/provenance.py)
-#   pytest     python -m pytest -m gpu -q
+#   pytest     python -m pytest -o addopts= -m gpu -q
 #   kernels    bench/kernels.py --gpu-check: eager vs torch.compile vs triton, forward/backward/full, fp32 and
 #              bf16, the generator's layers at batch 64 and 256 and two large shapes, do_bench medians, GB/s
 #              against the copy bandwidth measured in the same run
@@ -115,8 +115,9 @@ tail -n 2 "$LOGS/versions.log"
 
 # Only the files that hold GPU tests: the others import what this image may lack (wandb, moto, jsonschema),
 # and one collection error would fail the stage before a GPU test ran.
+# One process (-o addopts= drops pyproject's `-n 2`): the image has no pytest-xdist, and a GPU is not shared.
 mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py)
-stage pytest 150 check_pytest "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_TEST_FILES[@]}"
+stage pytest 150 check_pytest "$PY" -m pytest -o addopts= -m gpu -q -p no:cacheprovider "${GPU_TEST_FILES[@]}"
 # The bench stops starting new cases 45 s before its limit, so it always writes what it measured.
 stage kernels 150 - bash -c '"$0" bench/kernels.py --gpu-check --time-budget-s $((STAGE_LIMIT - 45)) \
   --output "$1"' "$PY" "$LOGS/kernels.json"

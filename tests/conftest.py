@@ -103,13 +103,3 @@ def assert_bitwise_equal(a, b, path="state"):
 
 # the parts of a checkpoint that must match bitwise between a resumed and an uninterrupted run
 TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "batch_in_epoch")
-
-
-def pytest_collection_modifyitems(config, items):
-    """pytest-xdist groups (`--dist loadgroup`): the slow tests (real Ray clusters) run one after another on one
-    worker, as two Ray clusters at once would only fight over the 2 CPUs each run asks for; every other test
-    stays with its module, so a module's expensive fixture (gloo round trips, a trained classifier) is built
-    once, not once per worker."""
-    for item in items:
-        group = "ray" if item.get_closest_marker("slow") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -21,7 +21,7 @@ from wandb_offline import FAKE_KEY, read_offline_run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")  # session: pytest-xdist may interleave this module's tests with others'
+@pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, tmp_path_factory):
     # 8 steps an epoch (4,000 images / 500): the epoch checkpoint and the every-4-steps one fall on step 8
     storage = tmp_path_factory.mktemp("runs")

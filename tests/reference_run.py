@@ -1,8 +1,8 @@
 """What a Ray run must end with, computed without Ray: `distgan.train`'s flags parsed as the driver parses them,
 the Trainer in `--num-workers` gloo processes (torch.multiprocessing), one thread each like a Ray worker with
-one CPU. The Ray adapter adds nothing to the training state, so a Ray run's final checkpoint equals this bitwise
-(tests/test_fault_tolerance.py checks it), and a recovered Ray run can be compared with it instead of a second
-Ray run."""
+one CPU. The Ray adapter adds nothing to the training state, so a Ray run that was interrupted and resumed must
+end bitwise equal to this (tests/test_fault_tolerance.py, tests/test_train.py), one Ray run cheaper than
+comparing with an uninterrupted Ray run."""
 
 from __future__ import annotations
 

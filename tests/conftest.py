@@ -49,7 +49,8 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """One real Ray head node on loopback (token auth on) shared by every test that trains."""
+    """One real Ray head node on loopback (token auth on) shared by the tests that train (one per pytest-xdist
+    worker that runs any)."""
     from wandb_offline import FAKE_KEY
 
     # Like a provisioned cloud node, the workers' environment holds a W&B key (the tests check it never reaches

@@ -28,14 +28,16 @@ REPO = Path(__file__).resolve().parent.parent
 FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-# S3 client settings for the tests' S3-protocol server (moto's); never real credentials
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+def s3_env(endpoint: str) -> dict[str, str]:
+    """S3 client settings for an S3-protocol server at `endpoint` (the tests' moto server); never real credentials.
+    Ray Train and pyarrow find a non-AWS server through AWS_ENDPOINT_URL."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A local S3-protocol server (moto) on a loopback port, found the way Ray Train and pyarrow find a non-AWS
-    server: AWS_ENDPOINT_URL."""
+    """A local S3-protocol server (moto) on a loopback port; its URL (clients: `s3_env(url)`)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -55,7 +57,7 @@ def ray_cluster(s3_endpoint):
 
     # Like a provisioned cloud node, the workers' environment holds a W&B key (the tests check it never reaches
     # a file; runs default to offline here: the drivers pass WANDB_MODE) and the object store's settings.
-    node_env = {"WANDB_API_KEY": FAKE_KEY, **S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, **FAST_POLL}
+    node_env = {"WANDB_API_KEY": FAKE_KEY, **s3_env(s3_endpoint), **FAST_POLL}
     cluster = LocalRayCluster(num_cpus=3, node_env=node_env).start()
     try:
         yield cluster

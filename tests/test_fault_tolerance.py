@@ -17,7 +17,7 @@ from reference_run import trainer_reference
 
 from distgan.checkpoint import fetch_state
 
-from conftest import S3_ENV, TRAINING_STATE, assert_bitwise_equal, describe, run_train
+from conftest import TRAINING_STATE, assert_bitwise_equal, describe, run_train, s3_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ KILL_AT, RESUMES_AT = 9, (6, 8)
 
 def test_worker_sigkilled_mid_run_resumes_from_the_bucket_bit_exactly(ray_cluster, s3_endpoint, tmp_path,
                                                                       monkeypatch):
-    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}.items():  # this process reads the bucket too
+    for key, value in s3_env(s3_endpoint).items():  # this process reads the bucket too
         monkeypatch.setenv(key, value)
     s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
     s3.create_dir("ft-bucket")
@@ -43,7 +43,7 @@ def test_worker_sigkilled_mid_run_resumes_from_the_bucket_bit_exactly(ray_cluste
                              tmp_path / "want.pt")
 
     # W&B has its own tests; here it would only add its start-up and shutdown to the run
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "WANDB_MODE": "disabled",
+    env = {**s3_env(s3_endpoint), "WANDB_MODE": "disabled",
            "DISTGAN_TEST_MARKER_DIR": str(tmp_path), "DISTGAN_TEST_KILL_AT_STEP": str(KILL_AT),
            "DISTGAN_TEST_KILL_RANK": "1"}
     proc = run_train(ray_cluster, *RECIPE, "--storage-path", "s3://ft-bucket/exp", "--name", "killed",

@@ -24,7 +24,7 @@ from distgan.config import TrainConfig
 from distgan.sample import main as sample_main
 from distgan.tracking import Tracker
 
-from conftest import S3_ENV
+from conftest import s3_env
 from ray_local import free_port
 from wandb_offline import QUALITY, step_metrics
 
@@ -38,7 +38,7 @@ def bucket(s3_endpoint, monkeypatch, tmp_path, request):
     """A fresh bucket; the S3 client settings in the environment; staging directories under tmp_path."""
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "WANDB_DIR"):
         monkeypatch.delenv(key, raising=False)
-    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "WANDB_MODE": "disabled"}.items():
+    for key, value in {**s3_env(s3_endpoint), "WANDB_MODE": "disabled"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -159,7 +159,7 @@ def test_sample_reads_checkpoints_from_the_bucket_and_writes_next_to_them(bucket
 
 def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_training(tmp_path, monkeypatch, capfd):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": dead, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **s3_env(dead), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--checkpoint", "s3://bkt/runs/r"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr
@@ -167,7 +167,7 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
     assert len(err) == 1 and err[0].startswith("error: --checkpoint s3://bkt/runs/r: cannot read the storage"), err
     assert not list(tmp_path.iterdir())
 
-    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": dead, "WANDB_MODE": "disabled"}.items():
+    for key, value in {**s3_env(dead), "WANDB_MODE": "disabled"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     cfg = TrainConfig(name="t-dead", storage_path="s3://bkt/runs", wandb_mode="disabled").validate()
@@ -195,7 +195,7 @@ def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_chan
     from distgan.config import ConfigError
     from distgan.train import check_resume
 
-    fs = pyarrow.fs.FileSystem.from_uri(f"s3://{bucket}")[0]
+    fs = s3()
     for step in (3, 5):
         local = make_checkpoint(tmp_path / f"c{step}", step=step)
         upload(local / "state.pt", fs, f"{bucket}/runs/r/checkpoint_{step:08d}/state.pt")

@@ -8,7 +8,8 @@ Configurations, all on the same model (distgan's DCGAN at 28x28), the same globa
 (mnist5k), the same alternating GAN step (distgan.step.gan_step):
 
     plain     one process, no Ray, no DDP: DataLoader -> gan_step -> one host sync per step (the seed's
-              recipe, with distgan's model and step). On CPU it gets as many threads as the largest
+              recipe, with distgan's model and step, but the textbook nn.Dropout and torch.optim.Adam in
+              place of distgan's CPU dropout mask and fused Adam). On CPU it gets as many threads as the largest
               distgan run has workers, so both sides use the same cores. bf16: torch.autocast around both
               GAN phases' forwards, the logits cast back to fp32, so the BCE losses run in fp32.
     ray xN    `python -m distgan.train --num-workers N --precision P`, as a user runs it on one machine: a
@@ -148,14 +149,18 @@ def plain_setup(args, device):
     from distgan.config import TrainConfig
     from distgan.data import build_dataset
     from distgan.models import build_models
-    from distgan.step import make_optimizers
 
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=1, kernels=args.kernels, seed=args.seed)
     torch.manual_seed(cfg.seed)  # the trainer's init: same seed, same weights
     g, d = build_models(cfg)
     g.to(device)
     d.to(device)
-    opt_g, opt_d = make_optimizers(g, d, cfg)
+    # What a hand-written loop uses: nn.Dropout (a serial bernoulli_ mask on CPU) and torch.optim.Adam in
+    # its default implementation. distgan's CPU dropout mask and fused Adam are part of what its rows add.
+    textbook = (torch.nn.Dropout(m.p) if isinstance(m, torch.nn.Dropout) else m for m in d.net)
+    d.net = torch.nn.Sequential(*textbook)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2))
+                    for m, lr in ((g, cfg.lr_g), (d, cfg.lr_d)))
     if args.precision == "bf16":
         g, d = (Autocast(m, device.type, torch.bfloat16) for m in (g, d))
     loader = DataLoader(build_dataset(cfg, "train"), batch_size=cfg.batch_size, shuffle=True, drop_last=True,

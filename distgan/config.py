@@ -76,6 +76,8 @@ class TrainConfig:
     # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)
     lr_g: float = _opt(1e-3, "generator Adam learning rate (the seed recipe's: 2e-4)")
     lr_d: float = _opt(1e-3, "discriminator Adam learning rate (the seed recipe's: 2e-4)")
+    lr_decay_start: float = _opt(0.5, "fraction of the run after which both learning rates decay linearly to 0 "
+                                      "at its last step (pix2pix/CycleGAN's schedule); 1 = constant (the seed recipe's)")
     beta1: float = _opt(0.5, "Adam beta1 (both optimizers)")
     beta2: float = _opt(0.999, "Adam beta2 (both optimizers)")
     n_critic: int = _opt(1, "D steps per G step")
@@ -183,6 +185,8 @@ class TrainConfig:
         for name in ("beta1", "beta2", "ema_decay", "label_smoothing", "negative_slope"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 <= self.lr_decay_start <= 1:
+            raise bad("lr_decay_start", f"must be in [0, 1] (1 = constant), got {self.lr_decay_start!r}")
         if not 0 < self.rollback_lr_factor <= 1:
             raise bad("rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor!r}")
         if self.checkpoint_every_minutes < 0:
@@ -388,8 +392,8 @@ HELP_GROUPS = (
     ("data", "what the GAN learns from", ("dataset", "data_root", "download", "image_size", "channels")),
     ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
     ("optimisation", "the recipe; configs/seed.yaml holds the seed's", (
-        "lr_g", "lr_d", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope", "ema_decay",
-        "seed")),
+        "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
+        "ema_decay", "seed")),
     ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
         "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",

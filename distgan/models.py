@@ -51,6 +51,21 @@ class Generator(nn.Module):
         return self.body(h.view(-1, *self.start))
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (zero with probability p, scale the rest by 1/(1-p)); on CPU the mask comes from torch.rand.
+
+    CPU `bernoulli_` draws one mt19937 number per element serially: D's two dropouts cost ~20 ms of a
+    ~125 ms step on one thread; a vectorised torch.rand mask does the same in about a third of the time
+    (measured on the 2-core Zen 4 machine, bf16 and fp32). Same distribution and state_dict; other
+    devices keep F.dropout's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
 class Discriminator(nn.Module):
     def __init__(self, image_size: int = 28, channels: int = 1, negative_slope: float = 0.2, dropout: float = 0.3):
         super().__init__()
@@ -58,10 +73,10 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(channels, 64, 5, stride=2, padding=2),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Conv2d(64, 128, 5, stride=2, padding=2),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Flatten(),
             nn.Linear(128 * side * side, 1),
         )

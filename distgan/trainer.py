@@ -243,10 +243,23 @@ class Trainer:
             self._reseed_streams()
         self.resumed_from = where
 
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier for the step after `step` G steps: 1 until lr_decay_start x total_steps,
+        then linear to 1/(steps left) at the last step (pix2pix's linear decay). A function of the step and
+        the schedule's length: a resume continues it without saved state, and a resume with other --epochs or
+        --max-steps reshapes what is left of it."""
+        total = self.total_steps
+        start = math.floor(self.cfg.lr_decay_start * total)
+        step = min(step, total - 1)  # a finished run (loaded to sample or extend) keeps its last step's rate
+        if step < start:
+            return 1.0
+        return (total - step) / (total - start)
+
     def _apply_lr(self) -> None:
+        factor = self.lr_scale * self.lr_factor(self.step)
         for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
             for group in opt.param_groups:
-                group["lr"] = lr * self.lr_scale
+                group["lr"] = lr * factor
 
     # ------------------------------------------------------------------ one step
     def _next_reals(self) -> list[torch.Tensor]:
@@ -267,6 +280,8 @@ class Trainer:
         the EMA. Returns 0-dim device tensors (STAT_KEYS); no host sync."""
         reals = self._next_reals()
         _fault_injection(self.step + 1, self.rank, reals)
+        if self.cfg.lr_decay_start < 1:
+            self._apply_lr()
         out = gan_step(self.g, self.d, self.opt_g, self.opt_d, reals, self._sample_z,
                        real_label=1.0 - self.cfg.label_smoothing, impl=self.cfg.kernels, precision=self.precision,
                        scalers=self.scalers)

@@ -360,6 +360,18 @@ def test_plain_loop_runs_in_fp32_and_bf16(precision, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_per_s"] == out["images_per_s"]
 
 
+def test_plain_loop_uses_the_textbook_dropout_and_adam():
+    from distgan.models import Dropout
+
+    bt = _load_bench("train")
+    g, d, opt_g, opt_d, *_ = bt.plain_setup(_plain_args("fp32"), torch.device("cpu"))
+    drops = [m for m in d.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 2 and not any(isinstance(m, Dropout) for m in drops) and drops[0].p == 0.3
+    assert [type(o) for o in (opt_g, opt_d)] == [torch.optim.Adam] * 2
+    assert not any(o.defaults["fused"] for o in (opt_g, opt_d))  # distgan's optimizers are fused
+    assert all(o.param_groups[0]["lr"] == 1e-3 for o in (opt_g, opt_d))
+
+
 def test_plain_bf16_runs_the_forwards_under_autocast_and_the_losses_in_fp32():
     from distgan.config import TrainConfig
     from distgan.models import build_models

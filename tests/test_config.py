@@ -50,6 +50,8 @@ def test_yaml_overrides_defaults_and_the_command_line_overrides_yaml(tmp_path):
     (["--bn", "group"], "--bn"),
     (["--lr-g", "0"], "--lr-g"),
     (["--beta1", "1.5"], "--beta1"),
+    (["--lr-decay-start", "1.5"], "--lr-decay-start"),
+    (["--lr-decay-start", "-0.1"], "--lr-decay-start"),
     (["--label-smoothing", "-0.1"], "--label-smoothing"),
     (["--n-critic", "0"], "--n-critic"),
     (["--dataset", "cifar10"], "--data-root"),
@@ -194,7 +196,8 @@ def test_an_out_of_range_value_from_the_file_names_the_flag_and_the_file(tmp_pat
 def test_seed_recipe_file_loads_the_tutorial_recipe():
     # the seed's exact recipe, literally: TrainConfig's defaults may move on for quality, this file may not
     cfg = parse_args(["--config", str(REPO / "configs" / "seed.yaml")])
-    recipe = dict(dataset="mnist5k", image_size=28, z_dim=100, negative_slope=0.2, lr_g=2e-4, lr_d=2e-4, beta1=0.5,
+    recipe = dict(dataset="mnist5k", image_size=28, z_dim=100, negative_slope=0.2, lr_g=2e-4, lr_d=2e-4,
+                  lr_decay_start=1.0, beta1=0.5,
                   beta2=0.999, batch_size=64, epochs=20, n_critic=1, label_smoothing=0.0, ema_decay=0.999,
                   bn="local", precision="fp32", seed=0)
     assert {k: getattr(cfg, k) for k in recipe} == recipe

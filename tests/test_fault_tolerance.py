@@ -22,7 +22,8 @@ from conftest import TRAINING_STATE, assert_bitwise_equal, describe, run_train, 
 pytestmark = pytest.mark.slow
 
 # 2 workers, 4,000 images / 512 = 7 batches an epoch; with 2 D steps per G step, 3 G steps an epoch: epoch
-# checkpoints (each evaluated) at 3, 6, 9 and step checkpoints at 4, 8.
+# checkpoints (each evaluated) at 3, 6, 9 and step checkpoints at 4, 8. The default --lr-decay-start 0.5 decays
+# both learning rates from step 5 on, so the restart continues a decay.
 RECIPE = ("--num-workers", 2, "--batch-size", 512, "--epochs", 4, "--max-steps", 10, "--n-critic", 2,
           "--checkpoint-every", 1, "--checkpoint-every-steps", 4, "--eval-every", 1, "--eval-samples", 200,
           "--seed", 7, "--checkpoint-every-minutes", 0)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import kernels
-from distgan.models import Discriminator, Generator
+from distgan.models import Discriminator, Dropout, Generator
 
 
 def test_generator_matches_the_tensorflow_tutorial_layers_at_28x28():
@@ -39,6 +39,26 @@ def test_shapes_and_ranges_for_every_supported_size(size, channels):
     assert x.abs().max() <= 1.0 and x.std() > 0
     logits = d(x)
     assert logits.shape == (3,) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_zeroes_with_probability_p_and_scales_the_rest(dtype):
+    torch.manual_seed(7)
+    x = (torch.rand(64, 64, 14, 14) + 0.5).to(dtype).requires_grad_()  # never zero: a zero marks a drop
+    drop = Dropout(0.3)
+    torch.manual_seed(8)
+    y = drop(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.7) < 0.005  # 802,816 draws: std of the mean ~0.0005
+    scale = torch.tensor(1 / 0.7, dtype=dtype)
+    torch.testing.assert_close(y[kept], x[kept] * scale, rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.to(dtype) * scale, rtol=0, atol=0)
+    torch.manual_seed(8)  # the mask is a function of the torch seed, like nn.Dropout's
+    assert torch.equal(drop(x.detach()) != 0, kept)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert Dropout(0.3)(torch.randn(0, 4)).shape == (0, 4)
 
 
 def test_leaky_relu_slope_is_configurable():

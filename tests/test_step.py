@@ -17,6 +17,7 @@ def test_adam_takes_the_configured_learning_rates_and_betas():
     g, d, opt_g, opt_d = _setup()
     for opt in (opt_g, opt_d):
         assert opt.defaults["lr"] == TrainConfig().lr_g and opt.defaults["betas"] == (0.5, 0.999)
+        assert opt.defaults["fused"] is True
     cfg = TrainConfig(lr_g=1e-3, lr_d=3e-4)
     opt_g, opt_d = make_optimizers(g, d, cfg)
     assert (opt_g.defaults["lr"], opt_d.defaults["lr"]) == (1e-3, 3e-4)

@@ -105,8 +105,10 @@ def test_ray_job_submit_runs_the_trainer_and_the_same_submission_resumes_bit_exa
     env = ray_cluster.client_env(WANDB_MODE="offline")
     # --wandb-mode offline: the node's W&B key would make W&B try its server, unreachable here, for ~30 s per job
     # before falling back to offline (tests/test_tracking.py tests that fallback)
+    # --lr-decay-start 1: the two jobs stop at --max-steps 5 and 8, and a decay's length would follow that
+    # flag; the SIGKILL test resumes the default decay (tests/test_fault_tolerance.py)
     recipe = ("--epochs", "1", "--batch-size", "32", "--eval-every", "0", "--wandb-mode", "offline",
-              "--storage-path", str(tmp_path))
+              "--storage-path", str(tmp_path), "--lr-decay-start", "1")
 
     def train(*args, job_env=()):
         return subprocess.run([*submit, *job_env, "--", "python", "-m", "distgan.train", *recipe, *args],

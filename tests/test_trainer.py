@@ -32,7 +32,8 @@ def small_dataset() -> TensorDataset:
 
 def make_cfg(tmp, **overrides) -> TrainConfig:
     base = dict(num_workers=2, batch_size=8, epochs=3, eval_every=1, checkpoint_every=1, eval_samples=64,
-                wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0)
+                wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0,
+                lr_decay_start=1.0)  # these runs stop early with --max-steps: a constant rate keeps their schedule
     return TrainConfig(**{**base, **overrides}).validate()
 
 
@@ -57,6 +58,9 @@ ROUND_TRIPS = {  # name: (total steps N, stop at k, config overrides)
     "mid-epoch": (12, 5, {}),
     "epoch-boundary": (12, 8, {}),
     "n-critic-2": (6, 3, {"n_critic": 2}),
+    # stopped inside the decay the way Ctrl-C or a failure stops a run (the schedule's length unchanged):
+    # the resume goes on with the rate where it was
+    "lr-decay": (12, 5, {"lr_decay_start": 0.25}),
 }
 
 
@@ -65,8 +69,13 @@ def _round_trip_worker(rank, tmp):
         reference = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
         reference.fit()
         want = reference.state_dict()
-        first = Trainer(make_cfg(tmp, max_steps=k, **overrides), dataset=small_dataset())
-        first.fit()
+        if "lr_decay_start" in overrides:
+            first = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
+            first.fit(should_stop=lambda: first.step >= k)
+            assert first.step == k
+        else:
+            first = Trainer(make_cfg(tmp, max_steps=k, **overrides), dataset=small_dataset())
+            first.fit()
         saved = first.state_dict()
         second = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
         second.load_state_dict(saved, "round trip")
@@ -86,7 +95,8 @@ def round_trips(tmp_path_factory):
 @pytest.mark.parametrize("name", list(ROUND_TRIPS))
 def test_state_round_trip_continues_bit_identically(round_trips, name):
     result = round_trips[name]
-    assert result["evaluated"] < float("inf")  # the interrupted run evaluated at its last step: no effect
+    if name != "lr-decay":  # a --max-steps run evaluates at its last step, which must change nothing
+        assert result["evaluated"] < float("inf")
     for key in TRAINING_STATE:
         assert_bitwise_equal(result["got"][key], result["want"][key], key)
 
@@ -191,6 +201,22 @@ def test_rank0_only_work_longer_than_the_collective_timeout_does_not_kill_the_ru
 
 
 # ----------------------------------------------------------------------------------------------- one process
+
+
+def test_linear_decay_sets_each_steps_learning_rates_and_rollback_scales_them(tmp_path):
+    t = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=8, eval_every=0, lr_g=4e-3, lr_d=2e-3,
+                         lr_decay_start=0.5), dataset=small_dataset())
+    seen = []
+    t.fit(on_step=lambda step, means: seen.extend((t.opt_g.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"])))
+    factors = [1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4]  # steps 0-3 constant, then (8 - step) / (8 - 4): never 0
+    assert seen == pytest.approx([lr * f for f in factors for lr in (4e-3, 2e-3)], rel=1e-12)
+    assert t.lr_factor(8) == t.lr_factor(100) == 1 / 4  # past the end: the last step's rate
+    t.lr_scale = 0.5  # what a rollback sets
+    t._apply_lr()
+    assert t.opt_g.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.5 / 4)
+    constant = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=8, eval_every=0),
+                       dataset=small_dataset())
+    assert [constant.lr_factor(s) for s in range(8)] == [1.0] * 8
 
 
 def test_single_process_runs_without_a_process_group(tmp_path):

@@ -57,7 +57,8 @@ class Dropout(nn.Dropout):
     CPU `bernoulli_` draws one mt19937 number per element serially: D's two dropouts cost ~20 ms of a
     ~125 ms step on one thread; a vectorised torch.rand mask does the same in about a third of the time
     (measured on the 2-core Zen 4 machine, bf16 and fp32). Same distribution and state_dict; other
-    devices keep F.dropout's fused kernel."""
+    devices keep F.dropout's fused kernel. Input: any shape, floating dtype; output: same shape and dtype.
+    Dropout: Srivastava et al., JMLR 2014 (inverted scaling as in nn.Dropout)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":

@@ -71,7 +71,7 @@ def _round_trip_worker(rank, tmp):
         want = reference.state_dict()
         if "lr_decay_start" in overrides:
             first = Trainer(make_cfg(tmp, max_steps=n, **overrides), dataset=small_dataset())
-            first.fit(should_stop=lambda: first.step >= k)
+            first.fit(should_stop=lambda first=first, k=k: first.step >= k)
             assert first.step == k
         else:
             first = Trainer(make_cfg(tmp, max_steps=k, **overrides), dataset=small_dataset())

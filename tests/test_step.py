@@ -114,3 +114,33 @@ def test_ema_tracks_the_generator_and_copies_buffers():
     restored.load_state_dict(ema.state_dict())
     assert restored.num_updates == 3
     assert all(torch.equal(a, b) for a, b in zip(restored.model.parameters(), ema.model.parameters()))
+
+
+def _step_with_scalers(scale: float, poison_d: bool = False):
+    g, d, opt_g, opt_d = _setup(seed=5)
+    if poison_d:  # an overflowed gradient, as fp16 produces: the fused D step must be skipped
+        d.net[-1].weight.register_hook(lambda grad: grad * float("inf"))
+    scalers = tuple(torch.amp.GradScaler("cpu", init_scale=scale) for _ in range(2))
+    torch.manual_seed(9)
+    real = torch.rand(6, 1, 28, 28) * 2 - 1
+    out = gan_step(g, d, opt_g, opt_d, [real], lambda n: torch.randn(n, 16), impl="eager", scalers=scalers)
+    return g, d, out, scalers
+
+
+def test_grad_scaler_with_fused_adam_unscales_and_skips_an_overflowed_step():
+    # fp16 runs only on CUDA; its scaler logic with the fused optimizers is the same on CPU
+    g_ref, d_ref, ref, _ = _step_with_scalers(1.0)
+    g, d, out, (scaler_d, scaler_g) = _step_with_scalers(2.0**12)
+    for key in ("loss_d", "loss_g", "grad_norm_d", "grad_norm_g"):  # norms are of the unscaled gradients
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-7)
+    for p, q in zip([*g.parameters(), *d.parameters()], [*g_ref.parameters(), *d_ref.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert scaler_d.get_scale() == scaler_g.get_scale() == 2.0**12  # no overflow: the scale holds
+
+    _, d_init, _, _ = _step_with_scalers(2.0**12, poison_d=False)
+    g_bad, d_bad, bad, (scaler_d, scaler_g) = _step_with_scalers(2.0**12, poison_d=True)
+    untouched = _setup(seed=5)[1]
+    assert all(torch.equal(p, q) for p, q in zip(d_bad.parameters(), untouched.parameters()))  # D step skipped
+    assert not torch.isfinite(bad["grad_norm_d"])
+    assert scaler_d.get_scale() == 2.0**11 and scaler_g.get_scale() == 2.0**12  # D backs off; G stepped
+    assert any(not torch.equal(p, q) for p, q in zip(d_init.parameters(), d_bad.parameters()))

@@ -43,6 +43,8 @@ RECIPES = {
     "lr1e-3-batch32": {"lr_g": 1e-3, "lr_d": 1e-3, "batch_size": 32},  # twice the G steps per image
     "lr1e-3-decay.5": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_decay_start": 0.5},  # the default: to 0 in the 2nd half
     "lr1e-3-decay.3": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_decay_start": 0.3},
+    "lr1e-3-decay.5-ema.9995": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_decay_start": 0.5, "ema_decay": 0.9995},
+    "g2e-3-d1e-3-decay.5": {"lr_g": 2e-3, "lr_d": 1e-3, "lr_decay_start": 0.5},  # G the faster learner
     "lr2e-3-decay0": {"lr_g": 2e-3, "lr_d": 2e-3, "lr_decay_start": 0.0},  # linear to 0 from the first step
 }
 SEED_RECIPE = dict(num_workers=2, batch_size=64, lr_g=2e-4, lr_d=2e-4, lr_decay_start=1.0, beta1=0.5, beta2=0.999,

@@ -244,8 +244,9 @@ class Trainer:
         self.resumed_from = where
 
     def lr_factor(self, step: int) -> float:
-        """The schedule's multiplier for the step after `step` G steps: 1 until lr_decay_start x total_steps,
-        then linear to 1/(steps left) at the last step (pix2pix's linear decay). A function of the step and
+        """The schedule's multiplier for the step after `step` G steps: 1 until start = floor(lr_decay_start x
+        total_steps), then (total_steps - step) / (total_steps - start), down to 1/(total_steps - start) at the
+        last step (pix2pix's linear decay to zero; the last step still learns). A function of the step and
         the schedule's length: a resume continues it without saved state, and a resume with other --epochs or
         --max-steps reshapes what is left of it."""
         total = self.total_steps

@@ -109,7 +109,10 @@ def plot(records: list[dict], out: Path, seconds_per_step: float | None = None) 
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = list(dict.fromkeys(r["recipe"] for r in records))
-    for color, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], names):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(names) > len(colors):  # zip would drop the recipes beyond the default cycle's ten colours
+        colors = plt.get_cmap("tab20").colors
+    for color, name in zip(colors, names):
         runs = [r for r in records if r["recipe"] == name]
         for ax, key in zip(axes, ("fid", "classifier_score")):
             for r in runs:

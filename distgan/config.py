@@ -76,9 +76,9 @@ class TrainConfig:
     # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)
     lr_g: float = _opt(1e-3, "generator Adam learning rate (the seed recipe's: 2e-4)")
     lr_d: float = _opt(1e-3, "discriminator Adam learning rate (the seed recipe's: 2e-4)")
-    lr_decay_start: float = _opt(0.5, "fraction of the run after which both learning rates decay linearly to 0 "
-                                      "at its last step (pix2pix/CycleGAN's schedule); 1 = constant (the seed "
-                                      "recipe's)")
+    lr_decay_start: float = _opt(0.5, "fraction of the run after which both learning rates decay linearly toward "
+                                      "0, reached just after the last step (pix2pix/CycleGAN's schedule); 1 = "
+                                      "constant (the seed recipe's)")
     beta1: float = _opt(0.5, "Adam beta1 (both optimizers)")
     beta2: float = _opt(0.999, "Adam beta2 (both optimizers)")
     n_critic: int = _opt(1, "D steps per G step")

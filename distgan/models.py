@@ -55,9 +55,9 @@ class Dropout(nn.Dropout):
     """nn.Dropout (zero with probability p, scale the rest by 1/(1-p)); on CPU the mask comes from torch.rand.
 
     CPU `bernoulli_` draws one mt19937 number per element serially: in a torch.profiler profile of one
-    worker's step (one thread, bf16) D's two dropouts were the largest cost after the convolutions, and a
-    vectorised torch.rand mask took about a third of bernoulli_'s time (bench/train.py compares the
-    whole step with the textbook loop). Same distribution and state_dict; other
+    worker's step (one thread, bf16) D's two dropouts were the largest cost after the convolutions; torch.rand
+    fills the mask vectorised (`python bench/train.py` compares the whole step with the textbook loop's
+    nn.Dropout). Same distribution and state_dict; other
     devices keep F.dropout's fused kernel. Input: any shape, floating dtype; output: same shape and dtype.
     Dropout: Srivastava et al., JMLR 2014 (inverted scaling as in nn.Dropout)."""
 

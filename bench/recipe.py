@@ -46,6 +46,8 @@ RECIPES = {
     "lr1e-3-decay.5-ema.9995": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_decay_start": 0.5, "ema_decay": 0.9995},
     "g2e-3-d1e-3-decay.5": {"lr_g": 2e-3, "lr_d": 1e-3, "lr_decay_start": 0.5},  # G the faster learner
     "lr2e-3-decay0": {"lr_g": 2e-3, "lr_d": 2e-3, "lr_decay_start": 0.0},  # linear to 0 from the first step
+    "lr1e-3-decay.5-b2.99": {"lr_g": 1e-3, "lr_d": 1e-3, "lr_decay_start": 0.5, "beta2": 0.99},
+    "lr1.5e-3-decay.5-batch128": {"lr_g": 1.5e-3, "lr_d": 1.5e-3, "lr_decay_start": 0.5, "batch_size": 128},
 }
 SEED_RECIPE = dict(num_workers=2, batch_size=64, lr_g=2e-4, lr_d=2e-4, lr_decay_start=1.0, beta1=0.5, beta2=0.999,
                    ema_decay=0.999, precision="auto", wandb_mode="disabled", checkpoint_every_minutes=0,

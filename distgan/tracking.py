@@ -79,6 +79,10 @@ PATIENCE = 3  # consecutive evaluations before warning: early epochs are noisy
 # rewrites the whole metrics.jsonl (~50 kB for the default run); W&B carries the live curves. The same
 # interval spaces retries after a failed upload, so an unreachable store costs one timeout a minute.
 UPLOAD_EVERY_S = 60.0
+# curves.png is redrawn at each evaluation, at the end, and at other epoch ends at most this often: a redraw
+# takes ~0.6-1 s of matplotlib on a busy CPU core while the other workers wait at the epoch's barrier (every
+# epoch, that was ~30 s of the default 7-minute CPU run); W&B and metrics.jsonl have every number as it comes.
+CURVES_EVERY_S = 60.0
 
 
 def _warn(message: str) -> None:
@@ -199,6 +203,7 @@ class Tracker:
         self.world_size, self.resumed, self.kernel_backend = world_size, resumed, kernel_backend
         self._pending: set[str] = set()  # staged files (relative paths) changed since their last upload
         self._last_upload = -math.inf  # time.monotonic() of the last upload attempt
+        self._last_curves = -math.inf  # time.monotonic() of the last curves.png
         self._upload_failing = False
         self._made_dirs: set[str] = set()
         if self.remote is not None:
@@ -306,7 +311,8 @@ class Tracker:
         self._append({"kind": "eval", "step": step, "epoch": epoch, "time": time.time(),
                       "samples": str(path.relative_to(self.run_dir)), **values})
         self._check_health(step, epoch, values)
-        self.plot_curves()
+        if metrics or time.monotonic() - self._last_curves >= CURVES_EVERY_S:
+            self.plot_curves()
         self._sync("eval")
         if self.run is not None:
             try:
@@ -466,6 +472,7 @@ class Tracker:
     def plot_curves(self) -> None:
         """Rewrites curves.png from the history (the last row of each step wins). A plotting failure only
         warns: the numbers are in metrics.jsonl."""
+        self._last_curves = time.monotonic()
         try:
             _replace_atomically(lambda tmp: plot_curves(self.history, tmp), self.curves_path)
             self._pending.add("curves.png")

@@ -106,6 +106,33 @@ def test_disabled_mode_writes_local_artifacts_only(tmp_path, wandb_env):
     assert (tmp_path / "t-disabled" / "curves.png").is_file()
 
 
+def test_curves_redrawn_at_evaluations_and_at_most_once_a_minute_between(tmp_path, wandb_env, monkeypatch):
+    wandb_env.setenv("WANDB_MODE", "disabled")
+    clock = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    cfg = TrainConfig(name="t-curves", storage_path=str(tmp_path)).validate()
+    tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    drawn = []
+    real_plot = tracking.plot_curves
+    monkeypatch.setattr(tracking, "plot_curves", lambda rows, path: (drawn.append(len(rows)), real_plot(rows, path)))
+    grid = torch.rand(4, 1, 28, 28) * 2 - 1
+
+    def epoch(n, metrics, advance):
+        clock[0] += advance
+        tracker.log_step(n, step_metrics(n))
+        tracker.log_epoch(n, n, grid, metrics)
+
+    epoch(1, {}, 0.0)  # the first epoch end draws: there is no curves.png yet
+    epoch(2, {}, 30.0)  # 30 s later, no metrics: not redrawn
+    epoch(3, {**QUALITY}, 1.0)  # an evaluation: redrawn at once
+    epoch(4, {}, tracking.CURVES_EVERY_S - 1)
+    epoch(5, {}, 1.0)  # a minute after the last drawing
+    assert len(drawn) == 3 and (tmp_path / "t-curves" / "curves.png").is_file()
+    tracker.finish({"final_step": 5, "rollbacks": 0, "stopped": ""})
+    assert len(drawn) == 4  # the end always draws: curves.png holds every row
+    assert drawn[-1] == len(tracker.history)
+
+
 def test_resume_with_the_same_name_continues_the_run_id(tmp_path, wandb_env):
     wandb_env.setenv("WANDB_MODE", "offline")
     short_tracker_run(tmp_path, "t-resume", steps=(1, 10))

@@ -501,3 +501,32 @@ def test_gpu_report_combines_stages_and_records_and_fails_on_a_failed_stage(tmp_
     assert "FAIL  faults" in shown and "triton vs eager, fp32, forward+backward: 2.00x" in shown
     md = (tmp_path / "g.md").read_text()
     assert "| faults | FAIL |" in md and "## Kernel benchmark" in md
+
+
+# bench/recipe.py
+
+
+def test_every_recipe_is_a_valid_config_that_changes_the_seed_recipe():
+    from distgan.config import TrainConfig
+
+    br = _load_bench("recipe")
+    for name, overrides in br.RECIPES.items():
+        cfg = TrainConfig(**{**br.SEED_RECIPE, **overrides}).validate()
+        changed = {k for k, v in overrides.items() if br.SEED_RECIPE.get(k, getattr(TrainConfig(), k)) != v}
+        assert changed or name == "seed-bf16", name  # seed-bf16 is the seed's recipe under the default precision
+        assert all(getattr(cfg, k) == v for k, v in overrides.items()), name
+
+
+def test_recipe_results_are_committed_and_plot(tmp_path):
+    br = _load_bench("recipe")
+    files = sorted((REPO / "bench" / "results").glob("recipe-*.json"))
+    assert {"recipe-cpu.json", "recipe-cpu-decay.json", "recipe-cpu-long.json",
+            "recipe-cpu-beta2-batch128.json"} <= {f.name for f in files}
+    for f in files:
+        for rec in json.loads(f.read_text())["records"]:
+            assert rec["best"]["fid"] == min(p["fid"] for p in rec["points"]), (f.name, rec["recipe"])
+    copies = [tmp_path / f.name for f in files]
+    for src, dst in zip(files, copies):
+        dst.write_text(src.read_text())
+    assert br.main(["--plot", *map(str, copies)]) == 0
+    assert copies[0].with_suffix(".png").stat().st_size > 10_000

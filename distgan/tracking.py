@@ -81,7 +81,7 @@ PATIENCE = 3  # consecutive evaluations before warning: early epochs are noisy
 UPLOAD_EVERY_S = 60.0
 # curves.png is redrawn at each evaluation, at the end, and at other epoch ends at most this often: a redraw
 # takes ~0.6-1 s of matplotlib on a busy CPU core while the other workers wait at the epoch's barrier (every
-# epoch, that was ~30 s of the default 7-minute CPU run); W&B and metrics.jsonl have every number as it comes.
+# epoch end, that was ~15 s of the default 7-minute CPU run); W&B and metrics.jsonl have every number as it comes.
 CURVES_EVERY_S = 60.0
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -99,7 +100,7 @@ class TrainConfig:
     # --- outputs and checkpoints
     storage_path: str = _opt("./runs", "Ray storage path (local dir, NFS or s3://); inside `ray job submit` "
                                        "it must be absolute or a URI")
-    name: Optional[str] = _opt(None, "run name; same name = resume", "distgan-<date>-<time>")
+    name: Optional[str] = _opt(None, "run name; same name = resume", "distgan-<date>-<time>-<6 hex digits>")
     checkpoint_every: int = _opt(10, "epochs between checkpoints (each is also evaluated)")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N steps; 0 = off")
     checkpoint_every_minutes: float = _opt(3.0, "also checkpoint when this many minutes passed since the "
@@ -227,11 +228,15 @@ class TrainConfig:
                 raise bad("channels", "mnist5k is grayscale: channels must be 1")
         elif self.data_root is None:
             raise bad("data_root", f"dataset {self.dataset!r} needs --data-root DIR")
+        else:
+            # Ray Train runs every worker in a working directory of its own: a relative root would be looked up
+            # there, so it is resolved here, against the directory the user typed it in
+            self.data_root = str(Path(self.data_root).expanduser().resolve())
         if self.download and self.dataset not in DOWNLOADABLE:
             raise bad("download", f"dataset {self.dataset!r} cannot be downloaded (only "
                                   f"{', '.join(DOWNLOADABLE)})")
         if self.name is None:
-            self.name = time.strftime("distgan-%Y%m%d-%H%M%S")
+            self.name = default_run_name()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", self.name):
             raise bad("name", f"{self.name!r} must be letters, digits, '.', '_' or '-' (no path separators)")
 
@@ -254,6 +259,13 @@ class TrainConfig:
             parent = parent.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise bad("storage_path", f"{self.storage_path} is not writable")
+
+
+def default_run_name() -> str:
+    """`distgan-<date>-<time>-<6 hex digits>`: the random suffix keeps two runs started in the same second (a
+    sweep loop, a job array, the hour repeated when clocks go back) out of each other's run directory, where
+    the same name would mean "resume"."""
+    return f"{time.strftime('distgan-%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def inside_ray_job(environ: Mapping[str, str] = os.environ) -> bool:
@@ -446,12 +458,15 @@ def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {path}", field="config")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})", field="config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option: value", field="config")
+    _refuse_repeated_keys(top, path)
     by_name = {f.name: f for f in fields(TrainConfig)}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(by_name))
@@ -466,6 +481,23 @@ def load_yaml(path: str) -> dict[str, Any]:
         except ValueError as e:
             raise ConfigError(f"--config: {path}: {key}: {e}", field="config") from None
     return out
+
+
+def _refuse_repeated_keys(top: yaml.MappingNode, path: str) -> None:
+    """YAML keeps the last of two equal keys, and `lr-g` and `lr_g` name one option: either would let a value
+    the user sees in the file be silently overridden by another line."""
+    seen: dict[str, tuple[str, int]] = {}
+    for key_node, _ in top.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        name = key.replace("-", "_")
+        if name in seen:
+            first, first_line = seen[name]
+            spelled = f"as {first} and {key}" if first != key else ""
+            raise ConfigError(f"--config: {path}: option {name} is given twice (lines {first_line} and {line}"
+                              f"{', ' + spelled if spelled else ''}); keep one", field="config")
+        seen[name] = (key, line)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:

@@ -74,6 +74,42 @@ def to_model_range(images_uint8: np.ndarray | torch.Tensor, image_size: int = 28
     return x
 
 
+# Pillow modes of more than 8 bits a sample, and the largest value each can hold. Pillow's convert("L") clips
+# them at 255 (a 16-bit ramp comes out nearly all white), so they are scaled to 8 bits here instead.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def load_image(path: str | os.PathLike):
+    """One image file as ImageFolder's loader: a PIL image of 8 bits a sample, any mode PIL converts from.
+
+    16-bit grayscale ("I;16*", and "I" holding values in [0, 65535], what Pillow gives some 16-bit PNGs and
+    TIFFs) is scaled to [0, 255] by v * 255 / 65535, rounded: the full 16-bit range maps onto the full 8-bit
+    one. Raises DataError naming the file for a mode with no faithful 8-bit form (32-bit float "F", "I" values
+    outside [0, 65535])."""
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        im = Image.open(fh)
+        im.load()
+    if im.mode == "F":
+        raise DataError(f"--data-root: image {path} has mode F (32-bit float samples), which has no fixed range "
+                        f"to scale to 8 bits; convert it to 8 or 16 bits")
+    if im.mode not in WIDE_MODES:
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > WIDE_MODES[im.mode]):
+        raise DataError(f"--data-root: image {path} has mode {im.mode} with values in [{values.min()}, "
+                        f"{values.max()}], outside the 16-bit range [0, 65535]; convert it to 8 or 16 bits")
+    scaled = (values * 255 + WIDE_MODES[im.mode] // 2) // WIDE_MODES[im.mode]
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def to_rgb(im):
+    """A module-level function, not a lambda: DataLoader workers started by spawn or forkserver (macOS, and
+    Linux from Python 3.14) receive the dataset, its transforms included, by pickle."""
+    return im.convert("RGB")
+
+
 def _transform(image_size: int, channels: int):
     from torchvision import transforms
 
@@ -81,7 +117,7 @@ def _transform(image_size: int, channels: int):
     if channels == 1:
         steps.append(transforms.Grayscale(1))
     else:
-        steps.append(transforms.Lambda(lambda im: im.convert("RGB")))
+        steps.append(transforms.Lambda(to_rgb))
     steps += [
         transforms.Resize(image_size),
         transforms.CenterCrop(image_size),
@@ -125,9 +161,10 @@ def _images_under(directory: Path) -> list[Path]:
 
 
 def verify_image_folder(root: Path) -> int:
-    """Opens every image under root/<class>/ (what ImageFolder will read); a file PIL cannot decode is reported
-    by its path. Returns the number of images."""
-    from PIL import Image, UnidentifiedImageError
+    """Opens every image under root/<class>/ (what ImageFolder will read) as the workers' loader does; a file
+    PIL cannot decode, or one it refuses (a decompression bomb: more pixels than Image.MAX_IMAGE_PIXELS), is
+    reported by its path. Returns the number of images."""
+    from PIL import Image
 
     classes = [d for d in sorted(root.iterdir()) if d.is_dir()]
     looked_for = f"looked for {', '.join(IMAGE_SUFFIXES)}"
@@ -153,10 +190,11 @@ def verify_image_folder(root: Path) -> int:
             try:
                 with Image.open(path) as im:
                     im.verify()
-                with Image.open(path) as im:
-                    im.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"--data-root: cannot read image {path}: {e}") from None
+                load_image(path)
+            except DataError:
+                raise
+            except Exception as e:  # whatever a decoder raises (DecompressionBombError is none of OSError's kind)
+                raise DataError(f"--data-root: cannot read image {path}: {type(e).__name__}: {e}") from None
     return count
 
 
@@ -179,7 +217,7 @@ def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
         if cfg.dataset == "cifar10":
             return datasets.CIFAR10(root, train=train, download=cfg.download, transform=tf)
         if cfg.dataset == "folder":
-            return datasets.ImageFolder(root, transform=tf)
+            return datasets.ImageFolder(root, transform=tf, loader=load_image)
     except (RuntimeError, OSError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {first}{_download_hint(cfg)}") \

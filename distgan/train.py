@@ -43,7 +43,10 @@ class LaunchError(RuntimeError):
 
 
 def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k != "WANDB_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k != "WANDB_API_KEY"}
+    if env.get("WANDB_DIR"):  # rank 0 runs in a working directory Ray Train chooses: resolve against the user's
+        env["WANDB_DIR"] = os.path.abspath(os.path.expanduser(env["WANDB_DIR"]))
+    return env
 
 
 def job_runtime_env(environ: Mapping[str, str] = os.environ) -> Optional[dict[str, Any]]:

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import time
@@ -375,3 +376,51 @@ def test_help_max_failures_default_is_what_the_driver_applies(monkeypatch):
     cluster = default_max_failures()
     text = " ".join(build_parser().format_help().split())
     assert f"(default: {local} for a local run, {cluster} when joining a cluster (RAY_ADDRESS))" in text
+
+
+# ------------------------------------------------------------------ what users bring: names, repeated keys, paths
+
+
+def test_default_names_of_runs_started_in_the_same_second_differ(monkeypatch):
+    import distgan.config as config
+
+    monkeypatch.setattr(config.time, "strftime", lambda fmt, *a: "distgan-20261202-120000")  # one second
+    names = {parse_args(["--storage-path", "/tmp"]).name for _ in range(20)}
+    assert len(names) == 20
+    assert all(re.fullmatch(r"distgan-20261202-120000-[0-9a-f]{6}", n) for n in names), names
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("lr_g: 2e-4\nepochs: 3\nlr_g: 1e-3\n", "option lr_g is given twice (lines 1 and 3); keep one"),
+    ("lr-g: 2e-4\nlr_g: 1e-3\n", "option lr_g is given twice (lines 1 and 2, as lr-g and lr_g); keep one"),
+])
+def test_an_option_given_twice_in_a_config_file_is_refused_naming_the_file_and_the_key(tmp_path, capsys, text,
+                                                                                       needle):
+    from distgan.train import main
+
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    assert main(["--config", str(f), "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --config: {f}: {needle}"
+
+
+def test_relative_data_root_and_wandb_dir_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train starts each worker in a working directory of its own: what the driver forwards is absolute,
+    resolved against the directory the user typed the command in."""
+    from PIL import Image
+
+    from distgan import train
+    from distgan.data import build_dataset
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "imgs" / cls / "x.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", "wb")
+    cfg = parse_args(["--dataset", "folder", "--data-root", "imgs", "--storage-path", "runs"])
+    sent = cfg.to_dict()
+    assert sent["data_root"] == str(tmp_path / "imgs")
+    assert train._forwarded_env()["WANDB_DIR"] == str(tmp_path / "wb")
+    monkeypatch.chdir("/")  # where a worker runs: the dataset still loads
+    assert len(build_dataset(TrainConfig(**sent))) == 2

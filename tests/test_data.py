@@ -141,3 +141,80 @@ def test_the_download_hint_is_only_for_datasets_that_can_be_downloaded(tmp_path)
     with pytest.raises(DataError) as e:
         check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path / "nope")).validate())
     assert "--download" not in str(e.value)
+
+
+# ------------------------------------------------------------------ image folders made by someone else
+
+
+def test_a_16_bit_grayscale_folder_trains_as_its_values_scaled_to_8_bits(tmp_path):
+    """A smooth 16-bit ramp stays a smooth ramp: v * 255 / 65535, not Pillow's convert("L"), which clips."""
+    ramp = np.linspace(0, 65535, 28 * 28).round().astype(np.uint16).reshape(28, 28)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(ramp).save(tmp_path / cls / "ramp.png")
+        Image.fromarray(ramp).save(tmp_path / cls / "ramp.tif")
+    assert Image.open(tmp_path / "a" / "ramp.png").mode == "I;16"
+    want = torch.from_numpy(((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.float32)) / 127.5 - 1
+    for channels in (1, 3):
+        cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), channels=channels).validate()
+        check_data_root(cfg)
+        ds = build_dataset(cfg)
+        for i in range(len(ds)):
+            x, _ = ds[i]
+            assert x.shape == (channels, 28, 28)
+            assert torch.allclose(x, want.expand(channels, 28, 28), atol=1e-6)
+        assert len(torch.unique(x)) > 200  # of 256 levels; a clipped or binarised ramp has a handful
+
+
+def test_a_32_bit_float_image_is_refused_naming_the_file_and_its_mode(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "a" / "f.tif")
+    proc_msg = pytest.raises(DataError, match=r"image .*f\.tif has mode F \(32-bit float samples\)")
+    with proc_msg:
+        check_data_root(TrainConfig(dataset="folder", data_root=str(tmp_path)).validate())
+
+
+def test_an_oversized_image_is_reported_by_path_and_the_driver_exits_2(tmp_path, capsys):
+    """A PNG whose header declares 20000 x 20000 pixels: Pillow refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    from distgan.train import main
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
+    bomb = tmp_path / "a" / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    assert main(["--dataset", "folder", "--data-root", str(tmp_path), "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --data-root: cannot read image {bomb}: DecompressionBombError: ")
+    assert "\n" not in err
+
+
+def test_every_dataset_distgan_builds_loads_in_spawn_and_forkserver_workers(tmp_path):
+    """DataLoader workers started by spawn or forkserver get the dataset by pickle (transforms included)."""
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+    for cls in ("a", "b"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "folder" / cls / "x.png")
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", np.full((3, 28, 28), 50, np.uint8), 2051)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(3, dtype=np.uint8), 2049)
+    datasets = [Subset(build_dataset(TrainConfig().validate()), range(2)),
+                build_dataset(TrainConfig(dataset="mnist", data_root=str(tmp_path)).validate()),
+                build_dataset(TrainConfig(dataset="folder", data_root=str(tmp_path / "folder")).validate()),
+                build_dataset(TrainConfig(dataset="folder", data_root=str(tmp_path / "folder"), channels=1).validate())]
+    everything = ConcatDataset(datasets)
+    want = [everything[i][0] for i in range(len(everything))]
+    for method in ("spawn", "forkserver"):
+        loader = DataLoader(everything, batch_size=None, num_workers=1, multiprocessing_context=method)
+        got = [x for x, _ in loader]
+        assert len(got) == len(want) == 9
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), method

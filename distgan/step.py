@@ -74,7 +74,9 @@ def _grad_norm(module: nn.Module) -> torch.Tensor:
 
 
 def _unscaled_step(module: nn.Module, opt: torch.optim.Optimizer, scaler) -> torch.Tensor:
-    """The gradient norm (of unscaled gradients), then the optimizer step (skipped by fp16's scaler on inf)."""
+    """The gradient norm (of unscaled gradients), then the optimizer step. Under an enabled GradScaler a
+    non-finite gradient makes the scaler skip the step and halve its scale (its normal fp16 overflow
+    handling); the norm returned is then inf or NaN while the weights did not move."""
     if scaler is None:
         norm = _grad_norm(module)
         opt.step()
@@ -105,7 +107,8 @@ def gan_step(
     scalers: Optional[tuple[torch.amp.GradScaler, torch.amp.GradScaler]] = None,
 ) -> dict[str, torch.Tensor]:
     """One G step preceded by len(reals) D steps (n_critic). Returns 0-dim fp32 tensors (no host sync):
-    loss_d, loss_g, d_real = mean sigmoid D(x), d_fake = mean sigmoid D(G(z)), grad_norm_d, grad_norm_g.
+    loss_d, loss_g, d_real = mean sigmoid D(x), d_fake = mean sigmoid D(G(z)), grad_norm_d, grad_norm_g
+    (of the last D step and of the G step; non-finite where fp16's scaler skipped that step).
 
     precision "bf16"/"fp16" runs the forwards under torch.autocast; the BCE losses take fp32 logits, BatchNorm
     statistics accumulate in fp32 (the fused kernels and nn.BatchNorm do), and the parameters, gradients and

@@ -39,6 +39,8 @@ from kernels.collectives import collective_device
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid, the same noise every evaluation
 STAT_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+# What the NaN guard always checks: a non-finite forward means the weights (or the batch) went bad.
+FORWARD_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 # Rank-0-only work (W&B start-up, an evaluation) may take minutes; the other ranks wait for it at a barrier
 # of this group, so only a dead peer, never a busy rank 0, trips the process group's --collective-timeout-s.
 RANK0_WORK_TIMEOUT = timedelta(hours=2)
@@ -228,9 +230,10 @@ class Trainer:
         self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
         self.best_fid = float(state.get("best_fid", math.inf))
         self.fixed_noise = state["fixed_noise"]
-        # fp16's loss scale carries over only between fp16 runs; bf16/fp32 checkpoints load into any precision
-        if state.get("precision") == self.precision == "fp16":
-            for scaler, saved in zip(self.scalers, state["scalers"]):
+        # fp16's loss scale carries over only between scaled runs (a disabled GradScaler saves {}); bf16/fp32
+        # checkpoints load into any precision
+        for scaler, saved in zip(self.scalers, state["scalers"]):
+            if saved and scaler.is_enabled():
                 scaler.load_state_dict(saved)
         self._apply_lr()
         self._batches = None
@@ -294,15 +297,24 @@ class Trainer:
 
     def _sync_step(self, out: dict[str, torch.Tensor], flags: list[float]) -> tuple[list[float], bool, list[bool]]:
         """One all-reduce per step carries the logged means, the non-finite flag and the schedule flags, so
-        every rank takes the same branch at the same step. Returns (means, non-finite?, [flag raised by any])."""
+        every rank takes the same branch at the same step. Returns (means, non-finite?, [flag raised by any]).
+
+        Non-finite means a forward value (FORWARD_KEYS) or a gradient norm that reached the weights. An fp16
+        overflow does not: its GradScaler skipped that optimizer step and backed off its scale by design, so a
+        gradient norm is checked only where no enabled scaler stands between the gradients and the weights.
+        One host sync: the read at the end, after the whole step and its all-reduce are queued; the flags go
+        up as fill kernels, not as a host-to-device copy (a blocking one drains the queue like a read)."""
         stats = torch.stack([out[k].float() for k in STAT_KEYS])
-        bad = (~torch.isfinite(stats)).any().float().reshape(1)
-        packed = torch.cat([torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0), bad,
-                            torch.tensor(flags, dtype=torch.float32, device=stats.device)])
+        unscaled = [key for key, scaler in (("grad_norm_d", self.scalers[0]), ("grad_norm_g", self.scalers[1]))
+                    if not scaler.is_enabled()]
+        guarded = torch.stack([out[k].float() for k in (*FORWARD_KEYS, *unscaled)])
+        bad = (~torch.isfinite(guarded)).any().float().reshape(1)
+        raised = [stats.new_full((1,), float(flag)) for flag in flags]
+        packed = torch.cat([torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0), bad, *raised])
         if self.distributed:
             packed = packed.to(collective_device())
             dist.all_reduce(packed)
-        host = packed.tolist()  # the one host sync of a step: the NaN guard must decide before the next step
+        host = packed.tolist()  # the one host sync of a step: the guard decides before the next step or a checkpoint
         return [v / self.world for v in host[:len(STAT_KEYS)]], host[len(STAT_KEYS)] > 0, \
             [v > 0 for v in host[len(STAT_KEYS) + 1:]]
 
@@ -386,7 +398,12 @@ class Trainer:
     def _rollback(self, last_good: dict[str, Any]) -> None:
         rollbacks = self.rollbacks + 1
         resumed_from = self.resumed_from
+        # fp16's loss scale is not rewound: the scale that overflowed since the snapshot would overflow again
+        scalers = [scaler.state_dict() for scaler in self.scalers]
         self.load_state_dict(copy.deepcopy(last_good), "in-memory snapshot")
+        for scaler, kept in zip(self.scalers, scalers):
+            if kept:
+                scaler.load_state_dict(kept)
         self.resumed_from = resumed_from
         self.rollbacks, self.lr_scale = rollbacks, self.lr_scale * self.cfg.rollback_lr_factor
         self._apply_lr()

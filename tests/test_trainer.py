@@ -8,12 +8,15 @@ import copy
 import datetime
 import os
 import time
+import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import TensorDataset
 
 from distgan.config import TrainConfig
@@ -259,6 +262,100 @@ def test_discriminator_with_buffers_is_refused(tmp_path, monkeypatch):
         Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4), dataset=small_dataset())
 
 
+def _overflow_once(trainer: Trainer, at_d_backward: int) -> None:
+    """What an fp16 overflow looks like to the optimizer: the `at_d_backward`-th D backward (counted from the
+    hook's registration; the G phase computes no D gradient) leaves a non-finite gradient, once."""
+    calls = []
+
+    def hook(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) == at_d_backward else grad
+
+    trainer.d_bare.net[-1].weight.register_hook(hook)
+
+
+def _scaled(trainer: Trainer, init_scale: float = 2.0**10) -> None:
+    # fp16 needs CUDA; GradScaler's skip-and-back-off with the fused Adam is the same on CPU
+    trainer.scalers = tuple(torch.amp.GradScaler("cpu", init_scale=init_scale) for _ in range(2))
+
+
+@pytest.mark.parametrize("scaler", [True, False])
+def test_an_overflow_the_grad_scaler_skips_is_not_a_rollback_an_unscaled_one_is(tmp_path, scaler):
+    t = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=4, eval_every=0, checkpoint_every_steps=2),
+                dataset=small_dataset())
+    if scaler:
+        _scaled(t)
+    _overflow_once(t, at_d_backward=2)
+    d_at = {}
+    result = t.fit(on_step=lambda step, means: d_at.setdefault(step, [p.clone() for p in t.d_bare.parameters()]))
+    assert result["stopped"] is None and t.step == 4
+    if scaler:
+        assert t.rollbacks == 0 and t.lr_scale == 1.0
+        assert all(torch.equal(a, b) for a, b in zip(d_at[1], d_at[2]))  # step 2's D update was skipped
+        assert not all(torch.equal(a, b) for a, b in zip(d_at[2], d_at[3]))  # and training went on
+        assert [s.get_scale() for s in t.scalers] == [2.0**9, 2.0**10]  # D backed off once; G never overflowed
+    else:  # Adam applied an inf gradient: the weights are gone, so the guard rolls back
+        assert t.rollbacks == 1 and t.lr_scale == 0.5
+
+
+def test_a_rollback_keeps_the_loss_scale_it_has_learned(tmp_path, monkeypatch):
+    # step 2: an fp16 overflow (D's scale 2^10 -> 2^9, no rollback); step 2 is checkpointed; step 3: a NaN batch
+    # (the scaler skips D again: 2^8) makes D's loss NaN, a real failure, so the run rolls back to step 2
+    monkeypatch.setenv("DISTGAN_TEST_MARKER_DIR", str(tmp_path))
+    monkeypatch.setenv("DISTGAN_TEST_NAN_AT_STEP", "3")
+    t = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=4, eval_every=0, checkpoint_every_steps=2),
+                dataset=small_dataset())
+    _scaled(t)
+    _overflow_once(t, at_d_backward=2)
+    result = t.fit()
+    assert result["stopped"] is None and t.step == 4 and t.rollbacks == 1
+    # the snapshot held 2^9; rewinding to it would retry the scale that just overflowed
+    assert [s.get_scale() for s in t.scalers] == [2.0**8, 2.0**10]
+    saved = t.state_dict()["scalers"]
+    fresh = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=4, eval_every=0),
+                    dataset=small_dataset())
+    _scaled(fresh, init_scale=2.0**16)
+    fresh.load_state_dict(t.state_dict(), "scaled checkpoint")  # a scaled run resumes with the saved scale
+    assert [s.get_scale() for s in fresh.scalers] == [saved[0]["scale"], saved[1]["scale"]] == [2.0**8, 2.0**10]
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Records the calls that, on a CUDA tensor, make the host wait for the device queue to drain: reads of
+    device values, and blocking uploads of host data (`torch.tensor(data, device=...)`, `.to(...)` without
+    non_blocking). On CPU nothing waits, but the same calls are made, so a CPU step counts its GPU syncs."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "nonzero",
+             "masked_select", "unique", "equal", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        upload = name in ("tensor", "as_tensor") and "device" in kwargs and not isinstance(args[0], torch.Tensor)
+        blocking_move = name == "to" and not kwargs.get("non_blocking", False) and not (
+            len(args) > 1 and isinstance(args[1], torch.dtype))
+        if name in self.READS or upload or blocking_move:
+            caller = traceback.extract_stack(limit=2)[0]
+            self.syncs.append(f"{name} at {Path(caller.filename).name}:{caller.lineno} ({caller.name})")
+        return func(*args, **kwargs)
+
+
+def test_a_training_step_syncs_with_the_host_once_at_its_end(tmp_path):
+    t = Trainer(make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=4, eval_every=0), dataset=small_dataset())
+    t.train_step()  # the loader starts
+    with HostSyncCounter() as counter:  # one iteration of fit()'s loop between checkpoints
+        out = t.train_step()
+        t._sync_step(out, [0.0, 1.0])
+    assert len(counter.syncs) == 1 and counter.syncs[0].startswith("tolist") and "_sync_step" in counter.syncs[0], \
+        counter.syncs
+    with HostSyncCounter() as counter:  # the counter sees what it is meant to see
+        torch.tensor([1.0], device="cpu").item()
+    assert [s.split()[0] for s in counter.syncs] == ["tensor", "item"]
+
+
 # ----------------------------------------------------------------------------------------------- one GPU, NCCL
 
 
@@ -298,11 +395,11 @@ def test_trainer_on_one_gpu_under_nccl_checkpoints_and_resumes_exactly(tmp_path,
 
 @requires_gpu
 @pytest.mark.gpu
-def test_train_step_does_not_sync_with_the_host(tmp_path, nccl_group):
+def test_a_training_step_syncs_with_the_host_once_on_gpu(tmp_path, nccl_group):
     cfg = make_cfg(tmp_path, num_workers=1, batch_size=16, max_steps=4, eval_every=0, kernels="triton",
                    precision="bf16")
     t = Trainer(cfg, torch.device("cuda", 0), dataset=small_dataset())
-    t.train_step()  # warm-up: Triton compiles, the loader starts
+    t._sync_step(t.train_step(), [0.0, 0.0])  # warm-up: Triton compiles, the loader starts
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -310,6 +407,17 @@ def test_train_step_does_not_sync_with_the_host(tmp_path, nccl_group):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.device.type == "cuda" for v in out.values())
+    # the whole step as fit() runs it: the NaN guard's read at the end is its only sync
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            t._sync_step(t.train_step(), [0.0, 1.0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_an_fp32_checkpoint_loads_into_a_bf16_trainer_and_trains(tmp_path):

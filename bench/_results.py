@@ -1,7 +1,8 @@
 """Where a benchmark writes: a new dated file under bench/results/runs/ (git-ignored) unless given a path.
 
-The committed results (bench/results/*.json, *.md) are what README quotes; a run refreshes one only when
-asked to, by naming it: `python bench/kernels.py --quick --output bench/results/kernels-cpu-quick.json`.
+The committed results (bench/results/<what>_<where>_<yyyy-mm>.json, .md) are what the docs cite; a run
+refreshes one only when asked to, by naming it:
+`python bench/kernels.py --quick --output bench/results/kernels-quick_<where>_<yyyy-mm>.json`.
 """
 
 from __future__ import annotations

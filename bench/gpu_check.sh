@@ -22,7 +22,7 @@
 #
 # The machine needs CPython with torch, triton, torchvision, torchmetrics preinstalled; what else distgan
 # needs (a slimmed Ray, pydantic, mlxtend, ...) comes from .gpu-bundle/ (built on a networked machine with
-# `bash ../shared/offline-gpu/make_bundle.sh` from the repo root). The repo is not pip-installed: PYTHONPATH.
+# the bundle script, from the repo root). The repo is not pip-installed: PYTHONPATH.
 # Without an NVIDIA GPU it says so and exits 0 within seconds.
 set -uo pipefail
 

@@ -1,12 +1,12 @@
-"""The seed's recipe as a plain loop (one process, eager, no Ray, no EMA) on the same data and step budget
-as a distgan run, scored with the same quality metrics, so the two can be compared side by side.
+"""The TensorFlow tutorial's recipe as a plain loop (one process, eager, no Ray, no EMA) on the same data and step
+budget as a distgan run, scored with the same quality metrics, so the two can be compared side by side.
 
     python bench/quality.py --run runs/<name>            # the budget and the distgan figures come from that run
     python bench/quality.py --steps 1240 --batch-size 64  # or give the budget directly
 
 Writes a new bench/results/runs/quality-<YYYYmmdd-HHMMSS>.json (git-ignored), or exactly --output PATH (the
-committed bench/results/quality.json is refreshed only by naming it), and prints a table. The plain loop
-uses every core this process is given (torch's default threads); the comparison is of sample
+committed bench/results/quality-tf-tutorial_<where>_<yyyy-mm>.json is refreshed only by naming it), and prints a
+table. The plain loop uses every core this process is given (torch's default threads); the comparison is of sample
 quality at equal steps, not of speed.
 """
 

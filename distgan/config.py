@@ -74,12 +74,12 @@ class TrainConfig:
     epochs: int = _opt(38, "passes over the training split")
     max_steps: Optional[int] = _opt(None, "stop after this many G steps", "none (all --epochs)")
     batch_size: int = _opt(64, "GLOBAL batch, split evenly across workers")
-    # --- optimisation (the seed's recipe; configs/seed.yaml keeps it one flag away)
-    lr_g: float = _opt(1e-3, "generator Adam learning rate (the seed recipe's: 2e-4)")
-    lr_d: float = _opt(1e-3, "discriminator Adam learning rate (the seed recipe's: 2e-4)")
+    # --- optimisation (configs/tf-tutorial.yaml keeps the TensorFlow tutorial's recipe one flag away)
+    lr_g: float = _opt(1e-3, "generator Adam learning rate (the TensorFlow tutorial's: 2e-4)")
+    lr_d: float = _opt(1e-3, "discriminator Adam learning rate (the TensorFlow tutorial's: 2e-4)")
     lr_decay_start: float = _opt(0.5, "fraction of the run after which both learning rates decay linearly toward "
                                       "0, reached just after the last step (pix2pix/CycleGAN's schedule); 1 = "
-                                      "constant (the seed recipe's)")
+                                      "constant (the TensorFlow tutorial's)")
     beta1: float = _opt(0.5, "Adam beta1 (both optimizers)")
     beta2: float = _opt(0.999, "Adam beta2 (both optimizers)")
     n_critic: int = _opt(1, "D steps per G step")
@@ -404,7 +404,7 @@ def _flag_type(kind: str, optional: bool):
 HELP_GROUPS = (
     ("data", "what the GAN learns from", ("dataset", "data_root", "download", "image_size", "channels")),
     ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
-    ("optimisation", "the recipe; configs/seed.yaml holds the seed's", (
+    ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
         "ema_decay", "seed")),
     ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
@@ -421,7 +421,7 @@ SHORT_FLAGS = {"verbose": "-v"}
 
 
 def default_text(f: dataclasses.Field) -> str:
-    """What a flag's default really is, for --help and the README."""
+    """What a flag's default really is, for --help and docs/usage.md."""
     return f.metadata.get("shown", str(f.default))
 
 

@@ -22,12 +22,15 @@ REPO = Path(__file__).resolve().parent.parent
 HALF_BUDGET_STEP = 1240  # 20 epochs of the 4,000 training digits at batch 64: the default run's midpoint
 
 
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
 def added_in(path: Path) -> str:
     """The commit that first added `path` (its short hash and date), or "uncommitted"."""
-    proc = subprocess.run(["git", "log", "--diff-filter=A", "--follow", "--format=%h %cs", "--", str(path)],
-                          cwd=REPO, capture_output=True, text=True, check=False)
-    lines = proc.stdout.split("\n") if proc.returncode == 0 else []
-    return [line for line in lines if line][-1] if any(lines) else "uncommitted"
+    lines = _git("log", "--diff-filter=A", "--follow", "--format=%h %cs", "--", str(path)).splitlines()
+    return lines[-1] if lines else "uncommitted"
 
 
 def _at(points: list[dict], step: int) -> str:
@@ -42,7 +45,8 @@ def table(files: list[Path]) -> str:
              "Each recipe trains as `python -m distgan.train` does (the Trainer in 2 gloo processes, local "
              "BatchNorm, EMA, batch 64 unless overridden, the precision it records), on top of the TensorFlow "
              "tutorial's recipe (Adam 2e-4, constant rates). Quality per step does not depend on the machine's "
-             "load; seconds do.", ""]
+             "load; seconds do.", "",
+             f"- tabulated at commit {_git('rev-parse', 'HEAD') or 'unknown'}", ""]
     for f in files:
         data = json.loads(f.read_text())
         lines += [f"## {f.name}", "", f"- note: {data.get('note', '-')}", f"- added in commit {added_in(f)}", "",

@@ -126,12 +126,18 @@ def _cited_paths(text: str) -> set[str]:
     return set(re.findall(r"`((?:bench|docs|configs|distgan|kernels|tests|\.ci)/[A-Za-z0-9_.\-/]+)`", text))
 
 
+def _ignored(path: str) -> bool:
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+
 def test_every_file_the_readme_and_docs_cite_exists():
     missing = []
     for page in DOCS:
         text = page.read_text()
         for path in _cited_paths(text):
-            if "<" not in path and not (REPO / path).exists():
+            if "<" in path or _ignored(path):  # a pattern, or where a command writes its output
+                continue
+            if not (list(REPO.glob(path)) if "*" in path else (REPO / path).exists()):
                 missing.append(f"{page.name}: {path}")
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" not in target and not (page.parent / target).exists():
@@ -168,6 +174,16 @@ def test_every_measured_figure_names_its_results_file():
             if MEASURED.search(para) and not RESULTS.search(para):
                 bare.append(f"{page.name}: {MEASURED.search(para).group(0)!r} in {para[:100]!r}")
     assert not bare, "figures without their bench/results/ file:\n" + "\n".join(bare)
+
+
+def test_prose_has_no_dates_and_no_test_counts():
+    # a date belongs to the results file that holds the figure (its name and its header); a test count or a
+    # suite's time is out of date with the next test
+    for page in DOCS:
+        text = page.read_text()
+        assert not re.findall(r"(?<![_\w-])20\d\d-\d\d(?:-\d\d)?\b", text), page.name
+        counts = re.findall(r"\b\d[\d,]*\s+(?:tests?\s+)?(?:passed|failed|skipped)\b|\b\d[\d,]*\s+tests\b", text)
+        assert not counts, (page.name, counts)
 
 
 def test_results_files_are_named_what_where_when():

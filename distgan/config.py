@@ -30,6 +30,8 @@ BN_POLICIES = ("local", "sync")
 WANDB_MODES = ("online", "offline", "disabled")
 NAN_POLICIES = ("rollback", "stop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUGMENT_OPS = ("color", "translation", "cutout")  # DiffAugment's ops (distgan/augment.py)
+ADA_POLICY = ("translation", "cutout")  # what plain `--augment ada` adapts: DiffAugment's pick for small data
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local run's
 # failures are bugs or bad input, and retrying them only delays the error. train.py applies these.
@@ -88,6 +90,14 @@ class TrainConfig:
     negative_slope: float = _opt(0.2, "LeakyReLU slope")
     ema_decay: float = _opt(0.999, "EMA of G for samples and metrics; 0 = off")
     seed: int = _opt(0, "init, data order and noise (noise uses seed + rank)")
+    # --- augmentation of what D sees (distgan/augment.py)
+    augment: str = _opt("off", "off; a DiffAugment policy of comma-separated ops from color, translation, cutout "
+                               "(e.g. translation,cutout); or ada (adaptive p over translation,cutout; ada:<ops> "
+                               "for others)")
+    augment_p: Optional[float] = _opt(None, "probability each op applies to an image (ada: the starting p)",
+                                      "1 for a policy, 0 for ada")
+    ada_target: float = _opt(0.6, "ada: the target of r_t = E[sign D(real)] (StyleGAN2-ADA's 0.6)")
+    ada_kimg: float = _opt(100.0, "ada: thousands of real images over which p can move from 0 to 1")
     # --- model execution
     num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
     use_gpu: Optional[bool] = _opt(None, "one GPU per worker, NCCL; --no-use-gpu: CPU, gloo",
@@ -208,6 +218,7 @@ class TrainConfig:
         if self.precision == "fp16" and self.use_gpu is False:
             raise bad("precision", "fp16 is CUDA only (autocast fp16 and its GradScaler), and --no-use-gpu "
                                    "runs on CPU; use bf16 or fp32")
+        self._validate_augment(bad)
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise bad("wandb_mode", f"unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
         for name in ("wandb_project", "wandb_group"):
@@ -219,6 +230,21 @@ class TrainConfig:
         self._validate_data_and_name(bad)
         self._validate_storage_path(bad)
         return self
+
+    def _validate_augment(self, bad) -> None:
+        try:
+            adaptive, ops = parse_augment(self.augment)
+        except ValueError as e:
+            raise bad("augment", str(e)) from None
+        if self.augment_p is not None:
+            if not ops:
+                raise bad("augment_p", "needs --augment (a policy or ada); --augment is off")
+            if not 0 <= self.augment_p <= 1:
+                raise bad("augment_p", f"must be in [0, 1], got {self.augment_p!r}")
+        if not 0 < self.ada_target < 1:
+            raise bad("ada_target", f"must be in (0, 1) (r_t is a mean of signs), got {self.ada_target!r}")
+        if self.ada_kimg <= 0:
+            raise bad("ada_kimg", f"must be positive, got {self.ada_kimg!r}")
 
     def _validate_data_and_name(self, bad) -> None:
         if self.dataset == "mnist5k":
@@ -271,6 +297,26 @@ def default_run_name() -> str:
 def inside_ray_job(environ: Mapping[str, str] = os.environ) -> bool:
     """True in the driver of `ray job submit` (Ray's job supervisor sets this variable for it alone)."""
     return RAY_JOB_CONFIG_ENV in environ
+
+
+def parse_augment(text: str) -> tuple[bool, tuple[str, ...]]:
+    """`--augment` text -> (adaptive?, ops). "off" -> (False, ()); "translation,cutout" -> (False, ops);
+    "ada" -> (True, ADA_POLICY); "ada:color,translation" -> (True, those ops). Raises ValueError naming
+    the unknown or repeated op."""
+    text = text.strip()
+    if text == "off":
+        return False, ()
+    adaptive = text == "ada" or text.startswith("ada:")
+    if text == "ada":
+        return True, ADA_POLICY
+    ops = tuple(op.strip() for op in (text[4:] if adaptive else text).split(","))
+    unknown = [op for op in ops if op not in AUGMENT_OPS]
+    if unknown or not ops:
+        raise ValueError(f"unknown augmentation {', '.join(map(repr, unknown)) or repr(text)}; use off, ada, "
+                         f"ada:<ops> or comma-separated ops from {', '.join(AUGMENT_OPS)}")
+    if len(set(ops)) != len(ops):
+        raise ValueError(f"{text!r} names an augmentation twice")
+    return adaptive, ops
 
 
 def _flag(name: str) -> str:
@@ -407,6 +453,8 @@ HELP_GROUPS = (
     ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
         "ema_decay", "seed")),
+    ("augmentation", "what D sees, real and fake (DiffAugment, ADA)", ("augment", "augment_p", "ada_target",
+                                                                     "ada_kimg")),
     ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
         "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",

@@ -105,6 +105,7 @@ def gan_step(
     impl: str = "auto",
     precision: str = "fp32",
     scalers: Optional[tuple[torch.amp.GradScaler, torch.amp.GradScaler]] = None,
+    augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """One G step preceded by len(reals) D steps (n_critic). Returns 0-dim fp32 tensors (no host sync):
     loss_d, loss_g, d_real = mean sigmoid D(x), d_fake = mean sigmoid D(G(z)), grad_norm_d, grad_norm_g
@@ -113,6 +114,10 @@ def gan_step(
     precision "bf16"/"fp16" runs the forwards under torch.autocast; the BCE losses take fp32 logits, BatchNorm
     statistics accumulate in fp32 (the fused kernels and nn.BatchNorm do), and the parameters, gradients and
     optimizer state stay fp32. fp16 needs `scalers` (GradScaler for D, for G); other precisions ignore them.
+
+    `augment` (distgan/augment.py) transforms every batch D sees, real and fake, in both phases, differentiably,
+    so G's gradient flows through it; with it, the result also holds d_real_sign = mean sign D(x_real) of the
+    last D step (ADA's r_t for this step).
     """
     device_type = reals[0].device.type
     scaler_d, scaler_g = scalers or (None, None)
@@ -123,7 +128,8 @@ def gan_step(
             # Only the last fake feeds the G phase; earlier ones need no graph through G.
             with torch.set_grad_enabled(last):
                 fake = g(z)
-            logits = d(torch.cat([real, fake.detach()]))
+            both = torch.cat([real, fake.detach()])
+            logits = d(augment(both) if augment is not None else both)
         loss_d, d_real, d_fake = fused.discriminator_loss(logits.float(), real.shape[0], real_label=real_label,
                                                           fake_label=0.0, impl=impl)
         grad_norm_d = _backward_and_step(loss_d, d, opt_d, scaler_d)
@@ -132,15 +138,18 @@ def gan_step(
     d_bare.requires_grad_(False)
     try:
         with autocast(precision, device_type):
-            logits_g = d_bare(fake)
+            logits_g = d_bare(augment(fake) if augment is not None else fake)
         loss_g = fused.bce_with_logits(logits_g.float(), 1.0, impl=impl)
         opt_g.zero_grad(set_to_none=True)
         (scaler_g.scale(loss_g) if scaler_g is not None else loss_g).backward()
     finally:
         d_bare.requires_grad_(True)
     grad_norm_g = _unscaled_step(g, opt_g, scaler_g)
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": d_real.detach(),
-            "d_fake": d_fake.detach(), "grad_norm_d": grad_norm_d, "grad_norm_g": grad_norm_g}
+    out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": d_real.detach(),
+           "d_fake": d_fake.detach(), "grad_norm_d": grad_norm_d, "grad_norm_g": grad_norm_g}
+    if augment is not None:
+        out["d_real_sign"] = torch.sign(logits[:real.shape[0]].detach().float()).mean()
+    return out
 
 
 class EMA:

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
+from distgan.augment import build_augment
 from distgan.checkpoint import capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
 from distgan.data import build_dataset
@@ -158,6 +160,8 @@ class Trainer:
         np.random.seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed())
+        # D's input augmentation (None when off): its own per-rank stream, p and ADA state live in checkpoints
+        self.augment = build_augment(cfg, self.device, self._noise_seed(AUGMENT_SEED_OFFSET))
         self.fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
         self.step = self.epoch = self.steps_into_epoch = 0
         self.lr_scale, self.rollbacks = 1.0, 0
@@ -212,6 +216,8 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.augment is not None:  # p is the same on every rank; each rank's generator is its own
+            state["augment"] = self._all_gather_objects(self.augment.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any], where: str = "state") -> None:
@@ -237,6 +243,10 @@ class Trainer:
                 scaler.load_state_dict(saved)
         self._apply_lr()
         self._batches = None
+        if self.augment is not None and state.get("augment"):  # a checkpoint without it keeps the start p
+            saved = state["augment"]
+            same = state["world_size"] == self.world and self.rank < len(saved)
+            self.augment.load_state_dict(saved[self.rank] if same else saved[0], with_generator=same)
         rng = state["rng"]
         if state["world_size"] == self.world and self.rank < len(rng):
             self._restore_rng(rng[self.rank])
@@ -288,7 +298,9 @@ class Trainer:
             self._apply_lr()
         out = gan_step(self.g, self.d, self.opt_g, self.opt_d, reals, self._sample_z,
                        real_label=1.0 - self.cfg.label_smoothing, impl=self.cfg.kernels, precision=self.precision,
-                       scalers=self.scalers)
+                       scalers=self.scalers, augment=self.augment)
+        if self.augment is not None:
+            self.augment.observe(out["d_real_sign"])
         self.step += 1
         self.steps_into_epoch += 1
         if self.ema is not None:
@@ -446,6 +458,8 @@ class Trainer:
                 last_good = copy.deepcopy(self.state_dict())
                 continue
             self.last_metrics = dict(zip(STAT_KEYS, values))
+            if self.augment is not None:  # reaches W&B, metrics.jsonl and every report
+                self.last_metrics["augment_p"] = self.augment.p
             window_steps += 1
             if on_step is not None and self.rank == 0:
                 on_step(self.step, self.last_metrics)

@@ -452,9 +452,7 @@ HELP_GROUPS = (
     ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
     ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
-        "ema_decay", "seed")),
-    ("augmentation", "what D sees, real and fake (DiffAugment, ADA)", ("augment", "augment_p", "ada_target",
-                                                                     "ada_kimg")),
+        "ema_decay", "seed", "augment", "augment_p", "ada_target", "ada_kimg")),
     ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
         "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",

@@ -135,7 +135,7 @@ class Augment:
     def observe(self, real_sign_mean: torch.Tensor) -> None:
         """Adaptive only: accumulates this step's mean sign D(x_real) (a 0-dim tensor, no host sync), and every
         ADA_INTERVAL steps averages it over the ranks (one all-reduce, collective: every rank calls this at the
-        same steps) and moves p. A no-op for a fixed p."""
+        same steps, and a host read of its two numbers) and moves p. A no-op for a fixed p."""
         if not self.adaptive:
             return
         self._sign_sum += real_sign_mean.detach().to(torch.float64)

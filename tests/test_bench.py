@@ -530,3 +530,42 @@ def test_recipe_results_are_committed_and_plot(tmp_path):
         dst.write_text(src.read_text())
     assert br.main(["--plot", *map(str, copies)]) == 0
     assert copies[0].with_suffix(".png").stat().st_size > 10_000
+
+
+# bench/default_run.py and bench/recipe_report.py: the generators of committed results files
+
+
+def test_default_run_summary_reads_startup_throughput_and_evaluations_from_the_rows():
+    dr = _load_bench("default_run")
+    rows = [{"kind": "start", "time": 100.0},
+            {"kind": "step", "step": 10, "time": 125.0, "images_per_s": 50.0},  # the warm-up window: left out
+            {"kind": "step", "step": 20, "time": 127.0, "images_per_s": 400.0},
+            {"kind": "step", "step": 30, "time": 129.0, "images_per_s": 440.0},
+            {"kind": "step", "step": 40, "time": 131.0, "images_per_s": 420.0},
+            {"kind": "eval", "step": 40, "epoch": 1, "fid": 27.1, "kid": 1.2, "classifier_score": 2.5,
+             "coverage": 0.9},
+            {"kind": "eval", "step": 40, "epoch": 1},  # a grid without metrics (evaluation off)
+            {"kind": "finish", "time": 140.0}]
+    s = dr.summarise(rows, started=90.0, ended=151.0)
+    assert s == {"wall_s": 61.0, "startup_s": 35.0, "steps": 40, "median_images_per_s": 420.0,
+                 "evaluations": [{"step": 40, "epoch": 1, "fid": 27.1, "kid": 1.2, "classifier_score": 2.5,
+                                  "coverage": 0.9}]}
+    with pytest.raises(ValueError, match="no step"):
+        dr.summarise(rows[:1], 0.0, 1.0)
+    result = {"command": "python bench/default_run.py", "train_command": "python -m distgan.train",
+              "created": "now", "machine": {"processor": "AMD EPYC", "cpu_count": 2, "gpu": None, "loadavg": [0.5]},
+              "versions": {"torch": "2"}, "git": {"commit": "abc", "dirty": False},
+              "start_line": "distgan: 2 worker(s) on cpu", "summary": s}
+    md = dr.markdown(result)
+    assert "| 1 min 01 s | 35.0 s | 40 | 420.0 |" in md and "| 40 | 1 | 27.1 | 1.2 | 2.5 | 0.9 |" in md
+    assert "AMD EPYC, 2 CPUs" in md and "git: abc" in md
+
+
+def test_recipe_report_tabulates_every_committed_recipe_record():
+    rr = _load_bench("recipe_report")
+    files = sorted((REPO / "bench" / "results").glob("recipe-*.json"))
+    text = rr.table(files)
+    records = [r for f in files for r in json.loads(f.read_text())["records"]]
+    assert text.count("\n| ") - text.count("\n| ↳") - len(files) == len(records)  # one header row a file
+    for r in records:
+        assert f"| {r['recipe']} | {r['seed']} |" in text and f"{r['best']['fid']:.1f} ({r['best']['step']})" in text

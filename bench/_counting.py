@@ -18,6 +18,7 @@ from _counters import SavedCounter, Tally, count_region
 from _plans import path_signature, planned_for_gpu
 
 import kernels
+from distgan.storage import first_line
 
 METHODS = {
     "eager": "dispatch: each ATen op that runs a kernel, charged its input + output tensors once",
@@ -173,7 +174,7 @@ def cpu_records(case: Case, provider: str, preset: Preset, log) -> tuple[list[di
     try:
         counts = _count(case, provider, proxy)
     except Exception as exc:  # noqa: BLE001 - a provider that cannot run here is reported, not fatal
-        return [], f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return [], first_line(exc, with_type=True)[:200]
     log(
         f"  {case.op:22s} {list(case.shape)!s:22s} {case.dtype} {provider:8s} {time.perf_counter() - t0:6.1f}s"
         + (f"  (proxy {list(proxy.shape)})" if proxy else "")

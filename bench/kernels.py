@@ -45,6 +45,7 @@ from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quan
 
 import kernels  # noqa: E402
 from distgan import provenance  # noqa: E402
+from distgan.storage import first_line  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -101,7 +102,7 @@ def measure_case(case, provider, preset, preset_name, device, copy_gbps) -> tupl
         try:
             recs = gpu_records(case, provider, device, do_bench_quantiles, do_bench_graph_quantiles, copy_gbps)
         except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
-            return [], [unavailable(case, provider, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")]
+            return [], [unavailable(case, provider, first_line(exc, with_type=True)[:200])]
         log(f"  {case.op} {list(case.shape)} {case.dtype} {provider} timed")
         return recs, []
     if provider == "compile":

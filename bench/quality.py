@@ -13,7 +13,6 @@ quality at equal steps, not of speed.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -31,6 +30,7 @@ from distgan.data import build_dataset  # noqa: E402
 from distgan.metrics import QualityEvaluator, reference_images  # noqa: E402
 from distgan.models import build_models  # noqa: E402
 from distgan.step import gan_step, make_optimizers  # noqa: E402
+from distgan.storage import read_metrics  # noqa: E402
 
 QUALITY = ("fid", "kid", "classifier_score", "coverage", "diversity")
 
@@ -60,9 +60,9 @@ def plain_loop(cfg: TrainConfig, steps: int, eval_samples: int) -> dict[str, flo
 
 
 def last_evaluation(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     evals = [r for r in rows if "fid" in r]
-    steps = max(r.get("step", 0) for r in rows)
+    steps = max((r.get("step", 0) for r in rows), default=0)
     if not evals:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no evaluation rows")
     return {**evals[-1], "steps": steps}

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from _results import add_output_args, write_result  # noqa: E402
 
 from distgan import provenance  # noqa: E402
+from distgan.storage import read_metrics  # noqa: E402
 
 GPU = torch.cuda.is_available()
 PRECISIONS = ("fp32", "bf16")
@@ -230,7 +231,7 @@ def ray_command(preset: Preset, spec: Spec, storage: Path, name: str) -> list[st
 def throughput_from_metrics(path: Path, preset: Preset, t_submit: float) -> dict:
     """images/s over the steady-state steps, from the step rows' wall-clock stamps in metrics.jsonl."""
     total = preset.warmup + preset.steps
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     steps = {r["step"]: r for r in rows if r.get("kind") == "step"}
     start = next((r for r in rows if r.get("kind") == "start"), None)
     if preset.warmup not in steps or total not in steps or 1 not in steps:

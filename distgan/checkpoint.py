@@ -6,7 +6,6 @@ so `torch.load(weights_only=True)` can read it without unpickling code.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -16,6 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from distgan import storage
+from distgan.storage import atomic_write, first_line
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -92,16 +94,7 @@ def save_state(state: dict[str, Any], directory: str | os.PathLike) -> Path:
                              if k in state})
     if bad:
         raise CheckpointError(f"refusing to save non-finite values: {', '.join(bad[:5])}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / STATE_FILE
-    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+    return atomic_write(Path(directory) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 # ------------------------------------------------------------------ read
@@ -117,12 +110,10 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{name}: refused: holds objects other than plain tensors/containers "
-                              f"({first})") from None
+                              f"({first_line(e)})") from None
     except Exception as e:  # a torn file fails anywhere in the unpickler (EOFError, struct.error, ...)
-        raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({first_line(e, with_type=True)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{name}: not a distgan checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -140,30 +131,37 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
 def fetch_state(location: str | os.PathLike) -> dict[str, Any]:
     """load_state for a checkpoint directory given as a local path or a URI (s3://, gs://): a URI's state.pt is
     downloaded to a temporary directory first, and errors name the URI. Unreachable storage raises OSError."""
-    if not is_uri(location):
+    if not storage.is_uri(location):
         return load_state(location)
     import tempfile
 
-    fs, path = open_location(location)
-    where = child(location, STATE_FILE)
+    where = storage.join(location, STATE_FILE)
     with tempfile.TemporaryDirectory(prefix="distgan-checkpoint-") as tmp:
-        if not download(fs, f"{path}/{STATE_FILE}", Path(tmp) / STATE_FILE):
+        if not storage.download(where, Path(tmp) / STATE_FILE):
             raise CheckpointError(f"{where}: missing")
         return load_state(tmp, where=where)
 
 
-def check_compatible(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
-    """Refuses a checkpoint whose model-shaping fields differ from this run's, compared by effective value
-    (channels unset = the dataset's), as the driver compares them."""
-    from distgan.config import config_from_dict
-
-    saved, now = config_from_dict(state["config"]), config_from_dict(config)
+def model_mismatch(saved, now) -> Optional[tuple[str, Any, Any]]:
+    """(field, saved value, this run's value) of the first MODEL_FIELDS entry on which two TrainConfigs differ,
+    compared by effective value (channels unset = the dataset's); None when the weights fit."""
     for key in MODEL_FIELDS:
         before, after = (saved.image_channels, now.image_channels) if key == "channels" else \
             (getattr(saved, key), getattr(now, key))
         if before != after:
-            raise CheckpointError(f"{where}: saved with {key}={before!r}, this run has {after!r}; "
-                                  f"use a new --name to start fresh")
+            return key, before, after
+    return None
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Refuses a checkpoint whose model-shaping fields differ from this run's (model_mismatch)."""
+    from distgan.config import config_from_dict
+
+    mismatch = model_mismatch(config_from_dict(state["config"]), config_from_dict(config))
+    if mismatch:
+        key, before, after = mismatch
+        raise CheckpointError(f"{where}: saved with {key}={before!r}, this run has {after!r}; "
+                              f"use a new --name to start fresh")
 
 
 def load_into(state: dict[str, Any], where: str, **targets) -> None:
@@ -172,7 +170,7 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
         try:
             target.load_state_dict(state[key])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{where}: {key} does not match this model ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{where}: {key} does not match this model ({first_line(e)})") from None
 
 
 def checkpoint_dir_name(step: int, tag: str) -> str:
@@ -191,17 +189,6 @@ def resume_tag(existing: list[str], resumed_at: Optional[int]) -> str:
     while (f".{n}" if n > 1 else "") in earlier:
         n += 1
     return tag + (f".{n}" if n > 1 else "")
-
-
-def run_dir_listing(storage_path: str, name: str) -> list[str]:
-    """The names in a run directory (local or URI); empty when it does not exist or cannot be read."""
-    from pyarrow.fs import FileSelector
-
-    fs, run = run_fs(storage_path, name)
-    try:
-        return [info.base_name for info in fs.get_file_info(FileSelector(run, allow_not_found=True))]
-    except OSError:
-        return []
 
 
 def _step_of(path: Path) -> int:
@@ -241,95 +228,6 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
 
 
-# ------------------------------------------------------------------ locations: local paths and URIs
-# A run directory is `<storage path>/<name>`, where the storage path is a local directory or a URI that
-# pyarrow (and so Ray Train) understands. An S3-compatible server other than AWS is named by AWS_ENDPOINT_URL
-# (or AWS_ENDPOINT_URL_S3), which pyarrow >= 15 reads, or by `?endpoint_override=HOST:PORT&scheme=http` on
-# the URI; credentials come from the usual AWS variables and files.
-
-
-def is_uri(location: Any) -> bool:
-    """A URI is a string with a scheme (s3://bucket/key); a Path is always local."""
-    return isinstance(location, str) and "://" in location
-
-
-def open_location(location: str | os.PathLike):
-    """(pyarrow filesystem, path inside it) for a local path or a URI. A malformed or unknown URI raises
-    ValueError (pyarrow's ArrowInvalid)."""
-    import pyarrow.fs
-
-    if is_uri(location):
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-
-
-def child(location: str | os.PathLike, *names: str) -> str:
-    """location/name/... as a string, keeping a URI's ?query (endpoint options) at the end."""
-    base, sep, query = str(location).partition("?")
-    return "/".join([base.rstrip("/"), *names]) + sep + query
-
-
-def download(fs, path: str, dest: Path) -> bool:
-    """Copies one file from a pyarrow filesystem to a local path; False when it does not exist."""
-    import shutil
-
-    import pyarrow.fs
-
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return False
-    with fs.open_input_stream(path) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out)
-    return True
-
-
-def upload(src: Path, fs, path: str) -> None:
-    """Copies one local file to a pyarrow filesystem (an object store replaces the object in one PUT)."""
-    import shutil
-
-    with open(src, "rb") as fh, fs.open_output_stream(path) as out:
-        shutil.copyfileobj(fh, out)
-
-
-# ------------------------------------------------------------------ run-level notes in the storage path
-
-STOP_FILE = "stopped.json"
-
-
-def run_fs(storage_path: str, name: str):
-    """(pyarrow filesystem, path) of the run directory, for local paths and URIs (s3://, gs://) alike."""
-    import pyarrow.fs
-
-    if "://" in storage_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), storage_path
-    return fs, f"{root.rstrip('/')}/{name}"
-
-
-
-
-def write_stop_reason(storage_path: str, name: str, reason: str) -> None:
-    """Ray Train hands the driver only checkpointed metrics, so a graceful stop leaves its reason here."""
-    fs, run = run_fs(storage_path, name)
-    fs.create_dir(run, recursive=True)
-    with fs.open_output_stream(f"{run}/{STOP_FILE}") as fh:
-        fh.write(json.dumps({"reason": reason}).encode())
-
-
-def pop_stop_reason(storage_path: str, name: str) -> Optional[str]:
-    """Reads and removes the stop note (a resubmission must not inherit an old one)."""
-    import pyarrow.fs
-
-    fs, run = run_fs(storage_path, name)
-    path = f"{run}/{STOP_FILE}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as fh:
-        reason = json.loads(fh.read().decode())["reason"]
-    fs.delete_file(path)
-    return reason
-
-
 # ------------------------------------------------------------------ the driver's look at a run before it resumes
 
 # Fields that fix what the saved data position (epoch, batch_in_epoch) means: the sampler's order depends on
@@ -345,11 +243,12 @@ def newest_checkpoint_state(storage_path: str, name: str, log=print) -> Optional
 
     import pyarrow.fs
 
+    run = storage.join(storage_path, name)
     try:
-        fs, run = run_fs(storage_path, name)
-        entries = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+        fs, _ = storage.open_location(run)
+        entries = storage.entries(run)
     except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
-        log(f"WARNING: cannot list {storage_path}/{name} to check its checkpoints before resuming ({e})")
+        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({first_line(e)})")
         return None
     dirs = [e for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
     files = {d.path: fs.get_file_info(f"{d.path}/{STATE_FILE}") for d in dirs}

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from distgan.storage import first_line, join
+
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder")
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")  # what torchvision can fetch; mnist5k is embedded
 IMAGE_SIZES = (28, 32, 64)
@@ -151,8 +153,9 @@ class TrainConfig:
         return 3 if self.dataset in ("cifar10", "folder") else 1
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path) / self.name
+    def run_dir(self) -> str:
+        """The run directory: a local path or a URI (distgan.storage.join keeps a URI's ?query last)."""
+        return join(self.storage_path, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -509,7 +512,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         data = yaml.safe_load(text) or {}
         top = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})", field="config") from None
+        raise ConfigError(f"--config: {path} is not valid YAML ({first_line(e)})", field="config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option: value", field="config")
     _refuse_repeated_keys(top, path)

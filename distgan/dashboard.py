@@ -18,6 +18,7 @@ import sys
 from urllib.parse import urlparse
 
 from distgan import tracking as t
+from distgan.storage import first_line
 
 WORKSPACE_NAME = "distgan"
 REACH_TIMEOUT_S = 5.0  # a TCP connect to the server; the GraphQL client itself retries for minutes
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saved: {workspace.url}")
             return 0
         except Exception as e:  # noqa: BLE001 - no key, no permission, server error: say so, show the plan
-            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            problem = first_line(e, with_type=True)
     print(plan)
     print(f"not saved: {problem}", file=sys.stderr)
     return 1

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from distgan.config import DOWNLOADABLE, ConfigError, TrainConfig
+from distgan.storage import first_line
 
 MNIST5K_PER_CLASS_TEST = 100  # the last 100 digits of each class are held out: 4,000 train / 1,000 test
 # torchvision's ImageFolder reads exactly these (case-insensitive): the driver's check counts what the workers'
@@ -219,7 +220,6 @@ def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
         if cfg.dataset == "folder":
             return datasets.ImageFolder(root, transform=tf, loader=load_image)
     except (RuntimeError, OSError, FileNotFoundError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {first}{_download_hint(cfg)}") \
-            from None
+        raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {first_line(e)}"
+                        f"{_download_hint(cfg)}") from None
     raise DataError(f"--dataset: unknown dataset {cfg.dataset!r}")

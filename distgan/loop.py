@@ -12,6 +12,7 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -23,23 +24,15 @@ import ray
 import ray.train
 import ray.train.torch
 import torch.distributed as dist
-from pyarrow.fs import FileType
 
-from distgan.checkpoint import (
-    checkpoint_dir_name,
-    load_latest_valid,
-    load_state,
-    resume_tag,
-    run_dir_listing,
-    run_fs,
-    save_state,
-    write_stop_reason,
-)
+from distgan import storage
+from distgan.checkpoint import checkpoint_dir_name, load_latest_valid, load_state, resume_tag, save_state
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
 from kernels.collectives import collective_device
 
 STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C; polled by rank 0
+STOP_FILE = "stopped.json"  # why a graceful stop happened: Ray Train hands the driver only checkpointed metrics
 STOP_POLL_S = {"local": 0.5, "remote": 5.0}  # a stat is free; an s3:// HEAD request is not
 
 
@@ -51,7 +44,7 @@ def _load_checkpoint(trainer: Trainer) -> Optional[int]:
         state, where = load_latest_valid(Path(checkpoint.path), log=lambda m: print(m, flush=True))
     else:  # remote storage: only the latest is fetched; a bad one stops the run naming it
         with checkpoint.as_directory() as tmp:  # Ray's path drops the URI scheme; the user's storage path has it
-            where = f"{trainer.cfg.storage_path.rstrip('/')}/{trainer.cfg.name}/{Path(checkpoint.path).name}"
+            where = storage.join(trainer.cfg.storage_path, trainer.cfg.name, Path(checkpoint.path).name)
             state = load_state(tmp, where)
     trainer.load_state_dict(state, str(where))
     print(f"[rank {trainer.rank}] resumed from {where} at step {trainer.step} (epoch {trainer.epoch}, "
@@ -66,13 +59,12 @@ class _StopRequest:
         self.cfg, self.rank, self.last = cfg, rank, 0.0
 
     def __call__(self) -> bool:
-        every = STOP_POLL_S["remote" if "://" in self.cfg.storage_path else "local"]
+        every = STOP_POLL_S["remote" if storage.is_uri(self.cfg.storage_path) else "local"]
         if self.rank != 0 or time.monotonic() - self.last < every:
             return False
         self.last = time.monotonic()
-        fs, run = run_fs(self.cfg.storage_path, self.cfg.name)
         try:
-            return fs.get_file_info(f"{run}/{STOP_REQUEST_FILE}").type != FileType.NotFound
+            return storage.exists(storage.join(self.cfg.storage_path, self.cfg.name, STOP_REQUEST_FILE))
         except OSError:
             return False
 
@@ -114,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from distgan.tracking import Tracker
 
         # the W&B config records the precision that runs, not "auto"
-        return Tracker(dataclasses.replace(cfg, precision=trainer.precision), f"{cfg.storage_path}/{cfg.name}",
+        return Tracker(dataclasses.replace(cfg, precision=trainer.precision), storage.join(cfg.storage_path, cfg.name),
                        trainer.world, resumed=resumed, kernel_backend=trainer.kernel_backend)
 
     score_fid = bool(loop_config.get("score_fid"))
@@ -124,7 +116,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision}, kernels "
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
     resumed_at = _load_checkpoint(trainer)
-    box = [resume_tag(run_dir_listing(cfg.storage_path, cfg.name), resumed_at) if rank == 0 else None]
+    box = [resume_tag(storage.list_names(storage.join(cfg.storage_path, cfg.name)), resumed_at) if rank == 0 else None]
     if trainer.distributed:
         dist.broadcast_object_list(box, src=0, device=collective_device())
     tag = box[0]
@@ -147,4 +139,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         progress and progress.close()
     if rank == 0 and result["stopped"]:
-        write_stop_reason(cfg.storage_path, cfg.name, result["stopped"])
+        storage.write_bytes(storage.join(cfg.storage_path, cfg.name, STOP_FILE),
+                            json.dumps({"reason": result["stopped"]}).encode())

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgan.storage import atomic_write
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_FILE = "mnist_classifier.pt"
 RECORD_FILE = "mnist_classifier.json"
@@ -312,9 +314,7 @@ def rebuild_classifier(assets: Path = ASSETS, epochs: int = TRAIN_EPOCHS, log=pr
     model.eval()
     assets.mkdir(parents=True, exist_ok=True)
     weights = assets / CLASSIFIER_FILE
-    tmp = weights.with_suffix(".tmp")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(weights)
+    atomic_write(weights, lambda tmp: torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp))
     record = {
         "file": CLASSIFIER_FILE,
         "sha256": sha256_of(weights),

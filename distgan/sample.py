@@ -23,19 +23,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from distgan.checkpoint import (
-    STATE_FILE,
-    CheckpointError,
-    child,
-    download,
-    fetch_state,
-    is_uri,
-    load_into,
-    open_location,
-    upload,
-)
+from distgan import storage
+from distgan.checkpoint import STATE_FILE, CheckpointError, fetch_state, load_into
 from distgan.config import config_from_dict
 from distgan.models import Generator
+from distgan.storage import first_line
 
 # loop.checkpoint_dir_name(): checkpoint_<step>, plus _resume<step>[.n] in a resumed attempt
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8})(?:\.(\d+))?)?")
@@ -54,40 +46,18 @@ def _order(name: str) -> tuple[int, int, int]:
     return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
 
 
-def _parent(location: str) -> str:
-    """The directory above a URI, keeping its ?query."""
-    base, sep, query = location.partition("?")
-    return base.rstrip("/").rsplit("/", 1)[0] + sep + query
-
-
-def _read_text(fs, path: str) -> str:
-    """A small file's text; empty when it does not exist."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return (Path(tmp) / "f").read_text() if download(fs, path, Path(tmp) / "f") else ""
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line (a crash mid-write)
-    return rows
-
-
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def checkpoint_fids(fs, run_path: str, names: list[str]) -> dict[str, float]:
+def checkpoint_fids(run_dir: str, names: list[str]) -> dict[str, float]:
     """FID of each evaluated checkpoint. First Ray's snapshot, which holds the metrics reported with each
     kept checkpoint, by directory name (an unevaluated one has fid inf); then, for checkpoints it does not
     name, the run's metrics.jsonl eval rows at the checkpoint's step (the last row of a step wins: a
     rollback or resume evaluates the same step again)."""
     fids: dict[str, float] = {}
     try:
-        snapshot = json.loads(_read_text(fs, f"{run_path}/{RAY_SNAPSHOT}") or "{}")
+        snapshot = json.loads(storage.read_bytes(storage.join(run_dir, RAY_SNAPSHOT)) or "{}")
     except json.JSONDecodeError:
         snapshot = {}  # a snapshot from another Ray version or torn: metrics.jsonl still has the FIDs
     if isinstance(snapshot, dict):
@@ -97,7 +67,7 @@ def checkpoint_fids(fs, run_path: str, names: list[str]) -> dict[str, float]:
             if fid is not None and result.get("checkpoint_dir_name") in names:
                 fids[result["checkpoint_dir_name"]] = fid
     by_step = {}
-    for row in _json_lines(_read_text(fs, f"{run_path}/metrics.jsonl")):
+    for row in storage.read_metrics(run_dir):
         if row.get("kind") == "eval" and isinstance(row.get("step"), int) and _finite(row.get("fid")) is not None:
             by_step[row["step"]] = row["fid"]
     for name in names:
@@ -110,27 +80,24 @@ def checkpoint_fids(fs, run_path: str, names: list[str]) -> dict[str, float]:
 def choose_checkpoint(location: str) -> Choice:
     """A checkpoint directory as given, or the best checkpoint of a run directory. Raises CheckpointError
     for a path that does not exist or holds no checkpoint, OSError when the storage cannot be reached."""
-    import pyarrow.fs
+    from pyarrow.fs import FileType
 
-    fs, path = open_location(location)
-    path = path.rstrip("/") or "/"
-    uri = is_uri(location)
-    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pyarrow.fs.FileType.File:
-        return Choice(location if uri else path, _parent(location) if uri else str(Path(path).parent),
-                      f"using {path.rsplit('/', 1)[-1]}")
+    if not storage.is_uri(location):  # local paths are shown resolved
+        location = storage.open_location(location)[1].rstrip("/") or "/"
+    if storage.is_file(storage.join(location, STATE_FILE)):
+        return Choice(location, storage.parent(location), f"using {storage.basename(location)}")
+    fs, path = storage.open_location(location)
     info = fs.get_file_info(path)
-    if info.type == pyarrow.fs.FileType.NotFound:
+    if info.type == FileType.NotFound:
         raise CheckpointError(f"{location}: no such checkpoint or run directory")
-    if info.type != pyarrow.fs.FileType.Directory:
+    if info.type != FileType.Directory:
         raise CheckpointError(f"{location}: not a directory (expected a checkpoint or a run directory)")
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False))
-    names = sorted((e.base_name for e in entries
-                    if e.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)),
-                   key=_order)
+    names = sorted((e.base_name for e in storage.entries(location)
+                    if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=_order)
     if not names:
         raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
                               f"checkpoint or a run directory)")
-    fids = checkpoint_fids(fs, path, names)
+    fids = checkpoint_fids(location, names)
     if fids:
         # ties go to the newer checkpoint
         best = min(fids, key=lambda n: (fids[n], [-k for k in _order(n)]))
@@ -139,15 +106,15 @@ def choose_checkpoint(location: str) -> Choice:
     else:
         best = names[-1]
         reason = f"using {best} (newest of {len(names)} checkpoints; none was evaluated)"
-    return Choice(child(location, best) if uri else f"{path}/{best}", location if uri else path, reason)
+    return Choice(storage.join(location, best), location, reason)
 
 
 def load_generator(checkpoint_dir: str | Path, use_ema: bool = True) -> Generator:
     """The generator of a checkpoint directory (local path or URI), EMA weights when present."""
-    state = fetch_state(checkpoint_dir if is_uri(checkpoint_dir) else Path(checkpoint_dir))
+    state = fetch_state(checkpoint_dir if storage.is_uri(checkpoint_dir) else Path(checkpoint_dir))
     cfg = config_from_dict(state["config"])
     g = Generator(cfg.z_dim, cfg.image_size, cfg.image_channels, cfg.negative_slope, kernels="eager")
-    where = child(checkpoint_dir, STATE_FILE)
+    where = storage.join(checkpoint_dir, STATE_FILE)
     if use_ema and "ema" in state:
         load_into(state["ema"], where, model=g)
     else:
@@ -177,19 +144,13 @@ def write_images(images: torch.Tensor, path: Path) -> None:
 
 def save(images: torch.Tensor, output: str) -> None:
     """Writes to a local path, or to a temporary file uploaded to a URI."""
-    if not is_uri(output):
+    if not storage.is_uri(output):
         write_images(images, Path(output))
         return
-    fs, path = open_location(output)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(path).name
+        local = Path(tmp) / storage.basename(output)
         write_images(images, local)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        upload(local, fs, path)
-
-
-def _suffix(output: str) -> str:
-    return Path(output.partition("?")[0]).suffix
+        storage.upload(local, output)
 
 
 def main(argv=None) -> int:
@@ -206,7 +167,7 @@ def main(argv=None) -> int:
     if args.num_samples <= 0:
         print(f"error: --num-samples must be positive, got {args.num_samples}", file=sys.stderr)
         return 2
-    if args.output is not None and _suffix(args.output) not in (".png", ".npz"):
+    if args.output is not None and storage.suffix(args.output) not in (".png", ".npz"):
         print(f"error: --output must end in .png or .npz, got {args.output}", file=sys.stderr)
         return 2
     try:
@@ -217,28 +178,24 @@ def main(argv=None) -> int:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # pyarrow: a malformed URI or an unknown scheme
-        print(f"error: --checkpoint {args.checkpoint}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: --checkpoint {args.checkpoint}: {first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # pyarrow: unreachable storage, denied access
-        print(f"error: --checkpoint {args.checkpoint}: cannot read the storage ({_first_line(e)})", file=sys.stderr)
+        print(f"error: --checkpoint {args.checkpoint}: cannot read the storage ({first_line(e)})", file=sys.stderr)
         return 1
     output = args.output
     if output is None:
-        name = choice.checkpoint.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        output = child(choice.run_dir, "samples", f"sample-{name}-seed{args.seed}{'-raw' if args.no_ema else ''}.png")
+        name = storage.basename(choice.checkpoint)
+        output = storage.join(choice.run_dir, "samples",
+                              f"sample-{name}-seed{args.seed}{'-raw' if args.no_ema else ''}.png")
     images = generate(g, args.num_samples, args.seed)
     try:
         save(images, output)
     except (OSError, ValueError) as e:
-        print(f"error: --output {output}: cannot write ({_first_line(e)})", file=sys.stderr)
+        print(f"error: --output {output}: cannot write ({first_line(e)})", file=sys.stderr)
         return 1
     print(f"wrote {args.num_samples} images to {output}")
     return 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

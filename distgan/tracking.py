@@ -10,7 +10,7 @@ The local artifacts are written whatever the W&B mode, for users without W&B:
 
 The run directory is a local path or a URI string (`f"{storage_path}/{name}"`, e.g. s3://bucket/prefix/name,
 the directory Ray Train writes the checkpoints to). For a URI the files are written to a local staging
-directory (staging_dir(): stable per URI, so a restart on the same node finds it) and copied to the URI when
+directory (distgan.storage.StagedDir: stable per URI, so a restart on the same node finds it) and copied to the URI when
 they change: the sample grids when drawn, metrics.jsonl and curves.png at each evaluation and at the end, and
 metrics.jsonl at most every UPLOAD_EVERY_S for step rows. A resume reads metrics.jsonl back from the URI.
 The W&B files stay in the staging directory (wandb needs a local directory) unless WANDB_DIR says otherwise.
@@ -38,13 +38,11 @@ Offline runs upload later with `wandb sync <run_dir>/wandb/offline-run-*`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,7 +50,7 @@ from typing import Any
 
 import torch
 
-from distgan.checkpoint import child, download, is_uri, open_location, upload
+from distgan.storage import METRICS_FILE, StagedDir, atomic_write, basename, first_line, read_metrics
 
 # The logged metric names, one list for the loop, the W&B run and the dashboard (dashboard.py builds its
 # panels from these groups, and its test checks them against a real run's keys).
@@ -87,11 +85,6 @@ CURVES_EVERY_S = 60.0
 
 def _warn(message: str) -> None:
     print(f"WARNING: distgan: {message}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def resolve_mode(flag: str | None) -> tuple[str, str]:
@@ -153,31 +146,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _replace_atomically(write, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def staging_dir(uri: str) -> Path:
-    """Where the Tracker of a run whose directory is a URI keeps its files (and the W&B run): one directory
-    per URI, so a restart on the same node finds the rows it wrote but had not yet uploaded."""
-    name = uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-    return Path(tempfile.gettempdir()) / "distgan-staging" / f"{name}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 class Tracker:
     """run_dir: the run directory, a local path or a URI string. `run_dir` (the attribute) is always the
     local directory the files are written to; `location` is where they end up (the URI, or run_dir)."""
@@ -185,31 +153,18 @@ class Tracker:
     def __init__(self, cfg, run_dir: str | os.PathLike, world_size: int, resumed: bool, kernel_backend: str,
                  run_id: str | None = None):
         self.cfg = cfg
-        self.location = str(run_dir)
-        self.remote = None  # (pyarrow filesystem, path) of a URI run directory
-        if is_uri(run_dir):
-            import pyarrow.fs
-
-            fs, path = open_location(run_dir)
-            if isinstance(fs, pyarrow.fs.LocalFileSystem):  # file:///abs/path: write there directly
-                run_dir = path
-            else:
-                self.remote, run_dir = (fs, path.rstrip("/")), staging_dir(self.location)
-        self.run_dir = Path(run_dir)
+        self.staged = StagedDir(run_dir, every_s=UPLOAD_EVERY_S)
+        self.location, self.remote, self.run_dir = self.staged.location, self.staged.remote, self.staged.local
         self.samples_dir = self.run_dir / "samples"
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         self.curves_path = self.run_dir / "curves.png"
         self.world_size, self.resumed, self.kernel_backend = world_size, resumed, kernel_backend
-        self._pending: set[str] = set()  # staged files (relative paths) changed since their last upload
-        self._last_upload = -math.inf  # time.monotonic() of the last upload attempt
         self._last_curves = -math.inf  # time.monotonic() of the last curves.png
-        self._upload_failing = False
-        self._made_dirs: set[str] = set()
         if self.remote is not None:
             print(f"distgan: run files go to {self.location} (staged in {self.run_dir}, where the W&B files "
                   f"stay)", flush=True)
-            self._restore_metrics()
+            self.staged.restore(METRICS_FILE)
         # Earlier rows (a resume, a restart) stay in the file; curves keep the last row of each step.
         self.history = read_metrics(self.metrics_path)
         self.last_step_metrics: dict[str, Any] = {}
@@ -219,7 +174,7 @@ class Tracker:
         self._wandb_floor = 0  # W&B drops steps below its last one (resumes, rollbacks); jsonl keeps them
         self._noted: set[str] = set()
         self._finished = False
-        self.run_id = run_id or cfg.name or self.location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        self.run_id = run_id or cfg.name or basename(self.location)
         self._init_wandb()
         self._append({"kind": "start", "time": time.time(), "resumed": resumed, "world_size": world_size,
                       "kernel_backend": kernel_backend, "wandb_mode": self.mode, "wandb_id": self.run_id})
@@ -260,9 +215,8 @@ class Tracker:
                 self.mode = attempt
                 break
             except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 failures.append(f"{attempt} init failed after {time.perf_counter() - t0:.0f}s: "
-                                f"{type(e).__name__}: {reason}")
+                                f"{first_line(e, with_type=True)}")
                 # the failed run keeps its id registered in the wandb service; free it for the retry
                 with contextlib.suppress(Exception):
                     wandb.teardown()
@@ -376,60 +330,11 @@ class Tracker:
         self.history.append(row)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        self._pending.add("metrics.jsonl")
-
-    # ------------------------------------------------------------------ a URI run directory
-    def _restore_metrics(self) -> None:
-        """metrics.jsonl from the URI into the staging directory, so a resume appends to the run's rows. A
-        staged copy that extends the URI's (rows written before a crash, not yet uploaded) is kept."""
-        fs, base = self.remote
-        fetched = self.run_dir / ".metrics.jsonl.remote"
-        try:
-            found = download(fs, f"{base}/metrics.jsonl", fetched)
-        except OSError as e:
-            _warn(f"could not read {child(self.location, 'metrics.jsonl')} ({_first_line(e)}); continuing "
-                  f"from the staged copy in {self.run_dir}")
-            return
-        remote = fetched.read_bytes() if found else b""
-        fetched.unlink(missing_ok=True)
-        local = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
-        if remote and local.startswith(remote) and len(local) > len(remote):
-            self._pending.add("metrics.jsonl")
-        else:  # no rows there yet is a new run: rows staged for an earlier one under this URI are dropped
-            self.metrics_path.write_bytes(remote)
+        self.staged.mark(METRICS_FILE)
 
     def _sync(self, when: str) -> None:
-        """Uploads the staged files that changed. when: "step" (at most every UPLOAD_EVERY_S), "eval" (now,
-        unless the last attempt failed less than UPLOAD_EVERY_S ago) or "finish" (now). Never raises."""
-        if self.remote is None or not self._pending:
-            return
-        now = time.monotonic()
-        urgent = when == "finish" or (when == "eval" and not self._upload_failing)
-        if not urgent and now - self._last_upload < UPLOAD_EVERY_S:
-            return
-        self._last_upload = now
-        fs, base = self.remote
         # metrics.jsonl last: an eval row names its sample grid, which should be there when the row is
-        for rel in sorted(self._pending, key=lambda r: (r == "metrics.jsonl", r)):
-            try:
-                parent = f"{base}/{rel}".rsplit("/", 1)[0]
-                if parent not in self._made_dirs:  # object stores need none; HDFS-like filesystems do
-                    fs.create_dir(parent, recursive=True)
-                    self._made_dirs.add(parent)
-                upload(self.run_dir / rel, fs, f"{base}/{rel}")
-            except Exception as e:  # noqa: BLE001 - an unreachable store must leave training running
-                if not self._upload_failing:
-                    _warn(f"could not upload {rel} to {self.location} ({_first_line(e)}); the files stay in "
-                          f"{self.run_dir}, retried every {UPLOAD_EVERY_S:.0f}s and at the end")
-                self._upload_failing = True
-                break
-            self._pending.discard(rel)
-            if self._upload_failing:
-                self._upload_failing = False
-                print(f"distgan: uploads to {self.location} work again", flush=True)
-        if when == "finish" and self._pending:
-            _warn(f"{len(self._pending)} run files not uploaded to {self.location}; they are in {self.run_dir}: "
-                  f"{', '.join(sorted(self._pending))}")
+        self.staged.sync(when, last=(METRICS_FILE,))
 
     def save_grid(self, samples: torch.Tensor, epoch: int) -> Path:
         """samples (N, C, H, W) in [-1, 1] -> samples/epoch_NNNN.png and samples/latest.png, ~square grid."""
@@ -438,10 +343,10 @@ class Tracker:
         images = samples.detach().float().cpu()
         nrow = math.ceil(math.sqrt(images.shape[0]))
         path = self.samples_dir / f"epoch_{epoch:04d}.png"
-        _replace_atomically(lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
-                                                   format="png"), path)
-        _replace_atomically(lambda tmp: shutil.copyfile(path, tmp), self.samples_dir / "latest.png")
-        self._pending.update({f"samples/{path.name}", "samples/latest.png"})
+        atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
+                                                  format="png"))
+        atomic_write(self.samples_dir / "latest.png", lambda tmp: shutil.copyfile(path, tmp))
+        self.staged.mark(f"samples/{path.name}", "samples/latest.png")
         return path
 
     def _check_health(self, step: int, epoch: int, values: dict[str, Any]) -> None:
@@ -474,8 +379,8 @@ class Tracker:
         warns: the numbers are in metrics.jsonl."""
         self._last_curves = time.monotonic()
         try:
-            _replace_atomically(lambda tmp: plot_curves(self.history, tmp), self.curves_path)
-            self._pending.add("curves.png")
+            atomic_write(self.curves_path, lambda tmp: plot_curves(self.history, tmp))
+            self.staged.mark("curves.png")
         except Exception as e:  # noqa: BLE001
             _warn(f"curves.png not written ({type(e).__name__}: {e})")
 

@@ -14,9 +14,10 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Mapping, Optional
 
+from distgan import storage
 from distgan.config import (
     MAX_FAILURES_CLUSTER,
     MAX_FAILURES_LOCAL,
@@ -121,22 +122,17 @@ class StopOnInterrupt:
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.requested, self.previous = cfg, False, None
 
-    def _request_path(self):
-        from distgan.checkpoint import run_fs
+    def _request(self) -> str:
         from distgan.loop import STOP_REQUEST_FILE
 
-        fs, run = run_fs(self.cfg.storage_path, self.cfg.name)
-        return fs, run, f"{run}/{STOP_REQUEST_FILE}"
+        return storage.join(self.cfg.storage_path, self.cfg.name, STOP_REQUEST_FILE)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         try:
-            fs, run, path = self._request_path()
-            fs.create_dir(run, recursive=True)
-            with fs.open_output_stream(path) as fh:
-                fh.write(b"stop")
+            storage.write_bytes(self._request(), b"stop")
         except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
             print(f"\ninterrupt: cannot leave the stop request in the run directory ({e}); Ctrl-C again to stop "
                   f"at once", file=sys.stderr, flush=True)
@@ -146,12 +142,8 @@ class StopOnInterrupt:
 
     def clear(self) -> None:
         """Removes a request left by an earlier submission (or this one, once served)."""
-        from pyarrow.fs import FileType
-
         try:
-            fs, _, path = self._request_path()
-            if fs.get_file_info(path).type != FileType.NotFound:
-                fs.delete_file(path)
+            storage.delete(self._request())
         except OSError:  # unreachable storage: the driver's other reads say so; a stale request cannot be read
             pass
 
@@ -251,17 +243,16 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
     """Refuses a resubmission whose flags would change what the run's newest checkpoint means: the model's
     shape at any position; the data position's meaning (seed, batch, D steps, workers) mid-epoch. At an
     epoch boundary there is no position to misread, so those may change there."""
-    from distgan.checkpoint import MODEL_FIELDS, POSITION_FIELDS
+    from distgan.checkpoint import POSITION_FIELDS, model_mismatch
 
     if found is None:
         return
     where, state = found
     saved = config_from_dict(state["config"])
-    for key in MODEL_FIELDS:  # what the workers' check_compatible compares, by effective value
-        before, now = (saved.image_channels, cfg.image_channels) if key == "channels" else \
-            (getattr(saved, key), getattr(cfg, key))
-        if before != now:
-            raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed with {key}={before!r} "
+    mismatch = model_mismatch(saved, cfg)  # what the workers' check_compatible compares
+    if mismatch:
+        key, before, now = mismatch
+        raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed with {key}={before!r} "
                               f"({where}); this run has {now!r}, which changes the model; resubmit with "
                               f"{before!r} or use a new --name", field=key)
     batch_in_epoch = state.get("batch_in_epoch", 0)
@@ -283,13 +274,16 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_path(cfg: TrainConfig, *names: str) -> str:
-    """A path under the run directory as the user names it: an s3:// storage path keeps its scheme (Ray's
-    result paths drop it), and a URI's ?query stays at the end."""
-    if "://" not in cfg.storage_path:
-        return str(Path(cfg.storage_path, cfg.name, *names))
-    base, sep, query = cfg.storage_path.partition("?")
-    return "/".join([base.rstrip("/"), cfg.name, *names]) + sep + query
+def stop_reason(cfg: TrainConfig) -> Optional[str]:
+    """Reads and removes the note the workers leave when they stop early (a resubmission must not inherit it)."""
+    from distgan.loop import STOP_FILE
+
+    note = storage.join(cfg.storage_path, cfg.name, STOP_FILE)
+    data = storage.read_bytes(note)
+    if data is None:
+        return None
+    storage.delete(note)
+    return json.loads(data.decode())["reason"]
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -298,7 +292,7 @@ def run(cfg: TrainConfig) -> dict:
     Everything the driver can check is checked before Ray starts: values (parse_args), the data and the
     schedule, the run's newest checkpoint against these flags, and, for a local run, the hardware."""
     # torch is imported from here on, not before: a bad flag is reported in a second
-    from distgan.checkpoint import newest_checkpoint_state, pop_stop_reason
+    from distgan.checkpoint import newest_checkpoint_state
     from distgan.data import build_dataset, check_data_root
 
     check_data_root(cfg)
@@ -324,7 +318,7 @@ def run(cfg: TrainConfig) -> dict:
     wait_for_placement(cfg, use_gpu)
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
     trainer = build_trainer(cfg, use_gpu, score_fid)
-    pop_stop_reason(cfg.storage_path, cfg.name)  # a note left by an earlier submission is stale now
+    stop_reason(cfg)  # a note left by an earlier submission is stale now
     with StopOnInterrupt(cfg) as interrupt:
         result = fit_in_thread(trainer)
     wall = time.perf_counter() - t_submit
@@ -335,13 +329,15 @@ def run(cfg: TrainConfig) -> dict:
         finite = [(c, m) for c, m in result.best_checkpoints if math.isfinite(m.get("fid", math.inf))]
         if finite:
             best = min(finite, key=lambda cm: cm[1]["fid"])
+    # as the user names them: an s3:// storage path keeps its scheme (Ray's result paths drop it)
+    run_dir = storage.join(cfg.storage_path, cfg.name)
     summary = {
-        "run_dir": run_path(cfg),
-        "checkpoint": run_path(cfg, PurePosixPath(result.checkpoint.path).name) if result.checkpoint else None,
-        "best_checkpoint": run_path(cfg, PurePosixPath(best[0].path).name) if best else None,
+        "run_dir": run_dir,
+        "checkpoint": storage.join(run_dir, PurePosixPath(result.checkpoint.path).name) if result.checkpoint else None,
+        "best_checkpoint": storage.join(run_dir, PurePosixPath(best[0].path).name) if best else None,
         "best_fid": best[1]["fid"] if best else None,
-        "samples": run_path(cfg, "samples"),
-        "metrics_jsonl": run_path(cfg, "metrics.jsonl"),
+        "samples": storage.join(run_dir, "samples"),
+        "metrics_jsonl": storage.join(run_dir, storage.METRICS_FILE),
         "resumed": found is not None,
         "wall_time_s": round(wall, 1),
         "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
@@ -349,7 +345,7 @@ def run(cfg: TrainConfig) -> dict:
         "use_gpu": use_gpu,
         "precision": metrics.get("precision"),
     }
-    stopped = pop_stop_reason(cfg.storage_path, cfg.name)
+    stopped = stop_reason(cfg)
     if stopped:
         summary["stopped"] = stopped
     summary["interrupted"] = interrupt.requested

@@ -125,11 +125,12 @@ def test_a_resumed_attempts_checkpoint_at_the_same_step_is_preferred(tmp_path):
 
 
 def test_locations_keep_a_uris_query_and_errors_name_what_the_user_gave(tmp_path):
-    from distgan.checkpoint import child, fetch_state, is_uri
+    from distgan.checkpoint import fetch_state
+    from distgan.storage import is_uri, join
 
-    assert child("s3://b/runs?endpoint_override=h:9&scheme=http", "r", "state.pt") == \
+    assert join("s3://b/runs?endpoint_override=h:9&scheme=http", "r", "state.pt") == \
         "s3://b/runs/r/state.pt?endpoint_override=h:9&scheme=http"
-    assert child(tmp_path, "r") == f"{tmp_path}/r" and is_uri("gs://b/x") and not is_uri(tmp_path)
+    assert join(tmp_path, "r") == f"{tmp_path}/r" and is_uri("gs://b/x") and not is_uri(tmp_path)
     save_state(_state(5), tmp_path / "c")
     assert fetch_state(tmp_path / "c")["step"] == 5
     assert fetch_state(f"file://{tmp_path}/c")["step"] == 5  # a URI: downloaded through pyarrow

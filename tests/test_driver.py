@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distgan import train
+from distgan import storage, train
 from distgan.checkpoint import newest_checkpoint_state
 from distgan.config import RAY_JOB_CONFIG_ENV, ConfigError, TrainConfig
 
@@ -184,7 +184,7 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     monkeypatch.setattr(train, "wait_for_placement", lambda cfg, use_gpu: None)
     monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))
     monkeypatch.setattr("distgan.checkpoint.newest_checkpoint_state", lambda *a, **k: None)  # no S3 here
-    monkeypatch.setattr("distgan.checkpoint.pop_stop_reason", lambda *a, **k: None)
+    monkeypatch.setattr(train, "stop_reason", lambda cfg: None)
     monkeypatch.setattr(train.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     summary = train.run(cfg)
@@ -195,21 +195,21 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     assert summary["metrics_jsonl"] == "s3://bucket/prefix/x/metrics.jsonl"
 
 
-@pytest.mark.parametrize("storage,expected", [
+@pytest.mark.parametrize("storage_path,expected", [
     ("s3://bucket/prefix/", "s3://bucket/prefix/x/checkpoint_00000006"),
     ("s3://bucket/p?endpoint_override=localhost:9000&scheme=http",
      "s3://bucket/p/x/checkpoint_00000006?endpoint_override=localhost:9000&scheme=http"),
     ("gs://b", "gs://b/x/checkpoint_00000006"),
 ])
-def test_run_paths_under_a_uri(storage, expected):
-    cfg = TrainConfig(storage_path=storage, name="x").validate()
-    assert train.run_path(cfg, "checkpoint_00000006") == expected
+def test_run_paths_under_a_uri(storage_path, expected):
+    cfg = TrainConfig(storage_path=storage_path, name="x").validate()
+    assert storage.join(cfg.run_dir, "checkpoint_00000006") == expected
 
 
 def test_run_paths_under_a_local_directory(tmp_path):
     cfg = TrainConfig(storage_path=str(tmp_path), name="x").validate()
-    assert train.run_path(cfg) == str(tmp_path / "x")
-    assert train.run_path(cfg, "checkpoint_00000006") == os.path.join(tmp_path, "x", "checkpoint_00000006")
+    assert cfg.run_dir == str(tmp_path / "x")
+    assert storage.join(cfg.run_dir, "checkpoint_00000006") == os.path.join(tmp_path, "x", "checkpoint_00000006")
 
 
 # ------------------------------------------------------------------ through a real `ray job submit`

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from test_sample import make_checkpoint, ray_snapshot
 
-from distgan import tracking
-from distgan.checkpoint import upload
+from distgan import storage
 from distgan.config import TrainConfig
 from distgan.sample import main as sample_main
+from distgan.storage import read_metrics, upload
 from distgan.tracking import Tracker
 
 from conftest import s3_env
@@ -31,6 +31,40 @@ from wandb_offline import QUALITY, step_metrics
 REPO = Path(__file__).resolve().parent.parent
 
 
+
+
+def test_names_go_into_the_path_before_a_uris_query():
+    q = "s3://b/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.join(q, "r", "state.pt") == "s3://b/runs/r/state.pt?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.basename(storage.join(q, "r")) == "r" and storage.parent(storage.join(q, "r")) == q
+    assert storage.suffix(storage.join(q, "x.npz")) == ".npz" and storage.suffix("/a?b/x.png") == ".png"
+    assert storage.join("/data/runs/", "r") == "/data/runs/r" and storage.basename(Path("/a/b")) == "b"
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    storage.write_bytes(target, b"old")
+
+    def torn(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.atomic_write(target, torn)
+    assert target.read_bytes() == b"old" and [p.name for p in target.parent.iterdir()] == ["f.bin"]
+
+
+def test_metrics_rows_skip_a_torn_line_from_the_file_or_its_run_directory(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "start"}\n\n{"kind": "step", "step": 1}\n{"kind": "st')
+    want = [{"kind": "start"}, {"kind": "step", "step": 1}]
+    assert storage.read_metrics(tmp_path) == want and storage.read_metrics(tmp_path / "metrics.jsonl") == want
+    assert storage.read_metrics(f"file://{tmp_path}") == want and storage.read_metrics(tmp_path / "none") == []
+
+
+def test_first_line_of_an_exception():
+    assert storage.first_line(ValueError("bad\nmore")) == "bad"
+    assert storage.first_line(ValueError("bad\nmore"), with_type=True) == "ValueError: bad"
+    assert storage.first_line(EOFError()) == "EOFError" == storage.first_line(EOFError(), with_type=True)
 
 
 @pytest.fixture
@@ -61,11 +95,14 @@ def rows(path: str) -> list[dict]:
     return [json.loads(line) for line in read(path).decode().splitlines()]
 
 
-def test_tracker_writes_every_artifact_to_the_bucket(bucket, tmp_path, capsys):
-    cfg = TrainConfig(name="t-s3", storage_path=f"s3://{bucket}/runs", wandb_mode="disabled").validate()
+@pytest.mark.parametrize("query", [False, True])
+def test_tracker_writes_every_artifact_to_the_bucket(bucket, s3_endpoint, tmp_path, capsys, query):
+    # the client settings in the environment, or in pyarrow's URI query (a non-AWS server named in the URI)
+    options = f"?endpoint_override={s3_endpoint.removeprefix('http://')}&scheme=http" if query else ""
+    cfg = TrainConfig(name="t-s3", storage_path=f"s3://{bucket}/runs{options}", wandb_mode="disabled").validate()
     run = f"{bucket}/runs/t-s3"
-    tracker = Tracker(cfg, f"{cfg.storage_path}/{cfg.name}", world_size=2, resumed=False, kernel_backend="eager")
-    assert tracker.location == f"s3://{run}" and tracker.run_dir.is_relative_to(tmp_path / "tmp")
+    tracker = Tracker(cfg, cfg.run_dir, world_size=2, resumed=False, kernel_backend="eager")
+    assert tracker.location == f"s3://{run}{options}" and tracker.run_dir.is_relative_to(tmp_path / "tmp")
     assert [r["kind"] for r in rows(f"{run}/metrics.jsonl")] == ["start"]  # uploaded at once
     for step in (1, 10, 20):
         tracker.log_step(step, step_metrics(step))
@@ -131,10 +168,9 @@ def test_sample_reads_checkpoints_from_the_bucket_and_writes_next_to_them(bucket
         make_checkpoint(local / f"checkpoint_{step:08d}", step)
     (local / "checkpoint_manager_snapshot.json").write_text(json.dumps(
         ray_snapshot({"checkpoint_00000004": 21.5, "checkpoint_00000006": 30.0})))
-    fs = s3()
     for path in local.rglob("*"):
         if path.is_file():
-            upload(path, fs, f"{bucket}/runs/r/{path.relative_to(local)}")
+            upload(path, f"s3://{bucket}/runs/r/{path.relative_to(local)}")
     run = f"s3://{bucket}/runs/r"
 
     assert sample_main(["--checkpoint", f"{run}/checkpoint_00000006", "--num-samples", "4"]) == 0
@@ -184,7 +220,7 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
     assert "could not read" in warnings[0] and "could not upload" in warnings[1]
     assert "not uploaded" in warnings[2] and str(tracker.run_dir) in warnings[2]
     assert took < 3 * 30 + 20, f"{took:.0f}s"
-    assert [r["kind"] for r in tracking.read_metrics(tracker.metrics_path)] == \
+    assert [r["kind"] for r in read_metrics(tracker.metrics_path)] == \
         ["start", "step", "step", "step", "eval", "finish"]
     assert (tracker.run_dir / "samples" / "epoch_0001.png").is_file() and (tracker.run_dir / "curves.png").is_file()
 
@@ -195,10 +231,9 @@ def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_chan
     from distgan.config import ConfigError
     from distgan.train import check_resume
 
-    fs = s3()
     for step in (3, 5):
         local = make_checkpoint(tmp_path / f"c{step}", step=step)
-        upload(local / "state.pt", fs, f"{bucket}/runs/r/checkpoint_{step:08d}/state.pt")
+        upload(local / "state.pt", f"s3://{bucket}/runs/r/checkpoint_{step:08d}/state.pt")
         time.sleep(1.1)  # S3 modification times have a resolution of a second
     where, state = newest_checkpoint_state(f"s3://{bucket}/runs", "r")
     assert where.endswith("runs/r/checkpoint_00000005") and state["step"] == 5
@@ -206,3 +241,34 @@ def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_chan
     check_resume(cfg, (where, state))  # the same flags resume
     with pytest.raises(ConfigError, match="^--z-dim: run r was checkpointed with z_dim=100 .*checkpoint_00000005"):
         check_resume(TrainConfig(**{**state["config"], "name": "r", "z_dim": 64}), (where, state))
+
+
+@pytest.mark.slow
+def test_a_run_and_sample_with_a_query_string_uri_keep_every_artifact_in_the_bucket(bucket, ray_cluster,
+                                                                                   s3_endpoint, capsys):
+    """pyarrow's URI form for an S3-protocol server that is not AWS: the run name goes into the path, before the
+    ?query, for Ray's checkpoints, the Tracker's files and distgan.sample alike."""
+    from conftest import describe, run_train, summary_of
+
+    query = f"endpoint_override={s3_endpoint.removeprefix('http://')}&scheme=http"
+    storage_path = f"s3://{bucket}/runs?{query}"
+    proc = run_train(ray_cluster, "--num-workers", 2, "--batch-size", 500, "--epochs", 1, "--checkpoint-every", 1,
+                     "--eval-samples", 200, "--storage-path", storage_path, "--name", "q",
+                     env={**s3_env(s3_endpoint), "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, describe(proc)
+    assert "not uploaded" not in proc.stderr and "could not" not in proc.stderr, proc.stderr[-3000:]
+    summary = summary_of(proc)
+    assert summary["run_dir"] == f"s3://{bucket}/runs/q?{query}"
+    assert summary["checkpoint"] == f"s3://{bucket}/runs/q/checkpoint_00000008?{query}"
+
+    assert sample_main(["--checkpoint", summary["run_dir"], "--num-samples", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"wrote 4 images to s3://{bucket}/runs/q/samples/sample-checkpoint_00000008-seed0.png?{query}"
+    run = f"{bucket}/runs/q"
+    listing = s3().get_file_info(pyarrow.fs.FileSelector(run, recursive=True))
+    names = {info.path.removeprefix(f"{run}/") for info in listing}
+    assert {"metrics.jsonl", "curves.png", "samples/epoch_0001.png", "samples/latest.png",
+            "samples/sample-checkpoint_00000008-seed0.png", "checkpoint_00000008/state.pt",
+            "checkpoint_manager_snapshot.json"} <= names, names
+    kinds = [r["kind"] for r in rows(f"{run}/metrics.jsonl")]
+    assert kinds[0] == "start" and "eval" in kinds and kinds[-1] == "finish"

@@ -91,7 +91,7 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, wan
         tracker.log_step(step, step_metrics(step))
     tracker.log_epoch(2, 1, torch.zeros(4, 1, 28, 28), dict(QUALITY))
     tracker.finish({"final_step": 2})
-    offline = read_offline_run(next((cfg.run_dir / "wandb").glob("offline-run-*")))
+    offline = read_offline_run(next((Path(cfg.run_dir) / "wandb").glob("offline-run-*")))
     assert offline["run_id"] == "t-fallback" and offline["complete"]
     assert [r["_step"] for r in offline["history"] if "loss_d" in r] == [1, 2]
     assert_key_nowhere(tmp_path)

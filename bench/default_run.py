@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _results  # noqa: E402
 
 from distgan import provenance  # noqa: E402
-from distgan.tracking import read_metrics  # noqa: E402
+from distgan.storage import read_metrics  # noqa: E402
 
 QUALITY = ("fid", "kid", "classifier_score", "coverage")
 RUN_NAME = "default-run"

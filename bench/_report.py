@@ -173,13 +173,16 @@ def table_gpu(records, cases, providers) -> list[str]:
 
 def table_compile_report(rows) -> list[str]:
     lines = [
-        "| kernel | case | sm | warps | regs | spills (stack + local B) | ld.v4 / ld.global |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | case | sm | warps | blocks | regs | spills (stack + local B) | shared B (dynamic) "
+        "| ld.v4 / ld.global |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        blocks = " ".join(f"{k}={v}" for k, v in r.get("blocks", {}).items())
         lines.append(
-            f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {r['regs']} | "
-            f"{r.get('stack', 0) + r.get('local', 0)} | {r.get('v4_loads', '?')} / {r.get('loads', '?')} |"
+            f"| {r['kernel']} | {r['case']} | {r['arch']} | {r['num_warps']} | {blocks} | {r['regs']} | "
+            f"{r.get('stack', 0) + r.get('local', 0)} | {r.get('shared', '?')} | "
+            f"{r.get('v4_loads', '?')} / {r.get('loads', '?')} |"
         )
     return lines
 

@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                       evaluate=score_fid, tracker_factory=tracker_factory)
     if rank == 0:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision}, kernels "
-              f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
+              f"{trainer.kernel_backend} ({trainer.kernel_reason}), {int(trainer.total_steps)} steps", flush=True)
     resumed_at = _load_checkpoint(trainer)
     box = [resume_tag(storage.list_names(storage.join(cfg.storage_path, cfg.name)), resumed_at) if rank == 0 else None]
     if trainer.distributed:

@@ -37,6 +37,7 @@ from distgan.config import TrainConfig
 from distgan.data import build_dataset
 from distgan.models import build_models
 from distgan.step import EMA, gan_step, make_optimizers, resolve_precision
+from kernels import auto_backend
 from kernels.collectives import collective_device
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid, the same noise every evaluation
@@ -126,8 +127,8 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.kernel_backend = cfg.kernels if cfg.kernels != "auto" else (
-            "triton" if self.device.type == "cuda" else "eager")
+        self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
+            auto_backend(self.device))
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
         g, d = build_models(cfg)

@@ -3,12 +3,15 @@
     impl="triton"  Triton kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
                    before `kernels` was imported. Anything else is an error, never a silent fallback.
     impl="eager"   the PyTorch reference in `kernels.reference`.
-    impl="auto"    Triton on CUDA tensors, eager otherwise.
+    impl="auto"    Triton on CUDA tensors of a GPU the kernels are compiled and tested for (sm_80 and newer),
+                   eager otherwise; `auto_backend(device)` says which, and why, in one line.
 
 See kernels/README.md for what is fused, the memory traffic and the tolerances.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -38,6 +41,34 @@ def triton_can_run(device: torch.device | str) -> bool:
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation covers these, not fp64
+# The oldest GPU architecture "auto" takes the kernels on: the compile report checks sm_80 and sm_90 (registers,
+# spills, 128-bit loads) and the launch plans' tile sizes are chosen for their register files.
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of CUDA device `index` (cached: resolve_impl runs on every call)."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+
+
+def auto_backend(device: torch.device | str) -> tuple[str, str]:
+    """What impl="auto" runs on tensors of `device`: ("triton" | "eager", a one-line reason).
+
+    Triton on a CUDA GPU of compute capability >= MIN_CAPABILITY with triton importable; eager anywhere else
+    (a CPU, an older GPU, no triton). Float64 and integer tensors take eager whatever this says.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "eager", f"{device.type} tensors (the Triton kernels run on CUDA GPUs)"
+    if _TRITON_IMPORT_ERROR is not None:
+        return "eager", f"triton is not importable: {_TRITON_IMPORT_ERROR}"
+    name, (major, minor) = _gpu(device.index if device.index is not None else torch.cuda.current_device())
+    arch = f"sm_{major}{minor}"
+    if (major, minor) < MIN_CAPABILITY:
+        return "eager", (f"{name} is {arch}; the Triton kernels are compiled and tested for "
+                         f"sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} and newer")
+    return "triton", f"{name}, {arch}"
 
 
 def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
@@ -48,7 +79,7 @@ def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = tor
     if impl == "eager" or not dtype.is_floating_point:  # the op's own check names the bad dtype
         return "eager"
     if impl == "auto":
-        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and triton_can_run(device) else "eager"
+        return "triton" if dtype in TRITON_DTYPES and auto_backend(device)[0] == "triton" else "eager"
     if dtype not in TRITON_DTYPES:
         raise TypeError(f'impl="triton" supports {", ".join(str(d) for d in TRITON_DTYPES)}; got {dtype} '
                         f'(the kernels accumulate in fp32). Use impl="eager" or "auto" for it.')
@@ -123,5 +154,6 @@ def discriminator_loss(
 # Last: the modules call the functions above.
 from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl  # noqa: E402
 
-__all__ = ["IMPLS", "BCEWithLogitsLoss", "BatchNormLeakyReLU1d", "BatchNormLeakyReLU2d", "batch_norm_leaky_relu",
-           "bce_with_logits", "discriminator_loss", "reference", "resolve_impl", "set_impl", "triton_can_run"]
+__all__ = ["IMPLS", "MIN_CAPABILITY", "BCEWithLogitsLoss", "BatchNormLeakyReLU1d", "BatchNormLeakyReLU2d",
+           "auto_backend", "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss", "reference",
+           "resolve_impl", "set_impl", "triton_can_run"]

@@ -31,17 +31,23 @@ import torch
 
 H100_SMS = 132  # grids are planned for this many SMs (the split path's P depends on it)
 
-# (label, op, shape, dtype, variant): the generator's BN+LReLU layers of the 28x28 DCGAN at batch 64
-# (fused and split paths, both layouts), bf16, eval and sync variants, and the D losses.
+# (label, op, shape, dtype, variant): the generator's BN+LReLU layers of the 28x28 DCGAN at batch 64, 128 and 256
+# (the fused path at its largest tiles, aligned and not; the split path in both layouts), bf16, eval and sync
+# variants, and the D losses.
 CASES = [
     ("G.project (64,12544)", "bn", (64, 12544), torch.float32, "train"),
+    ("G.project (256,12544)", "bn", (256, 12544), torch.float32, "train"),
     ("G.bn1 (64,128,7,7)", "bn", (64, 128, 7, 7), torch.float32, "train"),
+    ("G.bn1 (128,128,7,7)", "bn", (128, 128, 7, 7), torch.float32, "train"),
+    ("G.bn1 (256,128,7,7)", "bn", (256, 128, 7, 7), torch.float32, "train"),
     ("G.bn2 (64,64,14,14)", "bn", (64, 64, 14, 14), torch.float32, "train"),
+    ("G.bn2 (128,64,14,14)", "bn", (128, 64, 14, 14), torch.float32, "train"),
     ("G.bn2 (64,64,14,14) bf16", "bn", (64, 64, 14, 14), torch.bfloat16, "train"),
-    ("G.bn1 (64,128,7,7) bf16", "bn", (64, 128, 7, 7), torch.bfloat16, "train"),
-    ("G.project (64,12544) bf16", "bn", (64, 12544), torch.bfloat16, "train"),
+    ("G.bn2 (128,64,14,14) bf16", "bn", (128, 64, 14, 14), torch.bfloat16, "train"),
+    ("G.bn1 (128,128,7,7) bf16", "bn", (128, 128, 7, 7), torch.bfloat16, "train"),
+    ("G.project (256,12544) bf16", "bn", (256, 12544), torch.bfloat16, "train"),
     ("(256,64,28,28) channels_last", "bn", (256, 64, 28, 28), torch.float32, "channels_last"),
-    ("G.bn2 (64,64,14,14) eval", "bn", (64, 64, 14, 14), torch.float32, "eval"),
+    ("G.bn2 (128,64,14,14) eval", "bn", (128, 64, 14, 14), torch.float32, "eval"),
     ("G.bn2 (64,64,14,14) sync", "bn", (64, 64, 14, 14), torch.float32, "sync"),
     ("D loss (128,)", "dloss", (128,), torch.float32, ""),
     ("G loss (64,)", "bce", (64,), torch.float32, "mean"),
@@ -191,7 +197,9 @@ def _cuobjdump() -> str:
 
 
 def compile_one(fn, signature, constexprs, attrs, options, arch: int) -> dict:
-    """Compile for sm_<arch>; returns registers, stack, shared, local bytes and PTX load widths."""
+    """Compile for sm_<arch>; returns registers, stack and local bytes (spills) and the static shared memory from
+    the cubin (cuobjdump's SHARED), the dynamic shared memory Triton launches the kernel with (its metadata:
+    reduction and layout-conversion scratch) and the PTX load widths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -209,11 +217,12 @@ def compile_one(fn, signature, constexprs, attrs, options, arch: int) -> dict:
     match = _RESOURCE.search(dump.replace("\n", " "))
     if match is None:
         raise RuntimeError(f"cannot parse cuobjdump output:\n{dump}")
-    reg, stack, shared, local = (int(v) for v in match.groups()[1:])
+    reg, stack, static_shared, local = (int(v) for v in match.groups()[1:])
     return {
         "regs": reg,
         "stack": stack,
-        "shared": shared,
+        "shared": int(compiled.metadata.shared),
+        "static_shared": static_shared,
         "local": local,
         "v4_loads": len(_V4_LOAD.findall(ptx)),
         "loads": ptx.count("ld.global"),
@@ -258,17 +267,18 @@ def markdown(rows) -> str:
     archs = sorted({r["arch"] for r in rows})
     head = " | ".join(f"regs sm_{a}" for a in archs)
     lines = [
-        f"| kernel | case | warps | blocks | {head} | stack / local | ld.global.v4 / ld.global |",
-        "|---|---|---|---|" + "---|" * len(archs) + "---|---|",
+        f"| kernel | case | warps | blocks | {head} | stack / local | shared B (dynamic) | ld.global.v4 / ld.global |",
+        "|---|---|---|---|" + "---|" * len(archs) + "---|---|---|",
     ]
     for entry in merged.values():
         r, per_arch = entry["row"], entry["arch"]
         blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
         regs = " | ".join(str(per_arch[a]["regs"]) if a in per_arch else "" for a in archs)
         spill = max(x["stack"] + x["local"] for x in per_arch.values())
+        shared = max(x["shared"] for x in per_arch.values())
         lines.append(
             f"| `{r['kernel']}` | {r['case']} | {r['num_warps']} | {blocks} | {regs} | "
-            f"{'0 / 0' if spill == 0 else 'SPILLS'} | {r['v4_loads']} / {r['loads']} |"
+            f"{'0 / 0' if spill == 0 else 'SPILLS'} | {shared} | {r['v4_loads']} / {r['loads']} |"
         )
     return "\n".join(lines)
 

@@ -94,65 +94,72 @@ def _launch(kernel, grid, **kwargs):
 # Forward
 
 
-def _batch_statistics(xv, cfg: LaunchPlan, process_group):
+def _batch_statistics(xv, lp: LaunchPlan, process_group):
     """Partial (count, mean, M2) triples (3, C, P) and P; with a group, one slot per rank and the global count."""
-    c, dev = cfg.c, xv.device
-    p = cfg.stats.grid[1]
-    if cfg.empty:  # an empty rank of a synchronised BN: count 0 merges as nothing
+    c, dev = lp.c, xv.device
+    p = lp.stats.grid[1]
+    if lp.empty:  # an empty rank of a synchronised BN: count 0 merges as nothing
         part = torch.zeros((3, c, p), dtype=torch.float32, device=dev)
     else:
         part = _empty((3, c, p), torch.float32, dev)
-        _launch(_kern._bnlr_fwd_stats_kernel, cfg.stats.grid, X=xv, PART=part, N_ROWS=cfg.n_rows, C=c, K=cfg.k,
-                TILES_PER_PROG=cfg.tiles_per_prog, P=p, ROWS_LAYOUT=cfg.rows_layout, K_ALIGN=cfg.k_align,
-                **cfg.stats.launch)
+        _launch(_kern._bnlr_fwd_stats_kernel, lp.stats.grid, X=xv, PART=part, N_ROWS=lp.n_rows, C=c, K=lp.k,
+                TILES_PER_PROG=lp.tiles_per_prog, P=p, ROWS_LAYOUT=lp.rows_layout, K_ALIGN=lp.k_align,
+                **lp.stats.launch)
     if process_group is None:
         return part, p, None
     # Split point 1 (synchronised BN): merge locally, all-gather every rank's (3, C) triples, and let the
-    # finalize kernel Chan-merge them as if they were partials of one grid (exact for uneven batches).
+    # apply kernel Chan-merge them as if they were partials of one grid (exact for uneven batches).
     local = _empty((3, c), torch.float32, dev)
-    _launch(_kern._bnlr_fwd_finalize_merge_kernel, cfg.finalize_grid, PART=part, STATS=local, P=p, C=c,
-            BLOCK_C=cfg.finalize_block_c, BLOCK_P=cfg.block_p(p))
+    _launch(_kern._bnlr_fwd_finalize_merge_kernel, lp.finalize_grid, PART=part, STATS=local, P=p, C=c,
+            BLOCK_C=lp.finalize_block_c, BLOCK_P=lp.block_p(p))
     part = collectives.all_gather_stats(local, process_group).permute(1, 2, 0).contiguous()  # (3, C, world)
     return part, part.shape[2], part[0].sum(1)
+
+
+def _non_empty(t: torch.Tensor) -> torch.Tensor:
+    """t, or a one-element stand-in when t is empty: a kernel whose every x access is masked off (an empty rank
+    of a synchronised BN still finalizes) gets a real pointer all the same."""
+    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
 
 
 def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                   negative_slope, num_batches_tracked=None, process_group=None,
                                   limits: DeviceLimits | None = None):
-    """Launch the forward; returns (y, Saved). `limits` overrides the device's planning limits."""
+    """Launch the forward; returns (y, Saved). `limits` overrides the device's planning limits.
+
+    Launches: training, one (`fused`) or two (statistics, apply); a synchronised BN adds the local merge before
+    its all-gather; eval, two (scale/shift from the running statistics, normalise).
+    """
     xv, rows_layout, n_rows, c, k = layout_of(x)
-    cfg = plan(n_rows, c, k, rows_layout, limits if limits is not None else device_limits(x.device))
+    lp = plan(n_rows, c, k, rows_layout, limits if limits is not None else device_limits(x.device))
     y = _empty_like_x(xv)
     out = y.view(x.shape) if y.shape != x.shape else y
     mean, rstd, scale, shift = (_empty((c,), torch.float32, x.device) for _ in range(4))
     update = training and running_mean is not None
     if update and num_batches_tracked is not None:
         num_batches_tracked.add_(1)  # on device, no host sync; the kernels read it for momentum=None
-    if cfg.empty and process_group is None:  # as F.batch_norm: empty output, running statistics untouched
+    if lp.empty and process_group is None:  # as F.batch_norm: empty output, running statistics untouched
         return out, Saved(mean, rstd, scale, shift, None)
     params = {"W": _or(weight, mean), "B": _or(bias, mean), "HAS_W": weight is not None, "HAS_B": bias is not None,
               "MEAN": mean, "RSTD": rstd, "SCALE": scale, "SHIFT": shift, "C": c, "eps": eps}
     if not training:
-        _launch(_kern._bnlr_fwd_finalize_eval_kernel, cfg.finalize_grid, RM=running_mean, RV=running_var,
-                BLOCK_C=cfg.finalize_block_c, **params)
-        count = None
-    else:
-        cumulative = update and momentum is None
-        params.update(RM=_or(running_mean, mean), RV=_or(running_var, mean),
-                      NBT=num_batches_tracked if cumulative else mean, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                      momentum=0.0 if momentum is None else float(momentum))
-        if cfg.fused and process_group is None:
-            _launch(_kern._bnlr_fwd_fused_kernel, cfg.fused_tiles.grid, X=xv, Y=y, N_ROWS=n_rows, K=k,
-                    slope=negative_slope, ROWS_LAYOUT=rows_layout, K_ALIGN=cfg.k_align, **cfg.fused_tiles.launch,
-                    **params)
-            return out, Saved(mean, rstd, scale, shift, None)
-        part, p, count = _batch_statistics(xv, cfg, process_group)
-        _launch(_kern._bnlr_fwd_finalize_kernel, cfg.finalize_grid, PART=part, P=p, BLOCK_C=cfg.finalize_block_c,
-                BLOCK_P=cfg.block_p(p), **params)
-    if not cfg.empty:
-        _launch(_kern._bnlr_fwd_kernel, cfg.elem.grid, X=xv, Y=y, MEAN=mean, SCALE=scale, SHIFT=shift,
-                TOTAL_ROWS=cfg.total_rows, C=c, K=k, slope=negative_slope, ROWS_LAYOUT=rows_layout,
-                K_ALIGN=cfg.k_align, **cfg.elem.launch)
+        _launch(_kern._bnlr_fwd_finalize_eval_kernel, lp.finalize_grid, RM=running_mean, RV=running_var,
+                BLOCK_C=lp.finalize_block_c, **params)
+        _launch(_kern._bnlr_fwd_kernel, lp.elem.grid, X=xv, Y=y, MEAN=mean, SCALE=scale, SHIFT=shift,
+                TOTAL_ROWS=lp.total_rows, C=c, K=k, slope=negative_slope, ROWS_LAYOUT=rows_layout,
+                K_ALIGN=lp.k_align, **lp.elem.launch)
+        return out, Saved(mean, rstd, scale, shift, None)
+    cumulative = update and momentum is None
+    params.update(RM=_or(running_mean, mean), RV=_or(running_var, mean),
+                  NBT=num_batches_tracked if cumulative else mean, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+                  momentum=0.0 if momentum is None else float(momentum), N_ROWS=n_rows, K=k, slope=negative_slope,
+                  ROWS_LAYOUT=rows_layout, K_ALIGN=lp.k_align)
+    if lp.fused and process_group is None:
+        _launch(_kern._bnlr_fwd_fused_kernel, lp.fused_tiles.grid, X=xv, Y=y, **lp.fused_tiles.launch, **params)
+        return out, Saved(mean, rstd, scale, shift, None)
+    part, p, count = _batch_statistics(xv, lp, process_group)
+    _launch(_kern._bnlr_fwd_apply_kernel, lp.stats.grid, X=_non_empty(xv), Y=_non_empty(y), PART=part, P=p,
+            TILES_PER_PROG=lp.tiles_per_prog, BLOCK_P=lp.block_p(p), **lp.stats.launch, **params)
     return out, Saved(mean, rstd, scale, shift, count)
 
 
@@ -160,35 +167,31 @@ def batch_norm_leaky_relu_forward(x, weight, bias, running_mean, running_var, tr
 # Backward
 
 
-def _split_backward(xv, g, saved: Saved, cfg: LaunchPlan, training, negative_slope, dx, dw, db, process_group):
-    """Reduce -> finalize (around the all-reduce when synchronised) -> dx."""
-    c, dev = cfg.c, xv.device
-    p = cfg.stats.grid[1]
+def _split_backward(xv, g, saved: Saved, lp: LaunchPlan, training, negative_slope, dx, dw, db, process_group):
+    """Reduce -> apply (dweight / dbias, dx); synchronised, reduce -> local sums -> all-reduce -> apply (dx)."""
+    c, dev = lp.c, xv.device
+    p = lp.stats.grid[1]
     part = _empty((2, c, p), torch.float32, dev)
     per_channel = {"MEAN": saved.mean, "RSTD": saved.rstd, "SCALE": saved.scale, "SHIFT": saved.shift}
-    _launch(_kern._bnlr_bwd_reduce_kernel, cfg.stats.grid, X=xv, G=g, PART=part, N_ROWS=cfg.n_rows, C=c, K=cfg.k,
-            TILES_PER_PROG=cfg.tiles_per_prog, P=p, slope=negative_slope, ROWS_LAYOUT=cfg.rows_layout,
-            K_ALIGN=cfg.k_align, **cfg.stats.launch, **per_channel)
-    coef = _empty((2, c), torch.float32, dev) if dx is not None else None
+    tiles = {"N_ROWS": lp.n_rows, "C": c, "K": lp.k, "TILES_PER_PROG": lp.tiles_per_prog, "slope": negative_slope,
+             "ROWS_LAYOUT": lp.rows_layout, "K_ALIGN": lp.k_align, **lp.stats.launch}
+    _launch(_kern._bnlr_bwd_reduce_kernel, lp.stats.grid, X=xv, G=g, PART=part, P=p, **per_channel, **tiles)
     grads = {"DW": _or(dw, saved.mean), "DB": _or(db, saved.mean), "HAS_DW": dw is not None, "HAS_DB": db is not None}
-    blocks = {"P": p, "C": c, "BLOCK_C": cfg.finalize_block_c, "BLOCK_P": cfg.block_p(p)}
-    if process_group is None:
-        _launch(_kern._bnlr_bwd_finalize_kernel, cfg.finalize_grid, PART=part, RSTD=saved.rstd, SCALE=saved.scale,
-                COEF=_or(coef, saved.mean), inv_count=1.0 / cfg.count, TRAINING=training, HAS_DX=dx is not None,
-                **grads, **blocks)
-    else:
+    sync = process_group is not None
+    if sync:
         # Split point 2 (synchronised BN): dweight/dbias keep the local sums (DDP all-reduces them); the sums
         # that feed dx are all-reduced across the group first.
         sums = _empty((2, c), torch.float32, dev)
-        _launch(_kern._bnlr_bwd_finalize_sums_kernel, cfg.finalize_grid, PART=part, SUMS=sums, **grads, **blocks)
-        sums = collectives.all_reduce_sum(sums, process_group)
-        if coef is not None:
-            _launch(_kern._bnlr_bwd_finalize_coef_kernel, cfg.finalize_grid, SUMS=sums, COUNT=saved.count,
-                    RSTD=saved.rstd, SCALE=saved.scale, COEF=coef, C=c, BLOCK_C=cfg.finalize_block_c)
-    if dx is not None:
-        _launch(_kern._bnlr_bwd_kernel, cfg.elem.grid, X=xv, G=g, DX=dx, MEAN=saved.mean, SCALE=saved.scale,
-                SHIFT=saved.shift, COEF=coef, TOTAL_ROWS=cfg.total_rows, C=c, K=cfg.k, slope=negative_slope,
-                ROWS_LAYOUT=cfg.rows_layout, K_ALIGN=cfg.k_align, **cfg.elem.launch)
+        _launch(_kern._bnlr_bwd_finalize_sums_kernel, lp.finalize_grid, PART=part, SUMS=sums, P=p, C=c,
+                BLOCK_C=lp.finalize_block_c, BLOCK_P=lp.block_p(p), **grads)
+        if dx is None:
+            return
+        part, p = collectives.all_reduce_sum(sums, process_group).view(2, c, 1), 1
+    # Without dx only program 0 of each channel (block) has work (dweight / dbias): one program per block.
+    grid = lp.stats.grid if dx is not None else (lp.stats.grid[0], 1)
+    _launch(_kern._bnlr_bwd_apply_kernel, grid, X=xv, G=g, DX=_or(dx, xv), PART=part, P=p,
+            COUNT=saved.count if sync else saved.mean, inv_count=1.0 / lp.count, TRAINING=training, SYNC=sync,
+            HAS_DX=dx is not None, BLOCK_P=lp.block_p(p), **grads, **per_channel, **tiles)
 
 
 def batch_norm_leaky_relu_backward(g, x, saved: Saved, training, negative_slope, needs=(True, True, True),
@@ -197,14 +200,15 @@ def batch_norm_leaky_relu_backward(g, x, saved: Saved, training, negative_slope,
     """Launch the backward; returns (dx, dweight, dbias), each None where `needs` says so.
 
     `x` is the forward's input in its kernel layout (what the Function saves); `limits` must be the forward's.
+    Launches: one (`fused`) or two (reduce, apply); a synchronised BN adds the local sums before its all-reduce.
     """
     xv, rows_layout, n_rows, c, k = layout_of(x)  # x was saved in its kernel layout: no copy here
     g = _like_layout(g, xv)
     dev = x.device
-    cfg = plan(n_rows, c, k, rows_layout, limits if limits is not None else device_limits(dev))
+    lp = plan(n_rows, c, k, rows_layout, limits if limits is not None else device_limits(dev))
     need_dx, need_dw, need_db = needs
     dx = _empty_like_x(xv) if need_dx else None
-    if cfg.empty:  # PyTorch's gradients of an empty batch: dx empty, dweight = dbias = 0
+    if lp.empty:  # PyTorch's gradients of an empty batch: dx empty, dweight = dbias = 0
         dw = torch.zeros((c,), dtype=weight_dtype, device=dev) if need_dw else None
         db = torch.zeros((c,), dtype=bias_dtype, device=dev) if need_db else None
         if process_group is not None:  # the other ranks wait for this rank's (zero) sums
@@ -212,14 +216,14 @@ def batch_norm_leaky_relu_backward(g, x, saved: Saved, training, negative_slope,
         return dx, dw, db
     dw = _empty((c,), weight_dtype, dev) if need_dw else None
     db = _empty((c,), bias_dtype, dev) if need_db else None
-    if cfg.fused and process_group is None:
-        _launch(_kern._bnlr_bwd_fused_kernel, cfg.fused_tiles.grid, X=xv, G=g, DX=_or(dx, saved.mean),
+    if lp.fused and process_group is None:
+        _launch(_kern._bnlr_bwd_fused_kernel, lp.fused_tiles.grid, X=xv, G=g, DX=_or(dx, saved.mean),
                 MEAN=saved.mean, RSTD=saved.rstd, SCALE=saved.scale, SHIFT=saved.shift, DW=_or(dw, saved.mean),
-                DB=_or(db, saved.mean), N_ROWS=n_rows, C=c, K=k, inv_count=1.0 / cfg.count, slope=negative_slope,
+                DB=_or(db, saved.mean), N_ROWS=n_rows, C=c, K=k, inv_count=1.0 / lp.count, slope=negative_slope,
                 ROWS_LAYOUT=rows_layout, TRAINING=training, HAS_DW=need_dw, HAS_DB=need_db, HAS_DX=need_dx,
-                K_ALIGN=cfg.k_align, **cfg.fused_tiles.launch)
+                K_ALIGN=lp.k_align, **lp.fused_tiles.launch)
     else:
-        _split_backward(xv, g, saved, cfg, training, negative_slope, dx, dw, db, process_group)
+        _split_backward(xv, g, saved, lp, training, negative_slope, dx, dw, db, process_group)
     return dx, dw, db
 
 

@@ -4,18 +4,20 @@ x of shape (N, C, *) is read as a row-major matrix in one of two layouts (chosen
   ROWS_LAYOUT   an (N_ROWS, C) matrix -- (N, C), (N, C, 1, 1), channels_last; channel = column.
   PLANES        an (N * C, K) matrix -- contiguous NCHW, K = H * W; channel of row r = r % C.
 
-Training forward: `_bnlr_fwd_fused_kernel` when a channel (block) fits one tile, otherwise
-`_bnlr_fwd_stats_kernel` (partial (count, mean, M2) triples) -> `_bnlr_fwd_finalize_kernel` (Chan merge,
-running stats, scale/shift) -> `_bnlr_fwd_kernel` (normalise + LeakyReLU). Synchronised BN merges locally
-with `_bnlr_fwd_finalize_merge_kernel`, all-gathers the (3, C) triples and finalizes them as partials.
-Eval: `_bnlr_fwd_finalize_eval_kernel` (running stats -> scale/shift) -> `_bnlr_fwd_kernel`.
+Training, one launch each way when a channel (block) fits one register tile: `_bnlr_fwd_fused_kernel`,
+`_bnlr_bwd_fused_kernel`. Otherwise two each way, on one (channel blocks x P) grid:
+  forward   `_bnlr_fwd_stats_kernel` (partial (count, mean, M2) triples) -> `_bnlr_fwd_apply_kernel` (every
+            program Chan-merges its channels' P partials itself, program 0 of a channel stores the running
+            stats and the saved vectors, and each normalises the tiles it reduced);
+  backward  `_bnlr_bwd_reduce_kernel` (partial sums of h and h * x_hat) -> `_bnlr_bwd_apply_kernel` (sums the
+            partials, dweight / dbias from program 0, dx over its tiles).
+Synchronised BN adds one kernel before each collective: `_bnlr_fwd_finalize_merge_kernel` (this rank's (3, C)
+triples, all-gathered and passed to the apply kernel as the partials) and `_bnlr_bwd_finalize_sums_kernel`
+(dweight / dbias and the (2, C) sums that are all-reduced). Eval: `_bnlr_fwd_finalize_eval_kernel` (running
+stats -> scale/shift) -> `_bnlr_fwd_kernel` (normalise + LeakyReLU).
 
-Backward: `_bnlr_bwd_fused_kernel`, or `_bnlr_bwd_reduce_kernel` (partial sums of h and h * x_hat) ->
-`_bnlr_bwd_finalize_kernel` (dweight, dbias, dx coefficients) -> `_bnlr_bwd_kernel` (dx). Synchronised BN
-splits the finalize in two around the all-reduce: `_bnlr_bwd_finalize_sums_kernel` (dweight, dbias and the
-(2, C) sums) and `_bnlr_bwd_finalize_coef_kernel` (coefficients from the reduced sums and global count).
-
-No float atomics: every program writes its own partial slot, so results are bitwise deterministic.
+No float atomics: every program writes its own partial slot and every merge runs in a fixed order, so results
+are bitwise deterministic, and every program of a channel computes the same statistics from the same partials.
 """
 
 from __future__ import annotations
@@ -162,13 +164,14 @@ def _channel_param(PTR, rows, cols, rmask, kmask, C, ROWS_LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, momentum, eps,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+def _finalize_channels(chan, cmask, store, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, momentum,
+                       eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr):
-    """Per-channel epilogue shared by the fused and the finalize kernels.
+    """Per-channel epilogue shared by the fused, apply and eval kernels; returns (scale, shift).
 
-    Updates running stats with the unbiased variance (nn.BatchNorm's convention) and folds
-    weight/bias into scale/shift; stores what the normalise pass and backward need.
+    Updates running stats with the unbiased variance (nn.BatchNorm's convention) and folds weight/bias into
+    scale/shift; stores what the normalise pass and backward need where `store` (one program per channel:
+    every other program of the channel computes the same values and only uses them).
     """
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only in masked-off lanes past C
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -180,18 +183,18 @@ def _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RS
         rm = tl.load(RM + chan, mask=cmask, other=0.0).to(tl.float32)
         rv = tl.load(RV + chan, mask=cmask, other=0.0).to(tl.float32)
         unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-        tl.store(RM + chan, (rm + factor * (mean - rm)).to(RM.dtype.element_ty), mask=cmask)
-        tl.store(RV + chan, (rv + factor * (unbiased - rv)).to(RV.dtype.element_ty), mask=cmask)
+        tl.store(RM + chan, (rm + factor * (mean - rm)).to(RM.dtype.element_ty), mask=store)
+        tl.store(RV + chan, (rv + factor * (unbiased - rv)).to(RV.dtype.element_ty), mask=store)
     scale = rstd
     if HAS_W:
         scale = scale * tl.load(W + chan, mask=cmask, other=1.0).to(tl.float32)
     shift = tl.zeros_like(rstd)
     if HAS_B:
         shift = tl.load(B + chan, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(MEAN + chan, mean, mask=cmask)
-    tl.store(RSTD + chan, rstd, mask=cmask)
-    tl.store(SCALE + chan, scale, mask=cmask)
-    tl.store(SHIFT + chan, shift, mask=cmask)
+    tl.store(MEAN + chan, mean, mask=store)
+    tl.store(RSTD + chan, rstd, mask=store)
+    tl.store(SCALE + chan, scale, mask=store)
+    tl.store(SHIFT + chan, shift, mask=store)
     # Returned, not re-read: another thread's global store is not visible without a barrier.
     return scale, shift
 
@@ -232,6 +235,70 @@ def _sum_partials(PART, P, C, chan, cmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.co
 
 
 @triton.jit
+def _merge_partials_one(PART, P, C, chan, BLOCK_P: tl.constexpr):
+    """`_merge_partials` for one channel (a scalar `chan`, the PLANES layout): scalar (count, mean, M2)."""
+    n_acc = 0.0
+    mean_acc = 0.0
+    m2_acc = 0.0
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = p < P
+        slot = chan.to(tl.int64) * P + p
+        n_p = tl.load(PART + slot, mask=mask, other=0.0)
+        mean_p = tl.load(PART + C * P + slot, mask=mask, other=0.0)
+        m2_p = tl.load(PART + 2 * C * P + slot, mask=mask, other=0.0)
+        t_n = tl.sum(n_p, axis=0)
+        t_mean = tl.sum(n_p * mean_p, axis=0) / tl.maximum(t_n, 1.0)
+        delta = mean_p - t_mean
+        t_m2 = tl.sum(m2_p, axis=0) + tl.sum(n_p * delta * delta, axis=0)
+        n_acc, mean_acc, m2_acc = _chan_merge(n_acc, mean_acc, m2_acc, t_n, t_mean, t_m2)
+    return n_acc, mean_acc, m2_acc
+
+
+@triton.jit
+def _sum_partials_one(PART, P, C, chan, BLOCK_P: tl.constexpr):
+    """`_sum_partials` for one channel (a scalar `chan`, the PLANES layout)."""
+    sum_h = 0.0
+    sum_hx = 0.0
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = p < P
+        slot = chan.to(tl.int64) * P + p
+        sum_h += tl.sum(tl.load(PART + slot, mask=mask, other=0.0), axis=0)
+        sum_hx += tl.sum(tl.load(PART + C * P + slot, mask=mask, other=0.0), axis=0)
+    return sum_h, sum_hx
+
+
+@triton.jit
+def _channel_partials(PART, P, C, pid_c, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Merged (count, mean, M2) of reduction program pid_c's channels: a vector (ROWS) or a scalar (PLANES)."""
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
+    if ROWS_LAYOUT:
+        return _merge_partials(PART, P, C, chan, cmask, BLOCK_K, BLOCK_P)
+    else:
+        return _merge_partials_one(PART, P, C, chan, BLOCK_P)
+
+
+@triton.jit
+def _channel_sums(PART, P, C, pid_c, ROWS_LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Summed (sum h, sum h * x_hat) of reduction program pid_c's channels: vectors (ROWS) or scalars (PLANES)."""
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
+    if ROWS_LAYOUT:
+        return _sum_partials(PART, P, C, chan, cmask, BLOCK_K, BLOCK_P)
+    else:
+        return _sum_partials_one(PART, P, C, chan, BLOCK_P)
+
+
+@triton.jit
+def _n_tiles(N_ROWS, K, ROWS_LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Reduction tiles per channel (block): row blocks (ROWS), or row blocks x spatial blocks (PLANES)."""
+    if ROWS_LAYOUT:
+        return tl.cdiv(N_ROWS, BLOCK_R)
+    else:
+        return tl.cdiv(N_ROWS, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+
+
+@triton.jit
 def _store_param_grads(DW, DB, chan, cmask, sum_h, sum_hx, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr):
     """dweight = sum(h * x_hat), dbias = sum(h): this rank's sums (DDP all-reduces parameter grads)."""
     if HAS_DW:
@@ -265,8 +332,8 @@ def _bnlr_fwd_fused_kernel(X, Y, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_
     mean = _reduce_tile(x, ROWS_LAYOUT) / count
     m2 = _tile_m2(x, mask, mean, ROWS_LAYOUT)
     chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
-    scale, shift = _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT,
-                                      momentum, eps, HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
+    scale, shift = _finalize_channels(chan, cmask, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE,
+                                      SHIFT, momentum, eps, HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
     y = _bn_affine(x, _per_channel(mean, ROWS_LAYOUT), _per_channel(scale, ROWS_LAYOUT),
                    _per_channel(shift, ROWS_LAYOUT))
     tl.store(Y + offs, _leaky(y, slope).to(Y.dtype.element_ty), mask=mask)
@@ -281,12 +348,11 @@ def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT
     """
     pid_c = tl.program_id(0)
     pid_p = tl.program_id(1)
+    n_tiles = _n_tiles(N_ROWS, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
     if ROWS_LAYOUT:
-        n_tiles = tl.cdiv(N_ROWS, BLOCK_R)
         mean_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         m2_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     else:
-        n_tiles = tl.cdiv(N_ROWS, BLOCK_R) * tl.cdiv(K, BLOCK_K)
         mean_acc = 0.0
         m2_acc = 0.0
     n_acc = 0.0
@@ -311,16 +377,31 @@ def _bnlr_fwd_stats_kernel(X, PART, N_ROWS, C, K, TILES_PER_PROG, P, ROWS_LAYOUT
 
 
 @triton.jit
-def _bnlr_fwd_finalize_kernel(PART, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, P, C, momentum, eps,
-                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                              CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Training: merge the P partial triples of each channel (programs, or ranks when synchronised), update
-    the running statistics and fold weight/bias into scale/shift."""
-    chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chan < C
-    count, mean, m2 = _merge_partials(PART, P, C, chan, cmask, BLOCK_C, BLOCK_P)
-    _finalize_channels(chan, cmask, count, mean, m2, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, momentum, eps,
-                       HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
+def _bnlr_fwd_apply_kernel(X, Y, PART, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHIFT, N_ROWS, C, K, TILES_PER_PROG, P,
+                           momentum, eps, slope, ROWS_LAYOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                           UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, K_ALIGN: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Training, split path, second of two launches, on the statistics kernel's grid and tiles: merge the
+    channel's P partial triples (programs, or ranks when synchronised), then y = leaky((x - mean) * scale + shift)
+    over the tiles this program reduced. Program 0 of each channel (block) updates the running statistics and
+    stores mean / rstd / scale / shift for the backward; the others compute the same values from the same
+    partials in the same order, so every program normalises with identical bits."""
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    count, mean, m2 = _channel_partials(PART, P, C, pid_c, ROWS_LAYOUT, BLOCK_K, BLOCK_P)
+    chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
+    scale, shift = _finalize_channels(chan, cmask, cmask & (pid_p == 0), count, mean, m2, W, B, RM, RV, NBT, MEAN,
+                                      RSTD, SCALE, SHIFT, momentum, eps, HAS_W, HAS_B, UPDATE_RUNNING, CUMULATIVE)
+    mean = _per_channel(mean, ROWS_LAYOUT)
+    scale = _per_channel(scale, ROWS_LAYOUT)
+    shift = _per_channel(shift, ROWS_LAYOUT)
+    n_tiles = _n_tiles(N_ROWS, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+    for i in range(TILES_PER_PROG):
+        t = pid_p * TILES_PER_PROG + i
+        offs, mask, _count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
+        mask = mask & (t < n_tiles)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, _leaky(_bn_affine(x, mean, scale, shift), slope).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -344,7 +425,7 @@ def _bnlr_fwd_finalize_eval_kernel(W, B, RM, RV, MEAN, RSTD, SCALE, SHIFT, C, ep
     mean = tl.load(RM + chan, mask=cmask, other=0.0).to(tl.float32)
     var = tl.load(RV + chan, mask=cmask, other=1.0).to(tl.float32)
     # count = 1 and m2 = var make the shared epilogue compute rstd = 1 / sqrt(var + eps).
-    _finalize_channels(chan, cmask, 1.0, mean, var, W, B, RM, RV, RM, MEAN, RSTD, SCALE, SHIFT, 0.0, eps,
+    _finalize_channels(chan, cmask, cmask, 1.0, mean, var, W, B, RM, RV, RM, MEAN, RSTD, SCALE, SHIFT, 0.0, eps,
                        HAS_W, HAS_B, False, False)
 
 
@@ -406,12 +487,11 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
     rstd = _channel_vector(RSTD, pid_c, C, ROWS_LAYOUT, BLOCK_K)
     scale = _channel_vector(SCALE, pid_c, C, ROWS_LAYOUT, BLOCK_K)
     shift = _channel_vector(SHIFT, pid_c, C, ROWS_LAYOUT, BLOCK_K)
+    n_tiles = _n_tiles(N_ROWS, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
     if ROWS_LAYOUT:
-        n_tiles = tl.cdiv(N_ROWS, BLOCK_R)
         sum_h = tl.zeros([BLOCK_K], dtype=tl.float32)
         sum_hx = tl.zeros([BLOCK_K], dtype=tl.float32)
     else:
-        n_tiles = tl.cdiv(N_ROWS, BLOCK_R) * tl.cdiv(K, BLOCK_K)
         sum_h = 0.0
         sum_hx = 0.0
     for i in range(TILES_PER_PROG):
@@ -430,32 +510,6 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
 
 
 @triton.jit
-def _bnlr_bwd_finalize_kernel(PART, RSTD, SCALE, DW, DB, COEF, P, C, inv_count, TRAINING: tl.constexpr,
-                              HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, HAS_DX: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Sum the P partials per channel; write dweight/dbias and the dx coefficients (c1, c2) into COEF (2, C).
-
-    dx = scale * h + c1 * (x - mean) + c2 with c1 = -scale * rstd * sum(h x_hat) / n and
-    c2 = -scale * sum(h) / n; both 0 in eval, where the statistics are constants.
-    """
-    chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chan < C
-    sum_h, sum_hx = _sum_partials(PART, P, C, chan, cmask, BLOCK_C, BLOCK_P)
-    _store_param_grads(DW, DB, chan, cmask, sum_h, sum_hx, HAS_DW, HAS_DB)
-    if HAS_DX:
-        if TRAINING:
-            scale = tl.load(SCALE + chan, mask=cmask, other=0.0)
-            rstd = tl.load(RSTD + chan, mask=cmask, other=0.0)
-            c1 = -scale * rstd * sum_hx * inv_count
-            c2 = -scale * sum_h * inv_count
-        else:
-            c1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-            c2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        tl.store(COEF + chan, c1, mask=cmask)
-        tl.store(COEF + C + chan, c2, mask=cmask)
-
-
-@triton.jit
 def _bnlr_bwd_finalize_sums_kernel(PART, DW, DB, SUMS, P, C, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
                                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Synchronised BN, split point 2: dweight/dbias from this rank's sums, and the (2, C) sums into SUMS
@@ -469,37 +523,49 @@ def _bnlr_bwd_finalize_sums_kernel(PART, DW, DB, SUMS, P, C, HAS_DW: tl.constexp
 
 
 @triton.jit
-def _bnlr_bwd_finalize_coef_kernel(SUMS, COUNT, RSTD, SCALE, COEF, C, BLOCK_C: tl.constexpr):
-    """Synchronised BN: the dx coefficients from the all-reduced sums and the global per-channel count."""
-    chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chan < C
-    inv_n = 1.0 / tl.load(COUNT + chan, mask=cmask, other=1.0)
-    scale = tl.load(SCALE + chan, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + chan, mask=cmask, other=0.0)
-    sum_h = tl.load(SUMS + chan, mask=cmask, other=0.0)
-    sum_hx = tl.load(SUMS + C + chan, mask=cmask, other=0.0)
-    tl.store(COEF + chan, -scale * rstd * sum_hx * inv_n, mask=cmask)
-    tl.store(COEF + C + chan, -scale * sum_h * inv_n, mask=cmask)
+def _bnlr_bwd_apply_kernel(X, G, DX, PART, COUNT, MEAN, RSTD, SCALE, SHIFT, DW, DB, N_ROWS, C, K, TILES_PER_PROG, P,
+                           inv_count, slope, ROWS_LAYOUT: tl.constexpr, TRAINING: tl.constexpr, SYNC: tl.constexpr,
+                           HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, HAS_DX: tl.constexpr, K_ALIGN: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Backward, split path, second of two launches, on the reduce kernel's grid and tiles: sum the channel's
+    P partials of (sum h, sum h * x_hat), then dx = scale * h + c1 * (x - mean) + c2 over this program's tiles,
+    c1 = -scale * rstd * sum(h x_hat) / n and c2 = -scale * sum(h) / n (both 0 in eval, where the statistics
+    are constants). Program 0 of each channel (block) stores dweight = sum(h x_hat) and dbias = sum(h).
 
-
-@triton.jit
-def _bnlr_bwd_kernel(X, G, DX, MEAN, SCALE, SHIFT, COEF, TOTAL_ROWS, C, K, slope, ROWS_LAYOUT: tl.constexpr,
-                     K_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx = scale * h + c1 * (x - mean) + c2 over the (TOTAL_ROWS, K) matrix view."""
-    K = _aligned(K, K_ALIGN)
-    rows, cols, rmask, kmask, mask, offs = _tile(tl.program_id(0), tl.program_id(1), TOTAL_ROWS, K, BLOCK_R, BLOCK_K)
-    mean = _channel_param(MEAN, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
-    scale = _channel_param(SCALE, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
-    shift = _channel_param(SHIFT, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
-    c1 = _channel_param(COEF, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
-    c2 = _channel_param(COEF + C, rows, cols, rmask, kmask, C, ROWS_LAYOUT)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _bn_affine(x, mean, scale, shift)
-    h = tl.where(y > 0, g, g * slope)
-    dx = scale * h + c1 * (x - mean) + c2
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    SYNC: PART holds the all-reduced (2, C) sums (P = 1), n is the global per-channel COUNT, and dweight /
+    dbias were stored from the local sums by `_bnlr_bwd_finalize_sums_kernel`.
+    """
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    sum_h, sum_hx = _channel_sums(PART, P, C, pid_c, ROWS_LAYOUT, BLOCK_K, BLOCK_P)
+    if not SYNC:
+        chan, cmask = _channels(pid_c, C, ROWS_LAYOUT, BLOCK_K)
+        _store_param_grads(DW, DB, chan, cmask & (pid_p == 0), sum_h, sum_hx, HAS_DW, HAS_DB)
+    if HAS_DX:
+        mean = _channel_vector(MEAN, pid_c, C, ROWS_LAYOUT, BLOCK_K)
+        rstd = _channel_vector(RSTD, pid_c, C, ROWS_LAYOUT, BLOCK_K)
+        scale = _channel_vector(SCALE, pid_c, C, ROWS_LAYOUT, BLOCK_K)
+        shift = _channel_vector(SHIFT, pid_c, C, ROWS_LAYOUT, BLOCK_K)
+        if SYNC:
+            inv_n = 1.0 / tl.maximum(_channel_vector(COUNT, pid_c, C, ROWS_LAYOUT, BLOCK_K), 1.0)
+        else:
+            inv_n = inv_count
+        c1 = -scale * rstd * _per_channel(sum_hx, ROWS_LAYOUT) * inv_n
+        c2 = -scale * _per_channel(sum_h, ROWS_LAYOUT) * inv_n
+        n_tiles = _n_tiles(N_ROWS, K, ROWS_LAYOUT, BLOCK_R, BLOCK_K)
+        for i in range(TILES_PER_PROG):
+            t = pid_p * TILES_PER_PROG + i
+            offs, mask, _count = _tile_offsets(pid_c, t, N_ROWS, C, K, ROWS_LAYOUT, K_ALIGN, BLOCK_R, BLOCK_K)
+            mask = mask & (t < n_tiles)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            h = tl.where(_bn_affine(x, mean, scale, shift) > 0, g, g * slope)
+            if TRAINING:
+                dx = scale * h + c1 * (x - mean) + c2
+            else:
+                dx = scale * h
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import): CPU tensors can run.
-INTERPRET = isinstance(_bnlr_fwd_kernel, InterpretedFunction)
+INTERPRET = isinstance(_bnlr_fwd_apply_kernel, InterpretedFunction)

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from ._limits import LimitsSource
 
 # GPU tuning constants (DeviceLimits' defaults; the compile report checks them for spills and 128-bit loads).
-FUSED_MAX_TILE = 4096  # one channel (block) held in registers: 16 fp32 per thread at 8 warps, no spills
+# One channel (block) held in registers, 32 fp32 per thread at 16 warps; the backward holds x and g. Rows that are
+# not 16-byte aligned load element by element, each with its own 64-bit address, so those tiles are capped at half
+# (16 per thread). Both are the largest sizes the compile report finds free of spills on sm_80 and sm_90.
+FUSED_MAX_TILE = 16384
+FUSED_PER_THREAD = 32  # tile elements per thread on the fused path at FUSED_MAX_TILE
+MAX_WARPS = 16
 STATS_TILE = 2048  # elements per reduction tile: 8 KB fp32, 16 per thread at 4 warps (4 x ld.v4)
 ELEMENTWISE_TILE = 4096  # elements per normalise / dx program: enough bytes in flight per SM
 MAX_BLOCK_K = 1024  # longest contiguous strip per tile row; wider rows are tiled along K
@@ -46,8 +51,17 @@ def cdiv(a: int, b: int) -> int:
 
 
 def num_warps(tile: int) -> int:
-    """Warps for a tile of `tile` elements: 512 per warp (16 fp32 per thread), between 1 and 8."""
+    """Warps for a split-path tile of `tile` elements: 512 per warp (16 fp32 per thread), between 1 and 8."""
     return max(1, min(8, tile // 512))
+
+
+def fused_num_warps(tile: int, max_tile: int) -> int:
+    """Warps for a fused tile: 16 elements per thread as on the split path up to 8 warps; beyond, the warps
+    grow with the tile so that the largest allowed tile (`max_tile`) gets 16 (one program holds a whole
+    channel, so more warps keep more of it in flight; 16 warps leave 128 registers per thread)."""
+    if tile <= 8 * 512:
+        return num_warps(tile)
+    return max(8, min(MAX_WARPS, MAX_WARPS * tile // max(max_tile, 1)))
 
 
 @dataclass(frozen=True)
@@ -149,9 +163,12 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: DeviceLimits) -
     """The launch plan of an (n_rows, c, k) matrix view (see `layout_of`); any dimension may be 0."""
     np2 = next_power_of_2
     elem_k = min(np2(k), limits.max_block_k)
+    k_align = math.gcd(k, 16)
+    # fp32 rows 16-byte aligned (128-bit loads) or not: the unaligned tile needs twice the address registers.
+    max_tile = limits.fused_max_tile if k_align % 4 == 0 else limits.fused_max_tile // 2
     if rows_layout:
         fused_r = np2(n_rows)
-        fused_k = min(np2(c), limits.rows_block_c, max(1, limits.fused_max_tile // fused_r))
+        fused_k = min(np2(c), limits.rows_block_c, max(1, max_tile // fused_r))  # the channel block that fits
         fused_grid = cdiv(c, fused_k)
         stats_k = min(np2(c), limits.stats_block_c)
         c_blocks = cdiv(c, stats_k)
@@ -165,15 +182,15 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: DeviceLimits) -
         stats_r = min(np2(n_rows), max(1, limits.stats_tile // stats_k))
         n_tiles = cdiv(n_rows, stats_r) * cdiv(k, stats_k)
         total_rows = n_rows * c
-    fused = fused_r * fused_k <= limits.fused_max_tile
+    fused = fused_r * fused_k <= max_tile
     p = max(1, min(n_tiles, limits.programs // max(1, c_blocks)))
     tiles_per_prog = max(1, cdiv(n_tiles, p))
     p = max(1, cdiv(n_tiles, tiles_per_prog))
     elem_r = min(np2(total_rows), max(1, limits.elementwise_tile // elem_k))
     return LaunchPlan(
-        rows_layout=rows_layout, n_rows=n_rows, c=c, k=k, total_rows=total_rows, k_align=math.gcd(k, 16),
+        rows_layout=rows_layout, n_rows=n_rows, c=c, k=k, total_rows=total_rows, k_align=k_align,
         fused=fused,
-        fused_tiles=Tiles(fused_r, fused_k, (fused_grid,), num_warps(fused_r * fused_k)),
+        fused_tiles=Tiles(fused_r, fused_k, (fused_grid,), fused_num_warps(fused_r * fused_k, max_tile)),
         stats=Tiles(stats_r, stats_k, (c_blocks, p), num_warps(stats_r * stats_k)),
         tiles_per_prog=tiles_per_prog,
         elem=Tiles(elem_r, elem_k, (cdiv(total_rows, elem_r), cdiv(k, elem_k)), num_warps(elem_r * elem_k)),

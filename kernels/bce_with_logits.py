@@ -28,19 +28,19 @@ def bce_forward(logits, target, m_first, label_a, label_b, w_a, w_b, store_loss,
     x = logits.contiguous()
     m = x.numel()
     dev = x.device
-    cfg = plan_for(m, dev, limits)
-    p = cfg.grid[0]
+    lp = plan_for(m, dev, limits)
+    p = lp.grid[0]
     t = target.contiguous() if torch.is_tensor(target) else None
     loss = _empty(x.shape, x.dtype, dev) if store_loss else None
     grad = _empty(x.shape, torch.float32, dev) if store_grad else None
     part = _empty((3, p), torch.float32, dev) if (reduce or want_sigmoid) else None
     placeholder = x  # absent optional pointers: never dereferenced (constexpr-guarded)
-    _kern._bce_fwd_kernel[cfg.grid](
+    _kern._bce_fwd_kernel[lp.grid](
         X=x, T=t if t is not None else placeholder, LOSS=loss if store_loss else placeholder,
         GRAD=grad if store_grad else placeholder, PART=part if part is not None else placeholder, M=m, M_FIRST=m_first,
-        TILES_PER_PROG=cfg.tiles_per_prog, P=p, label_a=float(label_a), label_b=float(label_b), w_a=float(w_a),
+        TILES_PER_PROG=lp.tiles_per_prog, P=p, label_a=float(label_a), label_b=float(label_b), w_a=float(w_a),
         w_b=float(w_b), HAS_TARGET=t is not None, STORE_LOSS=store_loss, STORE_GRAD=store_grad, REDUCE=reduce,
-        WANT_SIGMOID=want_sigmoid, BLOCK=cfg.block, num_warps=cfg.num_warps)
+        WANT_SIGMOID=want_sigmoid, BLOCK=lp.block, num_warps=lp.num_warps)
     if part is not None:
         part = part[:, 0] if p == 1 else part.sum(1)  # deterministic: fixed-order sum of P partials
     return loss, grad, part
@@ -51,10 +51,10 @@ def bce_backward(grad, grad_output, dtype, limits: BCELimits | None = None):
     m = grad.numel()
     dx = _empty(grad.shape, dtype, grad.device)
     go = grad_output.contiguous()
-    cfg = plan_for(m, grad.device, limits)
-    _kern._bce_bwd_kernel[cfg.bwd_grid](GRAD=grad, GO=go, DX=dx, M=m,
-                                        GO_IS_SCALAR=go.numel() == 1 and m != 1 or go.dim() == 0, BLOCK=cfg.block,
-                                        num_warps=cfg.num_warps)
+    lp = plan_for(m, grad.device, limits)
+    _kern._bce_bwd_kernel[lp.bwd_grid](GRAD=grad, GO=go, DX=dx, M=m,
+                                        GO_IS_SCALAR=go.numel() == 1 and m != 1 or go.dim() == 0, BLOCK=lp.block,
+                                        num_warps=lp.num_warps)
     return dx
 
 

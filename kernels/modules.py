@@ -24,10 +24,21 @@ def _check_impl(impl: str) -> str:
 
 
 class _BatchNormLeakyReLU(_NormBase):
-    def __init__(self, num_features: int, negative_slope: float = 0.2, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 impl: str = "auto", sync: bool = False, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+    """nn.BatchNorm's constructor, positional order and defaults included (torch 2.x: num_features, eps, momentum,
+    affine, track_running_stats, device, dtype), plus keyword-only extras:
+
+    bias            False: no bias parameter (nor state_dict key), the affine transform is a scale only;
+                    ignored when affine=False (there are no parameters then)
+    negative_slope  the LeakyReLU's slope for x < 0
+    impl            "auto" | "triton" | "eager" (see kernels.resolve_impl)
+    sync            synchronise the batch statistics over `process_group` (default: the world) while training
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 negative_slope: float = 0.2, impl: str = "auto", sync: bool = False, process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         self.negative_slope = float(negative_slope)
         self.impl = _check_impl(impl)
         self.sync = bool(sync)

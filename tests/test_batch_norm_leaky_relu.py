@@ -97,6 +97,10 @@ DCGAN_SHAPES = [  # the 28x28 generator's BN+LReLU layers at batch 4
     (4, 128, 7, 7),
     (4, 64, 14, 14),
 ]
+LARGE_FUSED = [  # one launch each way at the largest register tiles (the plan's limits, on any device)
+    (64, 2, 14, 14),  # a 64 x 256 tile at 16 warps: rows 16-byte aligned (K = 196)
+    (100, 2, 7, 7),  # K = 49, unaligned rows: a 128 x 64 tile, half the aligned cap
+]
 FP32, BF16 = torch.float32, torch.bfloat16
 
 
@@ -105,7 +109,7 @@ PARITY = [(s, d, p) for s in SHAPES for d in (FP32, BF16) for p in ("fused", "sp
     for s in DCGAN_SHAPES
     for p in ("fused", "split")
     if not (p == "split" and s == (4, 128, 7, 7))  # fused at any batch <= 32; (4, 64, 14, 14) covers split
-]
+] + [(s, d, "fused") for s in LARGE_FUSED for d in (FP32, BF16)]
 
 
 @pytest.mark.parametrize(
@@ -115,7 +119,7 @@ def test_parity_training_steps_then_eval(shape, dtype, path):
     path(shape)
     c = shape[1]
     state = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("triton", "ref")}
-    for step in range(1 if shape in DCGAN_SHAPES else 2):  # the interpreter is slow; 1 step is enough there
+    for step in range(1 if shape in DCGAN_SHAPES + LARGE_FUSED else 2):  # the interpreter is slow: 1 step there
         x, w, b, g = make_inputs(shape, dtype, seed=step)
         got = run("triton", x, w, b, g, *state["triton"], training=True)
         rm, rv = state["ref"]
@@ -206,6 +210,47 @@ def test_non_contiguous_inputs(layout, path):
         assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_launches_per_direction(path, training, monkeypatch):
+    """One launch each way on the fused path, two on the split path (the eval forward: scale/shift, normalise)."""
+    launched = []
+    real = BN._launch
+    monkeypatch.setattr(BN, "_launch", lambda kernel, grid, **kw: launched.append(kernel.__name__) or real(
+        kernel, grid, **kw))
+    shape = (4, 3, 5, 5)
+    path(shape)
+    x, w, b, g = make_inputs(shape, torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = kernels.batch_norm_leaky_relu(x.requires_grad_(), w, b, rm, rv, training, impl="triton")
+    forward = list(launched)
+    y.backward(g)
+    backward = launched[len(forward):]
+    if not training:
+        assert forward == ["_bnlr_fwd_finalize_eval_kernel", "_bnlr_fwd_kernel"]
+    elif path.name == "fused":
+        assert forward == ["_bnlr_fwd_fused_kernel"]
+    else:
+        assert forward == ["_bnlr_fwd_stats_kernel", "_bnlr_fwd_apply_kernel"]
+    assert backward == (["_bnlr_bwd_fused_kernel"] if path.name == "fused"
+                        else ["_bnlr_bwd_reduce_kernel", "_bnlr_bwd_apply_kernel"])
+
+
+@pytest.mark.parametrize("needs", [(False, True, True), (False, True, False), (True, False, False)], ids=str)
+def test_split_backward_with_some_grads(needs, monkeypatch):
+    """Without dx the split backward's apply kernel runs one program per channel block (dweight / dbias only)."""
+    x, w, b, g = make_inputs((3, 5, 4, 4), torch.float32)
+    with limits_override(SPLIT_TINY):
+        xx = x.clone().requires_grad_(needs[0])
+        ww, bb = w.clone().requires_grad_(needs[1]), b.clone().requires_grad_(needs[2])
+        kernels.batch_norm_leaky_relu(xx, ww, bb, impl="triton").backward(g)
+    want = run("eager", x, w, b, g, None, None, True, to64=True)
+    for name, t, e, needed in zip(("dx", "dweight", "dbias"), (xx, ww, bb), want[1:], needs):
+        if needed:
+            assert_close(t.grad, e, torch.float32, name)
+        else:
+            assert t.grad is None, name
+
+
 def test_only_weight_grads_requested():
     x, w, b, g = make_inputs((3, 4, 2, 2), torch.float32)
     ww = w.clone().requires_grad_()
@@ -229,6 +274,19 @@ def test_auto_is_eager_on_cpu(monkeypatch):
         kernels.batch_norm_leaky_relu(x, impl="auto"),
         F.leaky_relu(F.batch_norm(x, None, None, training=True), 0.2),
     )
+
+
+@pytest.mark.parametrize("gpu, capability, backend", [("Tesla T4", (7, 5), "eager"), ("Tesla V100", (7, 0), "eager"),
+                                                      ("NVIDIA A100", (8, 0), "triton"),
+                                                      ("NVIDIA H100", (9, 0), "triton")])
+def test_auto_takes_triton_only_from_sm80(monkeypatch, gpu, capability, backend):
+    monkeypatch.setattr(kernels, "_gpu", lambda index: (gpu, capability))
+    got, reason = kernels.auto_backend("cuda:0")
+    assert got == backend and gpu in reason and f"sm_{capability[0]}{capability[1]}" in reason
+    assert "\n" not in reason and (backend == "triton" or "sm_80 and newer" in reason)
+    assert kernels.resolve_impl("auto", "cuda:0", torch.bfloat16) == backend
+    assert kernels.resolve_impl("auto", "cuda:0", torch.float64) == "eager"
+    assert kernels.auto_backend("cpu") == ("eager", "cpu tensors (the Triton kernels run on CUDA GPUs)")
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):

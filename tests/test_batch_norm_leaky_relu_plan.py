@@ -21,9 +21,12 @@ def assert_respects(p, limits):
     """Every tile within the limits, every extent a power of two, and the grids cover the matrix view."""
     for tiles in (p.fused_tiles, p.stats, p.elem):
         assert _pow2(tiles.block_r) and _pow2(tiles.block_k), tiles
-        assert 1 <= tiles.num_warps <= 8
+        assert 1 <= tiles.num_warps <= (16 if tiles is p.fused_tiles else 8)
     if p.fused:
-        assert p.fused_tiles.block_r * p.fused_tiles.block_k <= limits.fused_max_tile
+        # unaligned rows (scalar loads, one address per element) get half the tile
+        cap = limits.fused_max_tile if p.k_align % 4 == 0 else limits.fused_max_tile // 2
+        assert p.fused_tiles.block_r * p.fused_tiles.block_k <= cap
+        assert p.fused_tiles.block_r * p.fused_tiles.block_k // (32 * p.fused_tiles.num_warps) <= 32  # per thread
         assert p.fused_tiles.block_r >= p.n_rows  # one tile holds the whole channel (block)
         assert p.fused_tiles.block_k >= (1 if p.rows_layout else p.k)
         assert p.fused_tiles.grid[0] * (p.fused_tiles.block_k if p.rows_layout else 1) >= p.c
@@ -54,11 +57,15 @@ def test_plan_respects_limits(shape, limits):
 
 
 def test_dcgan_layers_take_the_documented_paths_on_an_h100():
-    assert plan(64, 12544, 12544, True, H100).fused  # G.project: 64 rows x 64 channels a program
-    assert plan(64, 128, 49, False, H100).fused  # G.bn1 7x7
-    split = plan(64, 64, 196, False, H100)  # G.bn2 14x14: 12544 per channel > one tile
-    assert not split.fused and split.stats.grid == (64, 8) and split.k_align == 4
-    assert plan(64, 64, 196, False, H100).stats.grid[0] * split.stats.grid[1] <= H100.programs
+    for batch in (64, 128, 256):  # G.project: 128 (batch 64, 128) or 64 (batch 256) channels a program
+        assert plan(batch, 12544, 12544, True, H100).fused
+    fused = plan(64, 64, 196, False, H100)  # G.bn2 14x14 at batch 64: 64 x 256 at 16 warps, 128-bit loads
+    assert fused.fused and fused.fused_tiles.num_warps == 16 and fused.k_align == 4
+    assert plan(64, 128, 49, False, H100).fused and plan(128, 128, 49, False, H100).fused  # G.bn1 7x7
+    for shape in ((256, 128, 49), (128, 64, 196), (256, 64, 196)):  # beyond one tile: two launches a direction
+        split = plan(*shape, False, H100)
+        assert not split.fused and split.stats.grid[0] * split.stats.grid[1] <= H100.programs
+    assert plan(128, 64, 196, False, H100).stats.grid == (64, 8)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 16, False), (0, 3, 3, True), (2, 3, 0, False), (4, 0, 0, True),

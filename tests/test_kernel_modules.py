@@ -57,6 +57,72 @@ def test_module_matches_batchnorm_then_leakyrelu(dims, shape, kw):
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls, bn_cls", [(kernels.BatchNormLeakyReLU1d, nn.BatchNorm1d),
+                                         (kernels.BatchNormLeakyReLU2d, nn.BatchNorm2d)], ids=["1d", "2d"])
+def test_constructor_is_nn_batchnorms(cls, bn_cls):
+    import inspect
+
+    ours = list(inspect.signature(cls.__init__).parameters.values())
+    theirs = list(inspect.signature(bn_cls.__init__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs]
+    assert {p.name for p in ours[len(theirs):]} == {"negative_slope", "impl", "sync", "process_group"}
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs) - 1:])
+    with pytest.raises(TypeError):
+        cls(4, 1e-3, 0.01, True, True, None, None, 0.1)  # the extras are keyword-only: never a silent slope
+
+
+@pytest.mark.parametrize(
+    "args, kw",
+    [
+        ((5, 1e-3, 0.01), {}),  # positional: eps, momentum -- not (slope, eps) as before
+        ((5, 1e-3, None, True, False), {}),
+        ((5,), {"eps": 1e-3, "momentum": 0.3, "affine": True, "track_running_stats": True}),
+        ((5,), {"bias": False}),
+        ((5, 1e-5, 0.1, False), {"bias": False}),  # no affine: bias=False changes nothing
+    ],
+    ids=["positional", "positional-no-stats", "keyword", "no-bias", "no-affine-no-bias"],
+)
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_nn_batchnorm_calls_match_batchnorm_then_leakyrelu(args, kw, impl):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(*args, **kw)
+    fused = kernels.BatchNormLeakyReLU2d(*args, **kw, negative_slope=0.1, impl=impl)
+    assert (fused.eps, fused.momentum, fused.affine, fused.track_running_stats) == (
+        bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    assert (fused.bias is None) == (bn.bias is None) and "bias=" in repr(fused)
+    if bn.weight is not None:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            if bn.bias is not None:
+                bn.bias.normal_()
+    fused.load_state_dict(bn.state_dict())
+    ref = nn.Sequential(bn, nn.LeakyReLU(0.1))
+    for step in range(2):
+        x = torch.randn(4, 5, 3, 3) + step
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(x.shape)
+        yr, yf = ref(xr), fused(xf)
+        yr.backward(g), yf.backward(g)
+        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for name, p in bn.named_parameters():
+        torch.testing.assert_close(getattr(fused, name).grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, a), b in zip(fused.state_dict().items(), bn.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generator_checkpoint_keys_are_unchanged():
+    """A checkpoint of distgan's generator keeps its keys (weight, bias, running stats per BN layer) and loads."""
+    models = pytest.importorskip("distgan.models")
+    g = models.Generator(z_dim=8, kernels="eager")
+    keys = [k for k in g.state_dict() if k.startswith("project_act.")]
+    assert keys == ["project_act." + k for k in ("weight", "bias", "running_mean", "running_var",
+                                                 "num_batches_tracked")]
+    models.Generator(z_dim=8, kernels="eager").load_state_dict(g.state_dict())
+
+
 def test_state_dict_round_trips_with_nn_batchnorm():
     bn = nn.BatchNorm2d(4)
     bn(torch.randn(3, 4, 2, 2))

@@ -186,3 +186,55 @@ def test_sync_under_nccl_matches_the_float64_reference(nccl_world, dtype, impl):
         for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
             _assert_close(got[key], want[key], dtype, f"{shape} {key}")
         assert got["nbt"].item() == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# The eager path's arithmetic: fp32 for fp32 / bf16 input, and no host sync in the usual case.
+
+
+@pytest.fixture
+def gloo_world(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_sync_accumulates_in_fp32_without_a_host_sync(gloo_world, dtype):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.float64, self.host_reads = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket)
+            if name in ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero"):
+                self.host_reads.append(name)
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            self.float64 += [name for t in outs if torch.is_tensor(t) and t.dtype == torch.float64]
+            return out
+
+    c = 3
+    x = (torch.randn(4, c, 2, 2) * 2 + 1000).to(dtype).requires_grad_()  # |mean| >> std
+    w, b = (torch.rand(c) + 0.5).requires_grad_(), torch.randn(c).requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    rec = Record()
+    with rec:
+        y = kernels.batch_norm_leaky_relu(x, w, b, rm, rv, True, 0.1, 1e-5, 0.2, impl="eager",
+                                          process_group=gloo_world)
+        y.backward(torch.ones_like(y))
+    assert rec.float64 == [] and rec.host_reads == []
+    xd = x.detach().double().requires_grad_()
+    want = reference.batch_norm_leaky_relu(xd, w.detach().double(), b.detach().double(), rm.double() * 0,
+                                           rv.double() * 0 + 1, True, 0.1, 1e-5, 0.2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(rm.double(), 0.1 * xd.detach().mean((0, 2, 3)), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        kernels.batch_norm_leaky_relu(torch.randn(1, c), None, None, None, None, True, impl="eager",
+                                      process_group=gloo_world)

@@ -19,11 +19,13 @@ import torch
 from distgan import storage
 from distgan.storage import atomic_write, first_line
 
-FORMAT_VERSION = 1
+# 2: the data position's key is g_steps_into_epoch (format 1 named it batch_in_epoch; it counts G steps, each of
+# which takes n_critic batches). Format-1 files are read (upgrade()).
+FORMAT_VERSION = 2
 STATE_FILE = "state.pt"
 # Config fields that change tensor shapes or what the weights mean: a mismatch is not resumable.
 MODEL_FIELDS = ("dataset", "image_size", "channels", "z_dim")
-REQUIRED_KEYS = ("format", "config", "step", "epoch", "batch_in_epoch", "generator", "discriminator",
+REQUIRED_KEYS = ("format", "config", "step", "epoch", "g_steps_into_epoch", "generator", "discriminator",
                  "opt_g", "opt_d", "fixed_noise", "rng", "world_size", "lr_scale", "rollbacks")
 
 
@@ -100,6 +102,14 @@ def save_state(state: dict[str, Any], directory: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------ read
 
 
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an older format in the current one (the same dict, keys renamed); others as they are."""
+    if state.get("format", 1) == 1 and "batch_in_epoch" in state:
+        state["g_steps_into_epoch"] = state.pop("batch_in_epoch")
+        state["format"] = FORMAT_VERSION
+    return state
+
+
 def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dict[str, Any]:
     """Loads and validates state.pt. Raises CheckpointError naming the file (or `where`, the name to show for
     it, e.g. the URI a downloaded copy came from) on anything wrong."""
@@ -116,6 +126,7 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
         raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({first_line(e, with_type=True)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{name}: not a distgan checkpoint (top level is {type(state).__name__})")
+    state = upgrade(state)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{name}: not a distgan checkpoint (missing {', '.join(missing)})")
@@ -230,7 +241,7 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
 
 # ------------------------------------------------------------------ the driver's look at a run before it resumes
 
-# Fields that fix what the saved data position (epoch, batch_in_epoch) means: the sampler's order depends on
+# Fields that fix what the saved data position (epoch, g_steps_into_epoch) means: the sampler's order depends on
 # the seed and the world size, and the offset into it on the per-worker batch and D steps per G step.
 POSITION_FIELDS = ("seed", "batch_size", "n_critic", "num_workers")
 
@@ -259,6 +270,8 @@ def newest_checkpoint_state(storage_path: str, name: str, log=print) -> Optional
                 state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
         except Exception:  # a torn or foreign file: the workers' own fall-back reports it
             continue
-        if isinstance(state, dict) and isinstance(state.get("config"), dict) and "batch_in_epoch" in state:
-            return d.path, state
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            state = upgrade(state)
+            if "g_steps_into_epoch" in state:
+                return d.path, state
     return None

@@ -62,7 +62,8 @@ def make_optimizers(g: nn.Module, d: nn.Module, cfg) -> tuple[torch.optim.Adam, 
             torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas, fused=True))
 
 
-def _bare(module: nn.Module) -> nn.Module:
+def unwrap_ddp(module: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wrapper holds (its `.module`); any other module as it is."""
     # The G phase runs D forward-only through its parameters' eyes: going through a DDP wrapper would
     # arm its reducer for gradients that never arrive, so the G phase calls the wrapped module directly.
     return getattr(module, "module", module)
@@ -134,7 +135,7 @@ def gan_step(
                                                           fake_label=0.0, impl=impl)
         grad_norm_d = _backward_and_step(loss_d, d, opt_d, scaler_d)
 
-    d_bare = _bare(d)
+    d_bare = unwrap_ddp(d)
     d_bare.requires_grad_(False)
     try:
         with autocast(precision, device_type):
@@ -161,11 +162,11 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.num_updates = 0
-        self.model = copy.deepcopy(_bare(model)).eval().requires_grad_(False)
+        self.model = copy.deepcopy(unwrap_ddp(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        model = _bare(model)
+        model = unwrap_ddp(model)
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_p = list(self.model.parameters())

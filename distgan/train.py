@@ -255,15 +255,15 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
         raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed with {key}={before!r} "
                               f"({where}); this run has {now!r}, which changes the model; resubmit with "
                               f"{before!r} or use a new --name", field=key)
-    batch_in_epoch = state.get("batch_in_epoch", 0)
-    if not batch_in_epoch:
+    g_steps_into_epoch = state.get("g_steps_into_epoch", 0)
+    if not g_steps_into_epoch:
         return
     for key in POSITION_FIELDS:
         before = state.get("world_size", saved.num_workers) if key == "num_workers" else getattr(saved, key)
         now = getattr(cfg, key)
         if before != now:
             raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed mid-epoch (epoch "
-                              f"{state.get('epoch')}, batch {batch_in_epoch}) with {key}={before!r}; this run has "
+                              f"{state.get('epoch')}, G step {g_steps_into_epoch}) with {key}={before!r}; this run has "
                               f"{now!r}, which changes what that data position means; resubmit with {before!r}, "
                               f"or use a new --name", field=key)
 

@@ -207,7 +207,7 @@ class Trainer:
         """The complete training state (collective: every rank must call it; each rank's RNG is gathered)."""
         state = {
             "format": 1, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
-            "batch_in_epoch": self.steps_into_epoch,  # G steps done in this epoch
+            "g_steps_into_epoch": self.steps_into_epoch,
             "generator": self.g_bare.state_dict(), "discriminator": self.d_bare.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "fixed_noise": self.fixed_noise,
             "rng": self._all_gather_objects(capture_rng(self.noise_gen, self.device)), "world_size": self.world,
@@ -233,7 +233,7 @@ class Trainer:
             else:
                 self.ema = EMA(self.g_bare, self.cfg.ema_decay)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.steps_into_epoch = int(state["batch_in_epoch"])
+        self.steps_into_epoch = int(state["g_steps_into_epoch"])
         self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
         self.best_fid = float(state.get("best_fid", math.inf))
         self.fixed_noise = state["fixed_noise"]

@@ -152,4 +152,4 @@ def assert_bitwise_equal(a, b, path="state"):
 
 
 # the parts of a checkpoint that must match bitwise between a resumed and an uninterrupted run
-TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "batch_in_epoch")
+TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "g_steps_into_epoch")

@@ -375,7 +375,7 @@ def test_plain_loop_uses_the_textbook_dropout_and_adam():
 def test_plain_bf16_runs_the_forwards_under_autocast_and_the_losses_in_fp32():
     from distgan.config import TrainConfig
     from distgan.models import build_models
-    from distgan.step import _bare, gan_step, make_optimizers
+    from distgan.step import gan_step, make_optimizers, unwrap_ddp
 
     bt = _load_bench("train")
     cfg = TrainConfig(batch_size=4, num_workers=1, kernels="eager")
@@ -384,7 +384,7 @@ def test_plain_bf16_runs_the_forwards_under_autocast_and_the_losses_in_fp32():
     seen = []
     d.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
     wg, wd = (bt.Autocast(m, "cpu", torch.bfloat16) for m in (g, d))
-    assert _bare(wd) is wd  # the G phase keeps the autocast wrapper
+    assert unwrap_ddp(wd) is wd  # the G phase keeps the autocast wrapper
     assert wg(torch.randn(2, cfg.z_dim)).dtype == torch.float32
     out = gan_step(wg, wd, opt_g, opt_d, [torch.randn(4, 1, 28, 28)], lambda n: torch.randn(n, cfg.z_dim),
                    impl="eager")

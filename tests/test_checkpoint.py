@@ -20,8 +20,8 @@ from distgan.checkpoint import (
 
 def _state(step=3, **overrides):
     torch.manual_seed(step)
-    state = {"format": 1, "config": {"z_dim": 100, "image_size": 28}, "step": step, "epoch": 0,
-             "batch_in_epoch": step, "generator": {"w": torch.randn(4, 3)}, "discriminator": {"w": torch.randn(2)},
+    state = {"format": 2, "config": {"z_dim": 100, "image_size": 28}, "step": step, "epoch": 0,
+             "g_steps_into_epoch": step, "generator": {"w": torch.randn(4, 3)}, "discriminator": {"w": torch.randn(2)},
              "opt_g": {"state": {}, "param_groups": []}, "opt_d": {"state": {}, "param_groups": []},
              "fixed_noise": torch.randn(2, 3), "rng": [capture_rng(torch.Generator())], "world_size": 1,
              "lr_scale": 1.0, "rollbacks": 0}
@@ -35,6 +35,17 @@ def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     loaded = load_state(tmp_path)
     assert torch.equal(loaded["generator"]["w"], state["generator"]["w"]) and loaded["step"] == 3
+
+
+def test_a_format_1_checkpoint_is_read_with_its_data_position_renamed_and_a_newer_one_refused(tmp_path):
+    old = _state(7, format=1)
+    old["batch_in_epoch"] = old.pop("g_steps_into_epoch")
+    torch.save(old, tmp_path / "state.pt")
+    loaded = load_state(tmp_path)
+    assert loaded["format"] == 2 and loaded["g_steps_into_epoch"] == 7 and "batch_in_epoch" not in loaded
+    torch.save(_state(7, format=3), tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="format 3 not supported"):
+        load_state(tmp_path)
 
 
 def test_saving_non_finite_weights_is_refused(tmp_path):

@@ -50,13 +50,14 @@ def test_inside_a_job_without_the_variable_in_its_runtime_env_the_driver_still_f
 # ------------------------------------------------------------------ resubmission vs the newest checkpoint
 
 
-def _checkpoint(run_dir: Path, step: int, batch_in_epoch: int, world_size: int = 2, suffix: str = "",
+def _checkpoint(run_dir: Path, step: int, g_steps_into_epoch: int, world_size: int = 2, suffix: str = "",
                 **cfg) -> Path:
     config = TrainConfig(name=run_dir.name, storage_path=str(run_dir.parent), num_workers=world_size, **cfg)
     d = run_dir / f"checkpoint_{step:08d}{suffix}"
     d.mkdir(parents=True)
-    torch.save({"config": config.to_dict(), "step": step, "epoch": 1, "batch_in_epoch": batch_in_epoch,
-                "world_size": world_size, "generator": {"w": torch.zeros(2)}}, d / "state.pt")
+    torch.save({"format": 2, "config": config.to_dict(), "step": step, "epoch": 1,
+                "g_steps_into_epoch": g_steps_into_epoch, "world_size": world_size, "generator": {"w": torch.zeros(2)}},
+               d / "state.pt")
     return d
 
 
@@ -78,7 +79,7 @@ def _check(tmp_path, storage_path=None, **overrides):
 def test_changing_what_the_data_position_means_mid_epoch_is_refused_naming_the_flag_and_both_values(
         tmp_path, flag, field, saved, now):
     before = {"batch_size": 64, "seed": 0, "n_critic": 1}
-    _checkpoint(tmp_path / "x", 30, batch_in_epoch=5, world_size=saved if field == "num_workers" else 2,
+    _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5, world_size=saved if field == "num_workers" else 2,
                 **{k: (saved if k == field else v) for k, v in before.items()})
     overrides = {field: now, **({"batch_size": 64} if field == "num_workers" else {})}
     with pytest.raises(ConfigError) as e:
@@ -90,44 +91,44 @@ def test_changing_what_the_data_position_means_mid_epoch_is_refused_naming_the_f
 
 @pytest.mark.parametrize("overrides", [dict(batch_size=32), dict(seed=1), dict(n_critic=2), dict(num_workers=4)])
 def test_at_an_epoch_boundary_they_may_change(tmp_path, overrides):
-    _checkpoint(tmp_path / "x", 62, batch_in_epoch=0)
+    _checkpoint(tmp_path / "x", 62, g_steps_into_epoch=0)
     _check(tmp_path, **overrides)
 
 
-@pytest.mark.parametrize("batch_in_epoch", [0, 5])
+@pytest.mark.parametrize("g_steps_into_epoch", [0, 5])
 @pytest.mark.parametrize("flag,overrides", [
     ("--z-dim", dict(z_dim=64)),
     ("--image-size", dict(image_size=32)),
     ("--dataset", dict(dataset="mnist", data_root="/tmp")),
 ])
-def test_model_shape_changes_are_refused_at_any_position(tmp_path, batch_in_epoch, flag, overrides):
-    _checkpoint(tmp_path / "x", 62, batch_in_epoch=batch_in_epoch)
+def test_model_shape_changes_are_refused_at_any_position(tmp_path, g_steps_into_epoch, flag, overrides):
+    _checkpoint(tmp_path / "x", 62, g_steps_into_epoch=g_steps_into_epoch)
     with pytest.raises(ConfigError, match=f"^{flag}: run x was checkpointed with"):
         _check(tmp_path, **overrides)
 
 
 def test_channels_compare_by_their_effective_value(tmp_path):
-    _checkpoint(tmp_path / "x", 62, batch_in_epoch=0)  # channels=None on mnist5k: 1
+    _checkpoint(tmp_path / "x", 62, g_steps_into_epoch=0)  # channels=None on mnist5k: 1
     _check(tmp_path, channels=1)
 
 
 def test_the_newest_checkpoint_decides_and_unreadable_ones_are_skipped(tmp_path):
-    _checkpoint(tmp_path / "x", 40, batch_in_epoch=0, batch_size=32)
+    _checkpoint(tmp_path / "x", 40, g_steps_into_epoch=0, batch_size=32)
     time.sleep(0.01)
     # written later by a resumed attempt that fell back to step 20: its step is lower, it is still the newest
-    _checkpoint(tmp_path / "x", 30, batch_in_epoch=5, suffix="_resume00000020")
+    _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5, suffix="_resume00000020")
     time.sleep(0.01)
     torn = tmp_path / "x" / "checkpoint_00000050"
     torn.mkdir()
     (torn / "state.pt").write_bytes(b"PK\x03\x04 torn")
     where, state = newest_checkpoint_state(str(tmp_path), "x")
-    assert where.endswith("checkpoint_00000030_resume00000020") and state["batch_in_epoch"] == 5
+    assert where.endswith("checkpoint_00000030_resume00000020") and state["g_steps_into_epoch"] == 5
     with pytest.raises(ConfigError, match="^--batch-size: .*batch_size=64; this run has 32"):
         _check(tmp_path, batch_size=32)
 
 
 def test_the_checkpoint_is_read_through_a_uri_as_well(tmp_path):
-    _checkpoint(tmp_path / "x", 30, batch_in_epoch=5)
+    _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5)
     uri = f"file://{tmp_path}"
     where, _ = newest_checkpoint_state(uri, "x")
     assert where.endswith("x/checkpoint_00000030")
@@ -145,7 +146,7 @@ def test_a_new_run_or_unreachable_storage_is_not_refused(tmp_path):
 
 
 def test_an_incompatible_resubmission_exits_2_before_ray_starts(tmp_path, monkeypatch, capsys):
-    _checkpoint(tmp_path / "x", 30, batch_in_epoch=5)
+    _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5)
 
     def no_ray(cfg):
         raise AssertionError("Ray must not start")

@@ -28,7 +28,7 @@ def make_checkpoint(directory: Path, step: int) -> Path:
     g, d = build_models(cfg)
     ema_g, _ = build_models(cfg)
     opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
-    state = {"format": 1, "config": cfg.to_dict(), "step": step, "epoch": 0, "batch_in_epoch": 0,
+    state = {"format": 2, "config": cfg.to_dict(), "step": step, "epoch": 0, "g_steps_into_epoch": 0,
              "generator": g.state_dict(), "discriminator": d.state_dict(),
              "ema": {"model": ema_g.state_dict(), "num_updates": step, "decay": 0.999},
              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "fixed_noise": torch.randn(4, cfg.z_dim),

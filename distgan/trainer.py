@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
 from distgan.augment import build_augment
-from distgan.checkpoint import capture_rng, check_compatible, load_into, restore_rng
+from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
 from distgan.data import build_dataset
 from distgan.models import build_models
@@ -206,7 +206,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The complete training state (collective: every rank must call it; each rank's RNG is gathered)."""
         state = {
-            "format": 1, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
+            "format": FORMAT_VERSION, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
             "g_steps_into_epoch": self.steps_into_epoch,
             "generator": self.g_bare.state_dict(), "discriminator": self.d_bare.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "fixed_noise": self.fixed_noise,

@@ -178,3 +178,19 @@ def test_a_second_attempt_resuming_from_the_same_step_never_reuses_a_name():
     assert checkpoint_dir_name(93, third) not in existing
     fourth = resume_tag(existing + [checkpoint_dir_name(93, third)], 62)
     assert len({"resume00000062", third, fourth}) == 3
+
+
+def test_a_trainers_state_goes_through_save_and_load_in_the_current_format(tmp_path):
+    from distgan.checkpoint import FORMAT_VERSION
+    from distgan.config import TrainConfig
+    from distgan.trainer import Trainer
+
+    cfg = TrainConfig(max_steps=1, eval_every=0, storage_path=str(tmp_path), name="x", wandb_mode="disabled").validate()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    save_state(trainer.state_dict(), tmp_path / "c")
+    state = load_state(tmp_path / "c")
+    assert state["format"] == FORMAT_VERSION and state["step"] == 1
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(state, "c")
+    assert resumed.step == 1 and resumed.steps_into_epoch == state["g_steps_into_epoch"] == 1

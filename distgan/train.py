@@ -82,7 +82,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def connect_ray(cfg: TrainConfig):
+def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
+    """Joins RAY_ADDRESS or starts a local instance with this machine's CPUs (+ `extra_cpus` logical ones, for
+    processes that only wait, like distgan.tune's trial drivers)."""
     import ray
 
     runtime_env = driver_runtime_env() or {}
@@ -110,7 +112,8 @@ def connect_ray(cfg: TrainConfig):
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers), runtime_env=runtime_env,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers) + extra_cpus,
+                 runtime_env=runtime_env,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
     return ray
 
@@ -213,7 +216,7 @@ def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
         remove_placement_group(pg)
 
 
-def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
+def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = ()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -235,6 +238,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool):
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=max_failures),
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+            callbacks=list(callbacks),  # distgan.tune passes Ray Tune's report callback
         ),
     )
 

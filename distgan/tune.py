@@ -1,0 +1,406 @@
+"""`python -m distgan.tune`: a Ray Tune search over distgan's TrainConfig, each trial a `distgan.train` run.
+
+    python -m distgan.tune --grid augment off ada --grid seed 0 1 --scheduler fifo --name aug-study
+    python -m distgan.tune --space search.yaml --num-samples 8 --epochs 10 --name lr-search
+
+Every trial is the TorchTrainer that `python -m distgan.train` builds (distgan/train.py), started from a Tune
+function trainable (Ray Train's way of running under Tune) whose metrics reach Tune through Ray's
+TuneReportCallback. So a trial trains, checkpoints, evaluates and logs bit for bit as that command does, on
+this machine or on a cluster (RAY_ADDRESS) unchanged; `--max-concurrent-trials` defaults to what the cluster's
+CPUs (GPUs with --use-gpu) hold, one trial at a time on a 2-core machine.
+
+Search space: a YAML file (`--space`) and/or flags, over TrainConfig fields (flag names, - or _):
+    lr_g: {loguniform: [1.0e-4, 3.0e-3]}    # also uniform: [lo, hi], randint: [lo, hi] (hi excluded)
+    augment: {choice: [off, ada]}            # one value drawn per sample
+    seed: [0, 1]                             # a list = a grid: every value, times --num-samples
+    ema_decay: 0.999                         # a scalar: fixed for the whole search
+    recipes:                                 # named override sets, a grid over the names
+      default: {}
+      slow-ema: {ema_decay: 0.9995}
+Flags: --grid FIELD V [V ...], --choice FIELD V [V ...], --uniform/--loguniform/--randint FIELD LO HI. Any
+`distgan.train` flag after these sets the base config of every trial.
+
+ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020) stops trials whose FID
+at an evaluation is worse than the better 1/reduction-factor of the trials that reached the same evaluation.
+Reports happen only at evaluations (checkpoints every --eval-every epochs, no step- or time-based ones), so
+ASHA's time axis is the evaluation count and every report carries an FID. `--scheduler fifo` runs every trial
+to the end (a study, not a search).
+
+Output: `<storage path>/<name>/` holds Tune's experiment, each trial's distgan run directory (its name is the
+trial's), and `results.json`: one row per trial (parameters, best FID, classifier score, KID and coverage at
+that evaluation, steps, seconds, status, every evaluation). The same rows print as a table. Every trial logs to
+one W&B group, the search's name, unless --wandb-group is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import fields, replace
+from typing import Any, Optional
+
+import yaml
+
+from distgan.config import (
+    ConfigError,
+    TrainConfig,
+    _field_kind,
+    check_schedule,
+    config_from_dict,
+    convert_value,
+    parse_args,
+)
+
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+RECIPES_KEY = "recipes"
+# what the tuner decides for every trial: where the run lives, and reports only at evaluations
+TUNER_FIELDS = ("name", "storage_path", "config", "checkpoint_every", "checkpoint_every_steps",
+                "checkpoint_every_minutes", "wandb_group", "eval_every")
+RESULTS_FILE = "results.json"
+# A trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; Tune needs a trial to
+# ask for something, and a local instance gets this many logical CPUs extra so that the drivers ask for no core.
+TRIAL_DRIVER_CPUS = 1
+POINT_KEYS = ("fid", "kid", "classifier_score", "coverage")
+
+
+# ---------------------------------------------------------------------------------------------- the space
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    if name not in by_name:
+        raise ConfigError(f"{where}: unknown option {name!r} (a TrainConfig field, e.g. lr_g)")
+    if name in TUNER_FIELDS:
+        raise ConfigError(f"{where}: {name} is set by the tuner for every trial, not searched")
+    try:
+        return convert_value(*_field_kind(by_name[name]), value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {name}: {e}") from None
+
+
+def parse_space(spec: dict[str, Any], where: str) -> tuple[dict[str, tuple[str, list]], dict[str, dict]]:
+    """A YAML-shaped space -> ({field: (kind, values)}, {recipe name: overrides}). Values are converted like
+    flags; a scalar is ("fixed", [value]). Raises ConfigError naming `where` and the key."""
+    space: dict[str, tuple[str, list]] = {}
+    recipes: dict[str, dict] = {}
+    for raw_key, value in spec.items():
+        key = str(raw_key).replace("-", "_")
+        if key == RECIPES_KEY:
+            if not isinstance(value, dict) or not value:
+                raise ConfigError(f"{where}: recipes must map names to option overrides")
+            for name, overrides in value.items():
+                if not isinstance(overrides, dict):
+                    raise ConfigError(f"{where}: recipe {name!r} must map options to values")
+                recipes[str(name)] = {str(k).replace("-", "_"): _convert(str(k).replace("-", "_"), v,
+                                                                         f"{where}: recipe {name}")
+                                      for k, v in overrides.items()}
+            continue
+        if isinstance(value, list):
+            kind, values = "grid", value
+        elif isinstance(value, dict):
+            if len(value) != 1 or next(iter(value)) not in KINDS:
+                raise ConfigError(f"{where}: {key}: expected one of {', '.join(KINDS)} (e.g. {{grid: [a, b]}}), "
+                                  f"got {value!r}")
+            kind, values = next(iter(value.items()))
+            if not isinstance(values, list):
+                raise ConfigError(f"{where}: {key}: {kind} takes a list, got {values!r}")
+        else:
+            kind, values = "fixed", [value]
+        values = [_convert(key, v, where) for v in values]
+        if not values:
+            raise ConfigError(f"{where}: {key}: no values")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ConfigError(f"{where}: {key}: {kind} takes [low, high] with low < high, got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: {key}: loguniform needs low > 0, got {values[0]!r}")
+            if kind == "randint" and _field_kind(next(f for f in fields(TrainConfig) if f.name == key))[0] != "int":
+                raise ConfigError(f"{where}: {key}: randint is for integer options")
+        space[key] = (kind, values)
+    return space, recipes
+
+
+def check_space(base: TrainConfig, space: dict[str, tuple[str, list]], recipes: dict[str, dict]) -> None:
+    """Every value the search can reach (each listed value; both ends of a range) makes a valid config with
+    the base and each recipe, checked on the driver: a bad value fails here, not in a trial an hour later."""
+    for recipe, overrides in (recipes or {"": {}}).items():
+        for key, (kind, values) in space.items():
+            probes = values if kind != "randint" else [values[0], values[1] - 1]
+            for value in probes:
+                try:
+                    replace(base, **{**overrides, key: value}).validate()
+                except ConfigError as e:
+                    raise ConfigError(f"search space: {key}={value!r}{f' (recipe {recipe})' if recipe else ''}: "
+                                      f"{e}") from None
+        if overrides:
+            try:
+                replace(base, **overrides).validate()
+            except ConfigError as e:
+                raise ConfigError(f"search space: recipe {recipe}: {e}") from None
+
+
+def param_space(space: dict[str, tuple[str, list]], recipes: dict[str, dict]) -> dict[str, Any]:
+    """Ray Tune's param_space for the parsed space."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, (kind, values) in space.items():
+        if kind == "fixed":
+            out[key] = values[0]
+        elif kind == "grid":
+            out[key] = tune.grid_search(values)
+        elif kind == "choice":
+            out[key] = tune.choice(values)
+        else:
+            out[key] = getattr(tune, kind)(*values)
+    if recipes:
+        out[RECIPES_KEY] = tune.grid_search(list(recipes))
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], recipes: dict[str, dict], search: str,
+                 trial: str) -> TrainConfig:
+    """A trial's TrainConfig: the base, its recipe's overrides, its sampled values; its run directory is
+    <storage path>/<search>/<trial>."""
+    overrides = {**recipes.get(params.get(RECIPES_KEY), {}), **{k: v for k, v in params.items() if k != RECIPES_KEY}}
+    storage = base["storage_path"]
+    storage = f"{storage.rstrip('/')}/{search}" if "://" in storage else os.path.join(storage, search)
+    return config_from_dict({**base, **overrides, "name": trial, "storage_path": storage}).validate()
+
+
+def total_steps(cfg: TrainConfig) -> int:
+    from distgan.data import build_dataset
+
+    per_epoch = check_schedule(cfg, len(build_dataset(cfg, "train")))
+    return min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
+
+
+# ------------------------------------------------------------------------------------------------ a trial
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], recipes: dict[str, dict], search: str, use_gpu: bool,
+           env: dict[str, str]) -> None:
+    """Runs in a Tune trial: the `distgan.train` TorchTrainer for this trial's config, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distgan.train import build_trainer
+
+    os.environ.update(env)  # what build_trainer forwards to the workers (W&B mode, test hooks)
+    # the distgan run directory of trial <id> is <storage path>/<search>/trial_<id>
+    cfg = trial_config(base, params, recipes, search, f"trial_{tune.get_context().get_trial_id()}")
+    build_trainer(cfg, use_gpu, score_fid=True, callbacks=[TuneReportCallback()]).fit()
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+def result_rows(results, base: dict[str, Any], recipes: dict[str, dict], search: str) -> list[dict[str, Any]]:
+    """One row per trial from Ray Tune's ResultGrid: parameters, the evaluation with the best FID, steps,
+    seconds, status ("complete", "stopped at step N" by the scheduler, or the error)."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        reports = [] if frame is None else frame.to_dict("records")
+        points = [{"step": int(r["step"]), "seconds": round(float(r["time_total_s"]), 1),
+                   **{k: float(r[k]) for k in POINT_KEYS if k in r}}
+                  for r in reports if math.isfinite(r.get("fid", math.inf))]
+        params = {k: v for k, v in result.config.items()}
+        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
+        best = min(points, key=lambda p: p["fid"]) if points else None
+        steps = int(reports[-1]["step"]) if reports else 0
+        total = total_steps(trial_config(base, params, recipes, search, f"trial_{trial_id}"))
+        if result.error is not None:
+            status = f"error: {type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:200]}"
+        elif steps < total:
+            status = f"stopped at step {steps}"
+        else:
+            status = "complete"
+        rows.append({"trial": f"trial_{trial_id}", "params": params,
+                     "overrides": {**recipes.get(params.get(RECIPES_KEY), {}),
+                                   **{k: v for k, v in params.items() if k != RECIPES_KEY}},
+                     "best_fid": best["fid"] if best else None,
+                     "classifier_score": best.get("classifier_score") if best else None,
+                     "kid": best.get("kid") if best else None, "coverage": best.get("coverage") if best else None,
+                     "best_step": best["step"] if best else None, "steps": steps, "total_steps": total,
+                     "seconds": round(float(reports[-1]["time_total_s"]), 1) if reports else None,
+                     "precision": reports[-1].get("precision") if reports else None,
+                     "status": status, "points": points})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a plain-text table, best FID first (trials without an evaluation last)."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    head = ["trial", *keys, "best FID", "CS", "at step", "steps", "seconds", "status"]
+    body = []
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in sorted(rows, key=lambda r: (r["best_fid"] is None, r["best_fid"] or 0.0)):
+        body.append([r["trial"], *[str(r["params"].get(k, "-")) for k in keys], fmt(r["best_fid"], ".2f"),
+                     fmt(r["classifier_score"], ".2f"), fmt(r["best_step"], "d"), str(r["steps"]),
+                     fmt(r["seconds"], ".0f"), r["status"]])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
+
+
+def write_results(storage_path: str, search: str, record: dict[str, Any]) -> str:
+    """results.json in the search's directory (local, NFS or s3:// alike); returns its location."""
+    from distgan.checkpoint import run_fs
+
+    fs, path = run_fs(storage_path, search)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{RESULTS_FILE}") as out:
+        out.write(json.dumps(record, indent=1, default=str).encode())
+    return f"{storage_path.rstrip('/')}/{search}/{RESULTS_FILE}"
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distgan.tune", description=__doc__.split("\n\n")[0],
+                                epilog="Every other flag is a `python -m distgan.train` flag (see its --help): the "
+                                       "base config of every trial; --name names the search.")
+    p.add_argument("--space", default=None, help="YAML file of the search space (see the module's docstring)")
+    for kind in ("grid", "choice"):
+        p.add_argument(f"--{kind}", action="append", nargs="+", default=[], metavar="FIELD VALUE",
+                       help=f"{kind} over a field's values (repeatable)")
+    for kind in ("uniform", "loguniform", "randint"):
+        p.add_argument(f"--{kind}", action="append", nargs=3, default=[], metavar=("FIELD", "LOW", "HIGH"),
+                       help=f"{kind} range of a field (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the space (each grid point this many "
+                                                              "times) (default: 1)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha: stop trials with a poor FID at an evaluation; fifo: run all to the end (default: asha)")
+    p.add_argument("--grace-evals", type=int, default=1, help="ASHA: evaluations before a trial can be stopped "
+                                                              "(default: 1)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/this at each rung "
+                                                                       "(default: 2)")
+    p.add_argument("--max-concurrent-trials", type=int, default=None,
+                   help="default: as many as the cluster's CPUs (GPUs with --use-gpu) hold, at least 1")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]:
+    """(tuner options, base TrainConfig, space, recipes). Raises ConfigError (argparse exits 2 by itself)."""
+    args, rest = build_parser().parse_known_args(argv)
+    spec: dict[str, Any] = {}
+    if args.space:
+        try:
+            with open(os.path.expanduser(args.space)) as fh:
+                spec = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"--space: cannot read {args.space} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--space: {args.space} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"--space: {args.space} must hold a mapping of option: values")
+    space, recipes = parse_space(spec, f"--space {args.space}") if spec else ({}, {})
+    for kind in KINDS:
+        for field, *values in getattr(args, kind):
+            key = field.replace("-", "_")
+            if not values:
+                raise ConfigError(f"--{kind} {field}: no values")
+            parsed, _ = parse_space({key: {kind: values}}, f"--{kind}")
+            if key in space:
+                raise ConfigError(f"--{kind} {field}: {key} is already in the search space")
+            space.update(parsed)
+    if not space and not recipes:
+        raise ConfigError("empty search space: give --space FILE or --grid/--choice/--uniform/--loguniform/--randint")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be at least 1, got {args.num_samples}")
+    if args.grace_evals < 1 or args.reduction_factor <= 1:
+        raise ConfigError("--grace-evals must be >= 1 and --reduction-factor > 1")
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise ConfigError(f"--max-concurrent-trials: must be at least 1, got {args.max_concurrent_trials}")
+    cfg = parse_args(rest)
+    if cfg.eval_every <= 0:
+        raise ConfigError("--eval-every: the tuner compares trials by FID at evaluations; it must be positive")
+    from distgan.metrics import metrics_supported
+
+    ok, why = metrics_supported(cfg)
+    if not ok:
+        raise ConfigError(f"--dataset: the tuner ranks trials by FID, which {why}")
+    # reports (and checkpoints) at evaluations only: each carries an FID, and ASHA counts evaluations
+    cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
+                  wandb_group=cfg.wandb_group or cfg.name)
+    check_space(cfg, space, recipes)
+    return args, cfg, space, recipes
+
+
+def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
+    from distgan.checkpoint import run_dir_listing
+    from distgan.provenance import collect
+    from distgan.train import _forwarded_env, connect_ray
+
+    search = cfg.name
+    if run_dir_listing(cfg.storage_path, search):
+        raise ConfigError(f"--name: {cfg.storage_path}/{search} already exists; a search starts fresh, give a new "
+                          f"--name", field="name")
+    base = cfg.to_dict()
+    ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    per_trial = "GPU" if use_gpu else "CPU"
+    per_trial_count = cfg.num_workers + (TRIAL_DRIVER_CPUS if per_trial == "CPU" else 0)
+    concurrent = args.max_concurrent_trials or max(1, int(ray.cluster_resources().get(per_trial, 0)) // per_trial_count)
+    # a trial reports every --eval-every epochs and at its last step; ASHA stops whatever reaches max_t reports
+    epochs = max([cfg.epochs, *(v for k, (_, vs) in space.items() if k == "epochs" for v in vs),
+                  *(r.get("epochs", 0) for r in recipes.values())])
+    max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
+    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_evals,
+                              reduction_factor=args.reduction_factor, max_t=max_t) \
+        if args.scheduler == "asha" else FIFOScheduler()
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, recipes=recipes, search=search,
+                                                         use_gpu=use_gpu, env=_forwarded_env()),
+                                    {"CPU": TRIAL_DRIVER_CPUS})
+    print(f"distgan.tune: search {search}: {args.scheduler}, {args.num_samples} sample(s) of "
+          f"{space_text(space, recipes)}; {concurrent} trial(s) at a time, {cfg.num_workers} worker(s) each; "
+          f"W&B group {cfg.wandb_group}", flush=True)
+    t0 = time.perf_counter()
+    tuner = tune.Tuner(trainable, param_space=param_space(space, recipes),
+                       tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=scheduler,
+                                                   num_samples=args.num_samples, max_concurrent_trials=concurrent),
+                       run_config=tune.RunConfig(name=search, storage_path=cfg.storage_path,
+                                                 verbose=1 if cfg.verbose else 0))
+    results = tuner.fit()
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    rows = result_rows(results, base, recipes, search)
+    record = {"search": search, "command": "python -m distgan.tune " + " ".join(sys.argv[1:]),
+              "scheduler": args.scheduler, "num_samples": args.num_samples, "space": space_text(space, recipes),
+              "recipes": recipes, "base": base, "wall_s": round(wall, 1), "provenance": collect(), "trials": rows}
+    record["location"] = write_results(cfg.storage_path, search, record)
+    return record
+
+
+def space_text(space: dict[str, tuple[str, list]], recipes: dict[str, dict]) -> str:
+    parts = [f"{k}={kind}{values}" if kind != "fixed" else f"{k}={values[0]}" for k, (kind, values) in space.items()]
+    if recipes:
+        parts.append(f"recipes={list(recipes)}")
+    return ", ".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, cfg, space, recipes = parse(argv)
+        record = run(args, cfg, space, recipes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(record["trials"]))
+    print(f"\nresults: {record['location']}")
+    return 0 if all(not r["status"].startswith("error") for r in record["trials"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

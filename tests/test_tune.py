@@ -1,0 +1,126 @@
+"""distgan.tune: the search space (YAML and flags) and its driver-side checks, the results table, and (slow) a
+3-trial ASHA search on the test Ray cluster that stops a poor trial early and writes its table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from distgan.config import ConfigError, TrainConfig
+from distgan.tune import check_space, format_table, main, param_space, parse, parse_space, result_rows
+
+from conftest import FAST_POLL, REPO, describe
+
+
+def test_space_forms_convert_like_flags():
+    space, recipes = parse_space({"lr-g": {"loguniform": ["1e-4", 3e-3]}, "augment": {"choice": ["off", "ada"]},
+                                  "seed": [0, 1], "ema_decay": 0.99, "batch_size": {"randint": [32, 129]},
+                                  "recipes": {"plain": {}, "ada": {"augment": "ada", "ada-target": 0.5}}}, "f.yaml")
+    assert space == {"lr_g": ("loguniform", [1e-4, 3e-3]), "augment": ("choice", ["off", "ada"]),
+                     "seed": ("grid", [0, 1]), "ema_decay": ("fixed", [0.99]), "batch_size": ("randint", [32, 129])}
+    assert recipes == {"plain": {}, "ada": {"augment": "ada", "ada_target": 0.5}}
+    tune_space = param_space(space, recipes)
+    assert tune_space["ema_decay"] == 0.99
+    assert tune_space["seed"] == {"grid_search": [0, 1]} and tune_space["recipes"] == {"grid_search": ["plain", "ada"]}
+    assert 1e-4 <= tune_space["lr_g"].sample() <= 3e-3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"lr_gg": [1e-3]}, "f.yaml: unknown option 'lr_gg'"),
+    ({"name": ["a", "b"]}, "name is set by the tuner"),
+    ({"lr_g": {"normal": [0, 1]}}, "expected one of grid, choice"),
+    ({"lr_g": {"uniform": [3e-3, 1e-3]}}, "uniform takes [low, high] with low < high"),
+    ({"lr_g": {"loguniform": [0, 1e-3]}}, "loguniform needs low > 0"),
+    ({"lr_g": {"randint": [1, 3]}}, "randint is for integer options"),
+    ({"seed": ["zero"]}, "seed: expected an integer"),
+    ({"recipes": {"a": 3}}, "recipe 'a' must map options to values"),
+])
+def test_bad_space_is_refused_naming_file_and_key(spec, message):
+    with pytest.raises(ConfigError) as e:
+        parse_space(spec, "f.yaml")
+    assert message in str(e.value)
+
+
+def test_every_reachable_value_is_validated_on_the_driver(tmp_path):
+    base = TrainConfig(storage_path=str(tmp_path), name="s").validate()
+    check_space(base, *parse_space({"lr_g": {"uniform": [1e-4, 1e-2]}}, "f"))
+    with pytest.raises(ConfigError, match=r"lr_g=1.5: --lr-g: must be in \(0, 1\)"):
+        check_space(base, *parse_space({"lr_g": {"uniform": [1e-4, 1.5]}}, "f"))
+    with pytest.raises(ConfigError, match="batch_size=63 .recipe w4.: --batch-size: global batch 63 is not divisible"):
+        check_space(base, *parse_space({"batch_size": [64, 63], "recipes": {"w4": {"num_workers": 4}}}, "f"))
+
+
+def test_tuner_reports_at_evaluations_only_and_groups_wandb_by_search(tmp_path):
+    args, cfg, space, _ = parse(["--grid", "augment", "off", "ada", "--storage-path", str(tmp_path), "--name", "s",
+                                 "--eval-every", "2", "--checkpoint-every-minutes", "5"])
+    assert (cfg.checkpoint_every, cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes) == (2, 0, 0)
+    assert cfg.wandb_group == "s" and space == {"augment": ("grid", ["off", "ada"])} and args.scheduler == "asha"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "lr_g", "2"], "error: search space: lr_g=2.0: --lr-g: must be in (0, 1)"),
+    ([], "error: empty search space"),
+    (["--grid", "seed", "0", "--eval-every", "0"], "error: --eval-every: the tuner compares trials by FID"),
+    (["--grid", "seed", "0", "--space", "/nonexistent.yaml"], "error: --space: cannot read /nonexistent.yaml"),
+])
+def test_cli_refuses_bad_input_in_one_line_before_ray(tmp_path, capsys, argv, message):
+    assert main([*argv, "--storage-path", str(tmp_path), "--name", "s"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def _result(params, reports, error=None):
+    return SimpleNamespace(config=params, metrics={"trial_id": f"t{params['lr_g']}"}, path="/x", error=error,
+                           metrics_dataframe=pd.DataFrame(reports) if reports else None)
+
+
+def test_rows_take_the_best_evaluation_and_say_which_trials_were_stopped(tmp_path):
+    base = TrainConfig(storage_path=str(tmp_path), name="s", epochs=2).to_dict()  # 62 steps an epoch
+    full = [{"step": 62, "time_total_s": 10.0, "fid": 90.0, "classifier_score": 2.0, "kid": 1.0, "coverage": 0.5},
+            {"step": 124, "time_total_s": 20.0, "fid": 80.0, "classifier_score": 2.5, "kid": 0.9, "coverage": 0.6}]
+    rows = result_rows([_result({"lr_g": 1e-3}, full),
+                        _result({"lr_g": 1e-6}, [{**full[0], "fid": 300.0}]),
+                        _result({"lr_g": 2e-6}, [], error=RuntimeError("boom\nworker died"))], base, {}, "s")
+    done, stopped, failed = rows
+    assert (done["best_fid"], done["classifier_score"], done["best_step"], done["steps"], done["seconds"]) == \
+        (80.0, 2.5, 124, 124, 20.0)
+    assert done["status"] == "complete" and done["total_steps"] == 124 and len(done["points"]) == 2
+    assert stopped["status"] == "stopped at step 62" and stopped["best_fid"] == 300.0
+    assert failed["status"] == "error: RuntimeError: worker died" and failed["best_fid"] is None
+    table = format_table(rows).splitlines()
+    assert table[0].split()[:3] == ["trial", "lr_g", "best"]
+    assert [line.split()[0] for line in table[1:]] == ["trial_t0.001", "trial_t1e-06", "trial_t2e-06"]
+    assert "80.00" in table[1] and "stopped at step 62" in table[2]
+
+
+@pytest.mark.slow
+def test_three_trial_asha_search_stops_a_poor_trial_and_writes_its_table(ray_cluster, tmp_path):
+    space = tmp_path / "space.yaml"
+    # a G that barely learns (lr_g 1e-6) is far worse than the default at the first evaluation
+    space.write_text("lr_g: [1.0e-3, 1.0e-6, 3.0e-6]\nema_decay: 0.99\n")
+    env = ray_cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAST_POLL})
+    proc = subprocess.run([sys.executable, "-m", "distgan.tune", "--space", str(space), "--grace-evals", "1",
+                           "--epochs", "2", "--batch-size", "128", "--eval-every", "1", "--eval-samples", "200",
+                           "--storage-path", str(tmp_path / "runs"), "--name", "search"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, describe(proc)
+    record = json.loads((tmp_path / "runs" / "search" / "results.json").read_text())
+    trials = record["trials"]
+    assert len(trials) == 3 and record["scheduler"] == "asha"
+    assert sorted(t["params"]["lr_g"] for t in trials) == [1e-6, 3e-6, 1e-3]
+    assert all(t["params"]["ema_decay"] == 0.99 for t in trials)
+    stopped = [t for t in trials if t["status"].startswith("stopped at step")]
+    assert stopped and all(t["steps"] < t["total_steps"] for t in stopped)
+    best = min(trials, key=lambda t: t["best_fid"])
+    assert best["params"]["lr_g"] == 1e-3 and best["status"] == "complete" and best["steps"] == 62
+    assert all(math.isfinite(t["best_fid"]) and t["classifier_score"] > 0 and t["seconds"] > 0 for t in trials)
+    for t in trials:  # every trial is a distgan run of its own, in the search's directory
+        assert (tmp_path / "runs" / "search" / t["trial"] / "metrics.jsonl").exists()
+    table = proc.stdout[proc.stdout.index("trial "):]
+    assert all(t["trial"] in table for t in trials) and "stopped at step" in table

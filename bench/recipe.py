@@ -1,33 +1,31 @@
-"""Recipe sweep: sample quality against training steps and seconds for candidate defaults of the main command.
+"""Recipe sweep: sample quality against training steps and seconds for candidate defaults of the main command,
+run through `python -m distgan.tune` (FIFO: every recipe to the end, one trial at a time on this machine).
 
-Each recipe trains exactly as `python -m distgan.train` does (the Trainer in 2 gloo processes, 2 workers,
-local BatchNorm, EMA), evaluating the EMA generator every `--eval-every` epochs with the project's metrics,
-and records (step, seconds of training, FID, KID, classifier score, coverage). Seconds are this machine's
-and depend on its load; steps do not, so the README converts steps to the default run's wall clock with the
-throughput that `bench/train.py` measures side by side.
+Each recipe is a named set of TrainConfig overrides on top of SEED_RECIPE (the TensorFlow tutorial's recipe);
+each trial trains as `python -m distgan.train` does and evaluates the EMA generator every `--eval-every` epochs
+with the project's metrics. The tuner's results.json becomes a records file (recipe, seed, overrides,
+precision, each evaluation's step, seconds, FID, KID, classifier score and coverage) that `--plot` and
+bench/recipe_report.py read. Seconds depend on the machine's load; steps do not.
 
     python bench/recipe.py --recipes seed lr6e-4 --seeds 0 1 --epochs 40
+    python bench/recipe.py --from-search runs/<search>/results.json --note "..."   # any distgan.tune search
 writes bench/results/runs/recipe-<date>.json (git-ignored) unless --output is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distgan.config import TrainConfig  # noqa: E402
-from distgan.trainer import Trainer  # noqa: E402
+from distgan import tune  # noqa: E402
 
 # Candidate defaults; each is a set of TrainConfig overrides on top of the seed's recipe.
 RECIPES = {
@@ -54,51 +52,30 @@ SEED_RECIPE = dict(num_workers=2, batch_size=64, lr_g=2e-4, lr_d=2e-4, lr_decay_
                    eval_samples=1000)
 
 
-class _Curve:
-    """A tracker that keeps each evaluation's metrics with the seconds of training so far."""
-
-    def __init__(self, t0: float):
-        self.t0, self.points = t0, []
-
-    def log_epoch(self, step, epoch, samples, metrics):
-        if metrics:
-            self.points.append({"step": step, "epoch": epoch, "seconds": round(time.perf_counter() - self.t0, 1),
-                                **{k: metrics[k] for k in ("fid", "kid", "classifier_score", "coverage")}})
-
-    def log_step(self, step, metrics):
-        pass
-
-    def finish(self, summary):
-        pass
+def search_argv(recipes: list[str], seeds: list[int], epochs: int, eval_every: int, storage: str, name: str,
+                 space_file: Path) -> list[str]:
+    """`python -m distgan.tune` arguments for the recipes x seeds grid; writes the space to `space_file`."""
+    space_file.write_text(yaml.safe_dump({"recipes": {r: RECIPES[r] for r in recipes}, "seed": list(seeds)}))
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in SEED_RECIPE.items() if k not in tune.TUNER_FIELDS]
+    return ["--space", str(space_file), "--scheduler", "fifo", *base, f"--epochs={epochs}",
+            f"--eval-every={eval_every}", "--storage-path", storage, "--name", name]
 
 
-def _worker(rank: int, init: str, cfg_dict: dict, out: str, threads: int) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(minutes=10))
-    try:
-        curve = _Curve(time.perf_counter())
-        trainer = Trainer(TrainConfig(**cfg_dict).validate(), tracker_factory=lambda resumed: curve)
-        trainer.fit()
-        if rank == 0:
-            Path(out).write_text(json.dumps({"precision": trainer.precision, "points": curve.points}))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_recipe(name: str, seed: int, epochs: int, eval_every: int, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {**SEED_RECIPE, **RECIPES[name], "seed": seed, "epochs": epochs, "eval_every": eval_every,
-               "checkpoint_every": epochs, "storage_path": tmp, "name": "recipe"}
-        out = Path(tmp) / "curve.json"
-        t0 = time.perf_counter()
-        mp.start_processes(_worker, args=(str(Path(tmp) / "pg"), cfg, str(out), threads), nprocs=2,
-                           start_method="spawn")
-        result = json.loads(out.read_text())
-    best = min(result["points"], key=lambda p: p["fid"])
-    return {"recipe": name, "seed": seed, "overrides": RECIPES[name], "precision": result["precision"],
-            "epochs": epochs, "wall_s": round(time.perf_counter() - t0, 1), "points": result["points"],
-            "best": best}
+def records_from_search(search: dict) -> list[dict]:
+    """A distgan.tune results.json -> records (one per trial that evaluated): the recipe is the trial's named
+    recipe, else its overrides other than the seed."""
+    records = []
+    for trial in search["trials"]:
+        if not trial["points"]:
+            continue
+        overrides = {k: v for k, v in trial["overrides"].items() if k != "seed"}
+        recipe = trial["params"].get(tune.RECIPES_KEY) or ", ".join(f"{k}={v}" for k, v in overrides.items())
+        records.append({"recipe": recipe or "base", "seed": trial["overrides"].get("seed", search["base"]["seed"]),
+                        "overrides": overrides, "precision": trial.get("precision"),
+                        "epochs": overrides.get("epochs", search["base"]["epochs"]), "wall_s": trial["seconds"],
+                        "status": trial["status"], "points": trial["points"],
+                        "best": min(trial["points"], key=lambda p: p["fid"])})
+    return records
 
 
 def plot(records: list[dict], out: Path, seconds_per_step: float | None = None) -> Path:
@@ -143,7 +120,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    parser.add_argument("--storage-path", default=None, help="where the search runs (default: a temporary directory)")
+    parser.add_argument("--from-search", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="convert a finished distgan.tune search instead of running one")
+    parser.add_argument("--note", default=None, help="what, where and under which conditions (kept in the file)")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--plot", nargs="+", type=Path, default=None, metavar="JSON",
                         help="only draw the picture of these result files (next to the first, .png)")
@@ -154,16 +134,26 @@ def main(argv=None) -> int:
         print(f"wrote {plot(records, args.plot[0].with_suffix('.png'), args.seconds_per_step)}")
         return 0
     out = args.output or Path(__file__).parent / "results" / "runs" / f"recipe-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.from_search:
+        search = json.loads(args.from_search.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            name = f"recipe-{time.strftime('%Y%m%d-%H%M%S')}"
+            storage = args.storage_path or tmp
+            code = tune.main(search_argv(args.recipes, args.seeds, args.epochs, args.eval_every, storage, name,
+                                         Path(tmp) / "space.yaml"))
+            if code:
+                return code
+            search = json.loads((Path(storage) / name / tune.RESULTS_FILE).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = []
-    for seed in args.seeds:  # recipes interleaved within a seed, so machine load hits them alike
-        for name in args.recipes:
-            rec = run_recipe(name, seed, args.epochs, args.eval_every, args.threads)
-            records.append(rec)
-            b = rec["best"]
-            print(f"{name:>16} seed {seed}: best FID {b['fid']:.2f} CS {b['classifier_score']:.2f} "
-                  f"coverage {b['coverage']:.3f} at step {b['step']} ({rec['wall_s']:.0f} s)", flush=True)
-            out.write_text(json.dumps({"records": records}, indent=1))
+    record = {"note": args.note or search["command"], "command": search["command"], "search": search["search"],
+              "provenance": search.get("provenance"), "wall_s": search.get("wall_s"),
+              "records": records_from_search(search)}
+    out.write_text(json.dumps(record, indent=1))
+    for r in record["records"]:
+        b = r["best"]
+        print(f"{r['recipe']:>16} seed {r['seed']}: best FID {b['fid']:.2f} CS {b['classifier_score']:.2f} "
+              f"coverage {b['coverage']:.3f} at step {b['step']} ({r['wall_s']:.0f} s, {r['status']})")
     print(f"wrote {out}")
     return 0
 

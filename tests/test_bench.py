@@ -532,6 +532,35 @@ def test_recipe_results_are_committed_and_plot(tmp_path):
     assert copies[0].with_suffix(".png").stat().st_size > 10_000
 
 
+def test_recipe_sweep_is_a_fifo_tune_search_of_named_recipes_over_the_seed_recipe(tmp_path):
+    from distgan import tune
+
+    br = _load_bench("recipe")
+    argv = br.search_argv(["seed", "lr6e-4"], [0, 1], 40, 4, str(tmp_path), "sweep", tmp_path / "space.yaml")
+    args, cfg, space, recipes = tune.parse(argv)
+    assert args.scheduler == "fifo" and space == {"seed": ("grid", [0, 1])}
+    assert recipes == {"seed": br.RECIPES["seed"], "lr6e-4": br.RECIPES["lr6e-4"]}
+    assert (cfg.lr_g, cfg.lr_decay_start, cfg.epochs, cfg.eval_every, cfg.checkpoint_every) == (2e-4, 1.0, 40, 4, 4)
+
+
+def test_a_search_becomes_recipe_records():
+    br = _load_bench("recipe")
+    points = [{"step": 248, "seconds": 30.0, "fid": 40.0, "kid": 3.0, "classifier_score": 3.0, "coverage": 0.9},
+              {"step": 496, "seconds": 60.0, "fid": 30.0, "kid": 2.0, "classifier_score": 3.5, "coverage": 0.95}]
+    search = {"base": {"seed": 0, "epochs": 8}, "trials": [
+        {"params": {"recipes": "lr6e-4", "seed": 1}, "overrides": {"lr_g": 6e-4, "lr_d": 6e-4, "seed": 1},
+         "precision": "bf16", "seconds": 61.0, "status": "complete", "points": points},
+        {"params": {"augment": "ada"}, "overrides": {"augment": "ada"}, "precision": "fp32", "seconds": 9.0,
+         "status": "stopped at step 248", "points": points[:1]},
+        {"params": {"augment": "off"}, "overrides": {"augment": "off"}, "precision": None, "seconds": None,
+         "status": "error: RuntimeError: x", "points": []}]}
+    named, ada = br.records_from_search(search)
+    assert (named["recipe"], named["seed"], named["overrides"], named["best"]) == \
+        ("lr6e-4", 1, {"lr_g": 6e-4, "lr_d": 6e-4}, points[1])
+    assert (ada["recipe"], ada["seed"], ada["epochs"], ada["best"], ada["status"]) == \
+        ("augment=ada", 0, 8, points[0], "stopped at step 248")
+
+
 # bench/default_run.py and bench/recipe_report.py: the generators of committed results files
 
 

@@ -167,9 +167,10 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], recipes: dict[str
     """A trial's TrainConfig: the base, its recipe's overrides, its sampled values; its run directory is
     <storage path>/<search>/<trial>."""
     overrides = {**recipes.get(params.get(RECIPES_KEY), {}), **{k: v for k, v in params.items() if k != RECIPES_KEY}}
-    storage = base["storage_path"]
-    storage = f"{storage.rstrip('/')}/{search}" if "://" in storage else os.path.join(storage, search)
-    return config_from_dict({**base, **overrides, "name": trial, "storage_path": storage}).validate()
+    from distgan import storage
+
+    return config_from_dict({**base, **overrides, "name": trial,
+                             "storage_path": storage.join(base["storage_path"], search)}).validate()
 
 
 def total_steps(cfg: TrainConfig) -> int:
@@ -251,13 +252,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_results(storage_path: str, search: str, record: dict[str, Any]) -> str:
     """results.json in the search's directory (local, NFS or s3:// alike); returns its location."""
-    from distgan.checkpoint import run_fs
+    from distgan import storage
 
-    fs, path = run_fs(storage_path, search)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{RESULTS_FILE}") as out:
-        out.write(json.dumps(record, indent=1, default=str).encode())
-    return f"{storage_path.rstrip('/')}/{search}/{RESULTS_FILE}"
+    location = storage.join(storage_path, search, RESULTS_FILE)
+    storage.write_bytes(location, json.dumps(record, indent=1, default=str).encode())
+    return location
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -335,14 +334,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
 
 
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
-    from distgan.checkpoint import run_dir_listing
+    from distgan import storage
     from distgan.provenance import collect
     from distgan.train import _forwarded_env, connect_ray
 
     search = cfg.name
-    if run_dir_listing(cfg.storage_path, search):
-        raise ConfigError(f"--name: {cfg.storage_path}/{search} already exists; a search starts fresh, give a new "
-                          f"--name", field="name")
+    if storage.list_names(storage.join(cfg.storage_path, search)):
+        raise ConfigError(f"--name: {storage.join(cfg.storage_path, search)} already exists; a search starts fresh, "
+                          f"give a new --name", field="name")
     base = cfg.to_dict()
     ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
     from ray import tune

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--storage-path", default=None, help="where the search runs (default: a temporary directory)")
-    parser.add_argument("--from-search", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="convert a finished distgan.tune search instead of running one")
+    parser.add_argument("--from-search", nargs="+", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="convert finished distgan.tune searches (records in one file) instead of running one")
     parser.add_argument("--note", default=None, help="what, where and under which conditions (kept in the file)")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--plot", nargs="+", type=Path, default=None, metavar="JSON",
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         return 0
     out = args.output or Path(__file__).parent / "results" / "runs" / f"recipe-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.from_search:
-        search = json.loads(args.from_search.read_text())
+        searches = [json.loads(f.read_text()) for f in args.from_search]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             name = f"recipe-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -144,11 +144,12 @@ def main(argv=None) -> int:
                                          Path(tmp) / "space.yaml"))
             if code:
                 return code
-            search = json.loads((Path(storage) / name / tune.RESULTS_FILE).read_text())
+            searches = [json.loads((Path(storage) / name / tune.RESULTS_FILE).read_text())]
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"note": args.note or search["command"], "command": search["command"], "search": search["search"],
-              "provenance": search.get("provenance"), "wall_s": search.get("wall_s"),
-              "records": records_from_search(search)}
+    commands = [s["command"] for s in searches]
+    record = {"note": args.note or "; ".join(commands), "commands": commands,
+              "searches": [{k: s.get(k) for k in ("search", "command", "wall_s", "provenance")} for s in searches],
+              "records": [r for s in searches for r in records_from_search(s)]}
     out.write_text(json.dumps(record, indent=1))
     for r in record["records"]:
         b = r["best"]

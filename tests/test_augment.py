@@ -14,7 +14,7 @@ from distgan.config import ConfigError, TrainConfig
 from distgan.step import gan_step
 from distgan.trainer import Trainer
 
-from conftest import TRAINING_STATE, assert_bitwise_equal
+from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -63,6 +63,18 @@ def test_same_seed_same_draws_other_seed_other_draws():
     ops = ("translation", "cutout")
     assert torch.equal(augment(x, ops, 1.0, _gen(5)), augment(x, ops, 1.0, _gen(5)))
     assert not torch.equal(augment(x, ops, 1.0, _gen(5)), augment(x, ops, 1.0, _gen(6)))
+
+
+@requires_gpu
+def test_ops_run_on_cuda_from_a_cuda_generator_and_its_state_round_trips():
+    x = torch.randn(6, 3, 9, 7, device="cuda", requires_grad=True)
+    a = Augment(("color", "translation", "cutout"), 0.5, torch.device("cuda"), seed=1, adaptive=True)
+    y = a(x)
+    y.square().sum().backward()
+    assert y.device.type == "cuda" and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    b = Augment(("color", "translation", "cutout"), 0.0, torch.device("cuda"), seed=2, adaptive=True)
+    assert b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
 
 
 # ------------------------------------------------------------------------------------------------ ADA's p

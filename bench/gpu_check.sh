@@ -2,9 +2,13 @@
 # One command that proves distgan's GPU path on a machine with one or more NVIDIA GPUs and no network:
 #
 #   bash bench/gpu_check.sh                # from anywhere; ~7-8 min on one H100/H200 with 16 CPU cores
+#   bash bench/gpu_check.sh --dry-run      # the stages, their time limits and the pre-flight; runs nothing
 #
-# Stages, each under its own `timeout` (a hang costs its stage, not the whole check), all inside one
-# overall budget (GPU_CHECK_BUDGET_S, default 470 s, so the whole check stays under 8 minutes):
+# First a pre-flight (bench/_preflight.py, one line, seconds): every module the stages import, the NVIDIA
+# driver the torch build needs, a C compiler and Python.h for Triton's launcher. If anything is missing it
+# names it and exits 1 before any stage spends device time. Then the stages, each under its own `timeout`
+# (a hang costs its stage, not the whole check), all inside one overall budget (GPU_CHECK_BUDGET_S, default
+# 470 s, so the whole check stays under 8 minutes; a stage gets at most what is left of it):
 #   versions   GPU, driver, CUDA, torch, triton, ray (distgan/provenance.py)
 #   pytest     python -m pytest -o addopts= -m gpu -q
 #   kernels    bench/kernels.py --gpu-check: eager vs torch.compile vs triton, forward/backward/full, fp32 and
@@ -21,19 +25,32 @@
 # PASS/FAIL per stage and exits non-zero if any stage failed.
 #
 # The machine needs CPython with torch, triton, torchvision, torchmetrics preinstalled; what else distgan
-# needs (a slimmed Ray, pydantic, mlxtend, ...) comes from .gpu-bundle/ (built on a networked machine with
-# the bundle script, from the repo root). The repo is not pip-installed: PYTHONPATH.
-# Without an NVIDIA GPU it says so and exits 0 within seconds.
+# needs (a slimmed Ray, pydantic, mlxtend, ...) comes from .gpu-bundle/, which `bash bench/make_gpu_bundle.sh`
+# builds on a networked machine (from the repo root). The repo is not pip-installed: PYTHONPATH.
+# Without an NVIDIA GPU it says so and exits 0 within seconds (with --dry-run, after the pre-flight).
 set -uo pipefail
+
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 T0=$SECONDS
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 
+HAVE_GPU=1
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! compgen -G "/dev/nvidia[0-9]*" >/dev/null; then
-  echo "gpu_check: no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia*): nothing to check, exiting 0"
-  exit 0
+  HAVE_GPU=0
+  if [ "$DRY_RUN" = 0 ]; then
+    echo "gpu_check: no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia*): nothing to check, exiting 0"
+    exit 0
+  fi
 fi
 
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -43,11 +60,23 @@ if [ -f .gpu-bundle/activate.sh ]; then
   # shellcheck disable=SC1091
   . .gpu-bundle/activate.sh   # unpacks Ray + wheels into /tmp/distgan-site once; sets PYTHONPATH
 else
-  echo "gpu_check: no .gpu-bundle/ here; Ray and friends must already be importable"
+  echo "gpu_check: no .gpu-bundle/ here (bash bench/make_gpu_bundle.sh builds one); Ray and friends must already be importable"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
-if ! timeout 120 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
+PREFLIGHT=$(timeout 120 "$PY" bench/_preflight.py 2>&1)
+PREFLIGHT_RC=$?
+[ "$PREFLIGHT_RC" -eq 124 ] && PREFLIGHT="preflight: FAIL: timed out after 120 s importing the stages' modules"
+echo "${PREFLIGHT:-preflight: FAIL: $PY bench/_preflight.py printed nothing (exit $PREFLIGHT_RC)}" | tail -n 1
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "gpu_check --dry-run: overall budget ${BUDGET_S} s (GPU_CHECK_BUDGET_S); each stage gets its limit or what is left"
+elif [ "$PREFLIGHT_RC" -ne 0 ]; then
+  echo "gpu_check: FAIL before any stage ran: the pre-flight above names what is missing"
+  exit 1
+fi
+
+if [ "$DRY_RUN" = 0 ] && ! timeout 120 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
   echo "gpu_check: an NVIDIA device is present but torch cannot use CUDA (torch $("$PY" -c \
     'import torch; print(torch.__version__, "built for CUDA", torch.version.cuda)' 2>/dev/null)): FAIL"
   exit 1
@@ -56,16 +85,24 @@ fi
 OUT_DIR=${OUT:-$ROOT/bench/results}
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 LOGS=$OUT_DIR/gpu-$STAMP-logs
-mkdir -p "$LOGS" || exit 2
-STAGES=$LOGS/stages.tsv
-: > "$STAGES"
-WORK=$(mktemp -d /tmp/gpucheck.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+WORK=/tmp/gpucheck.dry-run
+if [ "$DRY_RUN" = 0 ]; then
+  mkdir -p "$LOGS" || exit 2
+  STAGES=$LOGS/stages.tsv
+  : > "$STAGES"
+  WORK=$(mktemp -d /tmp/gpucheck.XXXXXX)
+  trap 'rm -rf "$WORK"' EXIT
+fi
 
 # stage NAME LIMIT_S CHECK CMD...: runs CMD under `timeout`, at most LIMIT_S and never past the overall
 # budget; CHECK is a function that must also succeed on the log (or "-"); appends a row to $STAGES.
 stage() {
   local name=$1 limit=$2 check=$3; shift 3
+  if [ "$DRY_RUN" = 1 ]; then
+    local cmd="$*"
+    printf '  %-9s limit %4s s  %s\n' "$name" "$limit" "${cmd%%$'\n'*}"
+    return
+  fi
   local left=$((BUDGET_S - (SECONDS - T0)))
   local t=$((limit < left ? limit : left)) log=$LOGS/$name.log start=$SECONDS rc status
   if [ "$t" -lt 15 ]; then
@@ -111,7 +148,7 @@ v = p["versions"]
 print(" | ".join(f"{k} {v[k]}" for k in ("gpu", "driver", "cuda", "torch", "triton", "ray", "python")))
 print("GPUs:", p["machine"]["gpu_count"], "| git:", p["git"]["commit"], "(dirty)" if p["git"]["dirty"] else "")
 ' "$LOGS/provenance.json"
-tail -n 2 "$LOGS/versions.log"
+[ "$DRY_RUN" = 1 ] || tail -n 2 "$LOGS/versions.log"
 
 # Only the files that hold GPU tests: the others import what this image may lack (wandb, moto, jsonschema),
 # and one collection error would fail the stage before a GPU test ran.
@@ -128,6 +165,11 @@ stage faults 120 check_faults env DISTGAN_TEST_MARKER_DIR="$WORK" DISTGAN_TEST_K
 stage train 150 - bash -c '"$0" bench/train.py --gpu-check --time-budget-s $((STAGE_LIMIT - 60)) \
   --output "$1"' "$PY" "$LOGS/train.json"
 
+if [ "$DRY_RUN" = 1 ]; then
+  [ "$HAVE_GPU" = 1 ] || echo "gpu_check --dry-run: no NVIDIA GPU on this machine: the check itself would exit 0 here"
+  [ "$HAVE_GPU" = 1 ] && exit "$PREFLIGHT_RC"
+  exit 0
+fi
 timeout 60 "$PY" bench/_gpu_report.py --logs "$LOGS" --json "$OUT_DIR/gpu-$STAMP.json" \
   --md "$OUT_DIR/gpu-$STAMP.md" --wall-s $((SECONDS - T0))
 exit $?

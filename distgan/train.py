@@ -5,6 +5,7 @@ Joins the cluster in RAY_ADDRESS (set by `ray job submit`) or starts a local one
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -82,6 +83,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def dashboard_available() -> bool:
+    """Whether Ray's dashboard can start in this environment: Ray's own test, an import of the packages it needs
+    (aiohttp, aiohttp_cors, grpc, opencensus, opentelemetry, prometheus_client, pydantic; `ray[default]`).
+    A minimal Ray (an offline GPU image's) lacks them, and ray.init(include_dashboard=True) then refuses to
+    start, so a local run starts Ray without the dashboard there."""
+    try:
+        importlib.import_module("ray.dashboard.optional_deps")
+    except ImportError:
+        return False
+    return True
+
+
 def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
     """Joins RAY_ADDRESS or starts a local instance with this machine's CPUs (+ `extra_cpus` logical ones, for
     processes that only wait, like distgan.tune's trial drivers)."""
@@ -108,13 +121,14 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
         # The dashboard process serves the State API (without it every poll logs "State API may be temporarily
         # unavailable"); loopback only. address="local": a new instance of our own, where a bare ray.init()
         # would join any instance that `ray start` left on this machine (and then refuse num_cpus).
-        port = _free_port()
-        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        port, dashboard = _free_port(), dashboard_available()
+        if dashboard:
+            env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers) + extra_cpus,
                  runtime_env=runtime_env,
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
     return ray
 
 

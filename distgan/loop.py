@@ -23,6 +23,7 @@ from typing import Any, Optional
 import ray
 import ray.train
 import ray.train.torch
+import torch
 import torch.distributed as dist
 
 from distgan import storage
@@ -97,6 +98,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # named after its file, i.e. the root logger's handlers: the workers' INFO stays out of the terminal.
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if cfg.cpus_per_worker:  # the worker's Ray CPUs (OMP_NUM_THREADS from the user's environment would not be)
+        torch.set_num_threads(cfg.cpus_per_worker)
     ctx = ray.train.get_context()  # (1)
     rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
     print(f"[rank {rank}] of {ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()[:12]} "
@@ -113,8 +116,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, device, wrap_model=ray.train.torch.prepare_model,  # (2)
                       evaluate=score_fid, tracker_factory=tracker_factory)
     if rank == 0:
-        print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision}, kernels "
-              f"{trainer.kernel_backend} ({trainer.kernel_reason}), {int(trainer.total_steps)} steps", flush=True)
+        print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision} "
+              f"({trainer.precision_choice.reason}), kernels {trainer.kernel_backend} ({trainer.kernel_reason}), "
+              f"{int(trainer.total_steps)} steps", flush=True)
     resumed_at = _load_checkpoint(trainer)
     box = [resume_tag(storage.list_names(storage.join(cfg.storage_path, cfg.name)), resumed_at) if rank == 0 else None]
     if trainer.distributed:

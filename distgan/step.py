@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,32 +17,6 @@ from torch import nn
 import kernels as fused
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@lru_cache(maxsize=None)
-def _cpu_has_fast_bf16() -> bool:
-    # AVX-512 BF16 or AMX: oneDNN runs bf16 convolutions and matmuls natively (measured 1.59x fp32 on Zen 4).
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """"auto" -> "bf16" where the hardware runs it fast (CUDA sm_80+, a CPU with AVX-512 BF16 or AMX), else
-    "fp32". Explicit values pass through; "fp16" off CUDA raises ValueError (autocast fp16 on CPU is slow and
-    GradScaler is CUDA's)."""
-    device = torch.device(device)
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-        return "bf16" if device.type == "cpu" and _cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"--precision fp16 needs a CUDA device (this worker runs on {device.type}); use bf16 or fp32")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    return precision
 
 
 def autocast(precision: str, device_type: str):

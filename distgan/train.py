@@ -216,7 +216,7 @@ def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+    bundle = worker_bundle(cfg, use_gpu)
     pg = placement_group([bundle] * cfg.num_workers, strategy=cfg.placement_strategy)
     try:
         ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
@@ -230,8 +230,45 @@ def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
         remove_placement_group(pg)
 
 
+def size_workers(cfg: TrainConfig, nodes: list, use_gpu: bool, found: Optional[tuple[str, dict]] = None,
+                 log=print) -> TrainConfig:
+    """The config with --num-workers and --cpus-per-worker decided (distgan.hardware.plan_workers) for `nodes`
+    (what Ray offers), validated again, checked against the checkpoint it resumes; prints the layout."""
+    import dataclasses
+
+    from distgan.hardware import plan_workers
+
+    keep = None
+    if found is not None and found[1].get("batch_in_epoch"):
+        keep = found[1].get("world_size")
+    try:
+        plan = plan_workers(cfg.num_workers, cfg.cpus_per_worker, use_gpu, nodes, cfg.batch_size, cfg.bn, keep)
+    except ValueError as e:
+        raise ConfigError(str(e), field="cpus_per_worker") from None
+    sized = dataclasses.replace(cfg, num_workers=plan.num_workers, cpus_per_worker=plan.cpus_per_worker).validate()
+    check_resume(sized, found)
+    log(f"distgan: {plan.describe(cfg.batch_size)}")
+    for note in plan.notes:
+        log(f"note: {note}")
+    return sized
+
+
+def worker_bundle(cfg: TrainConfig, use_gpu: bool) -> dict[str, int]:
+    """One worker's Ray resources in a sized config: {CPU: --cpus-per-worker (, GPU: 1)}."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+
+def scaling_config(cfg: TrainConfig, use_gpu: bool):
+    """Ray Train's ScalingConfig for a sized config: --num-workers workers of `worker_bundle`. Ray sets each
+    worker's OMP_NUM_THREADS to its CPUs; the loop sets torch's threads to them too."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=worker_bundle(cfg, use_gpu),
+                         placement_strategy=cfg.placement_strategy)
+
+
 def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = ()):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distgan.loop import train_loop_per_worker
@@ -240,8 +277,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": _forwarded_env(), "score_fid": score_fid},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     placement_strategy=cfg.placement_strategy),
+        scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.collective_timeout_s),
         run_config=RunConfig(
             name=cfg.name,
@@ -279,7 +315,7 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
     for key in POSITION_FIELDS:
         before = state.get("world_size", saved.num_workers) if key == "num_workers" else getattr(saved, key)
         now = getattr(cfg, key)
-        if before != now:
+        if now is not None and before != now:  # None: auto, checked again once decided
             raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed mid-epoch (epoch "
                               f"{state.get('epoch')}, G step {g_steps_into_epoch}) with {key}={before!r}; this run has "
                               f"{now!r}, which changes what that data position means; resubmit with {before!r}, "
@@ -304,6 +340,13 @@ def stop_reason(cfg: TrainConfig) -> Optional[str]:
     return json.loads(data.decode())["reason"]
 
 
+def local_nodes(gpus: int) -> list:
+    """This machine as a local run's Ray instance sees it (connect_ray gives it os.cpu_count() CPUs)."""
+    from distgan.hardware import Node
+
+    return [Node(os.cpu_count() or 1, gpus)]
+
+
 def run(cfg: TrainConfig) -> dict:
     """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems.
 
@@ -324,13 +367,17 @@ def run(cfg: TrainConfig) -> dict:
             raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
                               "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
         check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
+        cfg = size_workers(cfg, local_nodes(gpus), cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, found)
     from distgan.metrics import metrics_supported
 
     t_submit = time.perf_counter()
     ray = connect_ray(cfg)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     if joining:  # the cluster's GPUs are known only now; still before any worker starts
+        from distgan.hardware import ray_nodes
+
         check_execution(cfg, use_gpu)
+        cfg = size_workers(cfg, ray_nodes(ray.nodes()), use_gpu, found)
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         print("note: --use-gpu and the cluster has no GPU yet; waiting for the autoscaler", flush=True)
     wait_for_placement(cfg, use_gpu)

@@ -14,6 +14,7 @@ RNG streams, so that a loaded trainer continues bit-identically and nothing but 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -35,8 +36,9 @@ from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
 from distgan.data import build_dataset
+from distgan.hardware import PrecisionChoice, decide_precision
 from distgan.models import build_models
-from distgan.step import EMA, gan_step, make_optimizers, resolve_precision
+from distgan.step import EMA, gan_step, make_optimizers
 from kernels import auto_backend
 from kernels.collectives import collective_device
 
@@ -126,7 +128,10 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.num_workers is None:  # a config the driver did not size (tests, scripts): the group's size
+            cfg = self.cfg = dataclasses.replace(cfg, num_workers=self.world)
+        self.precision_choice = self._decide_precision()
+        self.precision = self.precision_choice.precision
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
             auto_backend(self.device))
 
@@ -176,6 +181,45 @@ class Trainer:
         self._rank0_group = None
         if self.distributed:  # new_group is collective: every rank creates it, here, in the same order
             self._rank0_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+
+    # ------------------------------------------------------------------ precision
+    def _decide_precision(self) -> PrecisionChoice:
+        """--precision on this rank: "auto" is rank 0's decision (a measurement when not cached), broadcast, so
+        every rank runs the same precision."""
+        def decide() -> PrecisionChoice:
+            return decide_precision(self.cfg, self.device, self.cfg.batch_size // self.world, torch.get_num_threads(),
+                                    log=lambda m: print(m, flush=True))
+
+        if self.cfg.precision != "auto" or not self.distributed:
+            return decide()
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = decide()
+            except Exception as e:  # handed to every rank, which raise it, rather than wait for a choice
+                box[0] = e
+        dist.broadcast_object_list(box, src=0, device=collective_device())
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    def _keep_checkpoint_precision(self, saved: Optional[str], where: str) -> None:
+        """With --precision auto, a resume runs the precision its checkpoint was trained in (so an exact resume
+        stays exact), where this device can run it; an explicit --precision wins."""
+        if self.cfg.precision != "auto" or saved in (None, self.precision):
+            return
+        if saved == "fp16" and self.device.type != "cuda":
+            warnings.warn(f"{where} was trained in fp16, which needs CUDA; this run continues in {self.precision}",
+                          stacklevel=3)
+            return
+        chosen = self.precision
+        self.precision = saved
+        self.precision_choice = PrecisionChoice(saved, "checkpoint", f"auto: kept from {where} (this machine's choice: "
+                                                                     f"{chosen}; --precision {chosen} to switch)")
+        fp16 = saved == "fp16"
+        self.scalers = (torch.amp.GradScaler("cuda", enabled=fp16), torch.amp.GradScaler("cuda", enabled=fp16))
+        if self.rank == 0:
+            print(f"precision {saved} ({self.precision_choice.reason})", flush=True)
 
     # ------------------------------------------------------------------ state
     def _noise_seed(self, offset: int = 0) -> int:
@@ -237,6 +281,7 @@ class Trainer:
         self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
         self.best_fid = float(state.get("best_fid", math.inf))
         self.fixed_noise = state["fixed_noise"]
+        self._keep_checkpoint_precision(state.get("precision"), where)
         # fp16's loss scale carries over only between scaled runs (a disabled GradScaler saves {}); bf16/fp32
         # checkpoints load into any precision
         for scaler, saved in zip(self.scalers, state["scalers"]):

@@ -180,7 +180,8 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
         best_checkpoints=[(SimpleNamespace(path="bucket/prefix/x/checkpoint_00000003"), {"fid": 40.0}),
                           (SimpleNamespace(path="bucket/prefix/x/checkpoint_00000006"), {"fid": 50.0})],
         metrics={"step": 6})
-    fake_ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2}, shutdown=lambda: None)
+    fake_ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2}, shutdown=lambda: None,
+                               nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2}}])
     monkeypatch.setattr(train, "connect_ray", lambda cfg: fake_ray)
     monkeypatch.setattr(train, "wait_for_placement", lambda cfg, use_gpu: None)
     monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))

@@ -28,8 +28,12 @@ plain fp32, ...) so that load from other processes falls on all of them alike; r
 spread, the ratios distgan bf16 / distgan fp32 and distgan (default precision) / plain fp32, and the load
 average before each run.
 
-Writes a new bench/results/runs/train-<cpu|gpu>[-<preset>]-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored), or
-exactly --output PATH.
+Before the runs, in this process: what `--precision auto` picks here (distgan's own decision: its probe, or this
+machine's cached probe) and a longer interleaved fp32/bf16 measurement of the same steps, whose per-round
+ratios show the probe's noise.
+
+Writes a new bench/results/runs/train-<preset>_<processor>_<YYYY-mm>-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored),
+or exactly --output PATH; the processor is named in the results (lscpu's model name, family and model).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import torch  # noqa: E402
 from _results import add_output_args, write_result  # noqa: E402
 
-from distgan import provenance  # noqa: E402
+from distgan import hardware, provenance  # noqa: E402
 from distgan.storage import read_metrics  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -100,11 +104,36 @@ def fused_unavailable() -> str | None:
     )
 
 
-def default_precision() -> str:
-    """What distgan's `--precision auto` (the default) runs here, by distgan's own resolver."""
-    from distgan.step import resolve_precision
+def precision_probe(preset: Preset, workers: int, rounds: int = 8, seconds: float = 8.0) -> dict:
+    """What distgan's `--precision auto` (the default) picks for a run of `workers` workers here, by distgan's own
+    decision (distgan.hardware.decide_precision: the probe, or this machine's cached probe), and a longer
+    measurement of the same steps to show the probe's noise: `rounds` interleaved rounds of fp32 and bf16 in
+    this one process, their per-round ratios."""
+    import statistics as st
 
-    return resolve_precision("auto", "cuda" if GPU else "cpu")
+    from distgan import hardware
+    from distgan.config import TrainConfig
+
+    per_worker, device = preset.batch_size // workers, "cuda" if GPU else "cpu"
+    threads = 1 if GPU else max((os.cpu_count() or 1) // workers, 1)  # --cpus-per-worker auto on one machine
+    cfg = TrainConfig(batch_size=preset.batch_size, num_workers=workers, kernels="eager")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        choice = hardware.decide_precision(cfg, device, per_worker, threads)
+        times = {} if GPU else hardware.probe_step_times(cfg, device, per_worker, rounds=rounds, seconds=seconds)
+    finally:
+        torch.set_num_threads(before)
+    out = {"auto_precision": choice.precision, "auto_source": choice.source, "auto_reason": choice.reason,
+           "auto_images_per_s": dict(choice.images_per_s), "per_worker_batch": per_worker, "threads": threads}
+    if times:
+        ratios = [f / b for f, b in zip(times["fp32"], times["bf16"])]  # bf16 speed / fp32 speed, per round
+        out["interleaved"] = {
+            "rounds": rounds, "seconds_per_candidate": seconds,
+            "images_per_s": {p: per_worker / st.median(t) for p, t in times.items()},
+            "step_s": times, "bf16_over_fp32": st.median(ratios), "bf16_over_fp32_rounds": ratios,
+        }
+    return out
 
 
 # Set by main(): a private Ray temp dir. Without RAY_ADDRESS, ray.init() joins any cluster `ray start`
@@ -362,7 +391,7 @@ def _markdown_header(result) -> list[str]:
         "",
         f"`{result['command']}` — {result['created']}",
         "",
-        f"- machine: {m['processor']}, {m['cpu_count']} CPUs" + (f", {m['gpu']}" if m["gpu"] else ", no GPU"),
+        f"- machine: {result.get('processor', m['processor'])}, {m['cpu_count']} CPUs" + (f", {m['gpu']}" if m["gpu"] else ", no GPU"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- git: {result['git']['commit']}" + (" (uncommitted changes)" if result["git"]["dirty"] else ""),
         (
@@ -378,8 +407,9 @@ def _markdown_header(result) -> list[str]:
     ]
     if not m["gpu"]:
         lines.append(
-            f"- CPU: each Ray worker runs PyTorch with 1 thread (Ray's OMP_NUM_THREADS=1 for a 1-CPU worker); "
-            f"the plain process gets {result['plain_threads']} threads, the cores the largest distgan run uses."
+            f"- CPU: each Ray worker gets its share of the {m['cpu_count']} CPUs as Ray CPUs and torch threads "
+            f"(`--cpus-per-worker auto`); the plain process gets {result['plain_threads']} threads, the cores the "
+            f"largest distgan run uses."
         )
     loads = [r["loadavg"] for r in result["runs"] if r.get("loadavg") is not None]
     if loads:
@@ -424,8 +454,26 @@ def _markdown_ratios(result) -> list[str]:
     return ["", *lines] if lines else []
 
 
+def _markdown_probe(result) -> list[str]:
+    p = result.get("precision_probe")
+    if not p:
+        return []
+    lines = ["", f"- `--precision auto` here picks **{p['auto_precision']}** ({p['auto_reason']})."]
+    inter = p.get("interleaved")
+    if inter:
+        r, ips = inter["bf16_over_fp32_rounds"], inter["images_per_s"]
+        per_round = inter["seconds_per_candidate"] / inter["rounds"]
+        lines.append(
+            f"- The same probe, longer ({inter['rounds']} interleaved rounds of ~{per_round:.1f} s per precision in "
+            f"one process, {p['per_worker_batch']} images/worker, {p['threads']} thread(s)): fp32 {ips['fp32']:.0f} "
+            f"img/s, bf16 {ips['bf16']:.0f} img/s; bf16 / fp32 = **{inter['bf16_over_fp32']:.2f}×** (median of the "
+            f"per-round ratios; noise: the rounds span {min(r):.2f}–{max(r):.2f}×).")
+    return lines
+
+
 def render_markdown(result) -> str:
-    return "\n".join(_markdown_header(result) + _markdown_table(result) + _markdown_ratios(result)) + "\n"
+    return "\n".join(_markdown_header(result) + _markdown_table(result) + _markdown_ratios(result)
+                     + _markdown_probe(result)) + "\n"
 
 
 def parse_args(argv=None):
@@ -448,7 +496,7 @@ def parse_args(argv=None):
     p.add_argument("--join-cluster", action="store_true",
                    help="distgan runs join the cluster in RAY_ADDRESS instead of starting their own Ray instance "
                         "(quicker; start-up times then say nothing of a fresh machine)")
-    add_output_args(p, "train-<cpu|gpu>[-<preset>]")
+    add_output_args(p, "train-<preset>_<processor>_<YYYY-mm>")
     # the plain loop's own process (internal)
     p.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -539,11 +587,14 @@ def main(argv=None) -> int:
     args.kernels = args.kernels or (["eager", "triton"] if GPU else ["eager"])
     no_fused = fused_unavailable()
     impls = [k for k in args.kernels if not (k == "triton" and no_fused)]
-    threads = 1 if GPU else max(workers)
+    # the cores the largest distgan run uses: its workers x their --cpus-per-worker auto
+    threads = 1 if GPU else max(workers) * max((os.cpu_count() or 1) // max(workers), 1)
     t_start = time.perf_counter()
+    probe = precision_probe(preset, max(workers))
+    print(f"  precision auto: {probe['auto_precision']} ({probe['auto_reason']})", file=sys.stderr, flush=True)
     runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s)
     records, rows = summarise(runs, preset)
-    default = default_precision()
+    default = probe["auto_precision"]
     heads = headline(rows, default)
     base = heads.get("eager" if "eager" in heads else next(iter(heads), None)) or {}
     ratio = base.get("distgan_default_over_plain_fp32")
@@ -554,10 +605,12 @@ def main(argv=None) -> int:
         "preset": preset_name,
         "preset_values": asdict(preset),
         "device": "cuda" if GPU else "cpu",
+        "processor": hardware.processor_name("cuda" if GPU else "cpu"),
         **provenance.collect(),  # machine, versions, git
         "workers": workers,
         "plain_threads": threads,
         "default_precision": default,
+        "precision_probe": probe,
         "records": records,
         "rows": rows,
         "headline": heads,
@@ -567,7 +620,7 @@ def main(argv=None) -> int:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     md = render_markdown(result)
-    stem = args.name or f"train-{'gpu' if GPU else 'cpu'}" + ("" if preset_name == "full" else f"-{preset_name}")
+    stem = args.name or f"train-{preset_name}_{hardware.slug(result['processor'])}_{time.strftime('%Y-%m')}"
     path = write_result(result, md, stem, args.output, args.out)
     print(md)
     print(f"wrote {path} and .md in {result['wall_s']} s", file=sys.stderr)

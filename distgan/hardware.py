@@ -227,23 +227,24 @@ def choose_precision(images_per_s: Mapping[str, float], margin: float = PREFER_F
     return best
 
 
-def probe_precisions(cfg, device, per_worker_batch: int, candidates: Sequence[str] = CPU_CANDIDATES,
-                     timer: Optional[Callable[[], float]] = None, seconds: float = PROBE_SECONDS) -> dict[str, float]:
-    """Images/s of one worker in each candidate precision: distgan's G/D step (distgan.step.gan_step, n_critic D
-    updates and one G update) at the run's shapes (per-worker batch, channels, image size, z_dim) and kernels, on
-    `device`, with this process's threads, on throw-away models and random images. The global RNG streams are
-    forked around it, so the run's streams do not move."""
+def probe_step_times(cfg, device, per_worker_batch: int, candidates: Sequence[str] = CPU_CANDIDATES,
+                     timer: Optional[Callable[[], float]] = None, seconds: float = PROBE_SECONDS,
+                     rounds: int = PROBE_ROUNDS) -> dict[str, list[float]]:
+    """Seconds per step (one figure per round, `time_candidates`) of distgan's G/D step (distgan.step.gan_step:
+    n_critic D updates and one G update) in each candidate precision, at the run's shapes (per-worker batch,
+    channels, image size, z_dim) and kernels, on `device`, with this process's threads, on throw-away models and
+    random images. The global RNG streams are forked around it, so the run's streams do not move."""
     import torch
 
+    from distgan import step
     from distgan.models import build_models
-    from distgan.step import gan_step, make_optimizers
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         g, d = build_models(cfg)
         g, d = g.to(device), d.to(device)
-        opt_g, opt_d = make_optimizers(g, d, cfg)
+        opt_g, opt_d = step.make_optimizers(g, d, cfg)
         shape = (per_worker_batch, cfg.image_channels, cfg.image_size, cfg.image_size)
         reals = [torch.rand(shape, device=device) * 2 - 1 for _ in range(cfg.n_critic)]
 
@@ -251,12 +252,18 @@ def probe_precisions(cfg, device, per_worker_batch: int, candidates: Sequence[st
             return torch.randn(n, cfg.z_dim, device=device)
 
         def run_step(precision: str) -> None:
-            out = gan_step(g, d, opt_g, opt_d, reals, sample_z, impl=cfg.kernels, precision=precision)
+            out = step.gan_step(g, d, opt_g, opt_d, reals, sample_z, impl=cfg.kernels, precision=precision)
             out["loss_d"].item()  # waits for the step (CUDA is asynchronous)
 
-        times = time_candidates(candidates, run_step, timer, seconds=seconds)
-    images = per_worker_batch * cfg.n_critic
-    return {c: images / statistics.median(t) for c, t in times.items()}
+        return time_candidates(candidates, run_step, timer, seconds=seconds, rounds=rounds)
+
+
+def probe_precisions(cfg, device, per_worker_batch: int, candidates: Sequence[str] = CPU_CANDIDATES,
+                     timer: Optional[Callable[[], float]] = None, seconds: float = PROBE_SECONDS) -> dict[str, float]:
+    """Images/s of one worker in each candidate precision: per-worker images (x n_critic) over the median of
+    `probe_step_times`' rounds."""
+    times = probe_step_times(cfg, device, per_worker_batch, candidates, timer, seconds)
+    return {c: per_worker_batch * cfg.n_critic / statistics.median(t) for c, t in times.items()}
 
 
 def cache_path() -> Path:

@@ -25,6 +25,10 @@ def interpreting() -> bool:
 if not gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# --precision auto caches its measurement in the user's cache directory; the tests (and the drivers, Ray nodes and
+# workers they start, which inherit this environment) keep theirs in a directory of this session.
+os.environ.setdefault("DISTGAN_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="distgan-test-cache-"))
+
 requires_gpu = __import__("pytest").mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

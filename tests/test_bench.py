@@ -423,6 +423,16 @@ def test_train_summary_carries_precision_and_the_two_ratios():
     md = bt.render_markdown(result)
     assert "| precision |" in md and "bf16 / fp32" in md and "0.800×" in md
     assert "bf16 / fp32 = **0.800×**" in md and "default precision (fp32) / plain fp32 loop = **1.500×**" in md
+    result["processor"] = "AMD EPYC (family 26, model 2)"
+    result["precision_probe"] = {"auto_precision": "bf16", "auto_reason": "auto: measured", "per_worker_batch": 32,
+                                 "threads": 1, "interleaved": {"rounds": 4, "seconds_per_candidate": 4.0,
+                                                               "images_per_s": {"fp32": 100.0, "bf16": 150.0},
+                                                               "bf16_over_fp32": 1.5,
+                                                               "bf16_over_fp32_rounds": [1.4, 1.5, 1.5, 1.7]}}
+    md = bt.render_markdown(result)
+    assert "- machine: AMD EPYC (family 26, model 2), 2 CPUs" in md
+    assert "`--precision auto` here picks **bf16** (auto: measured)" in md
+    assert "bf16 / fp32 = **1.50×** (median of the per-round ratios; noise: the rounds span 1.40–1.70×)" in md
 
 
 def test_train_plans_interleave_precisions_and_pass_them_to_distgan(tmp_path):

@@ -32,7 +32,7 @@ Before the runs, in this process: what `--precision auto` picks here (distgan's 
 machine's cached probe) and a longer interleaved fp32/bf16 measurement of the same steps, whose per-round
 ratios show the probe's noise.
 
-Writes a new bench/results/runs/train-<preset>_<processor>_<YYYY-mm>-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored),
+Writes a new bench/results/runs/train-<preset>_<processor>-<N>c_<YYYY-mm>-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored),
 or exactly --output PATH; the processor is named in the results (lscpu's model name, family and model).
 """
 
@@ -391,7 +391,8 @@ def _markdown_header(result) -> list[str]:
         "",
         f"`{result['command']}` — {result['created']}",
         "",
-        f"- machine: {result.get('processor', m['processor'])}, {m['cpu_count']} CPUs" + (f", {m['gpu']}" if m["gpu"] else ", no GPU"),
+        f"- machine: {result.get('processor', m['processor'])}, {m['cpu_count']} CPUs"
+        + (f", {m['gpu']}" if m["gpu"] else ", no GPU"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- git: {result['git']['commit']}" + (" (uncommitted changes)" if result["git"]["dirty"] else ""),
         (
@@ -496,7 +497,7 @@ def parse_args(argv=None):
     p.add_argument("--join-cluster", action="store_true",
                    help="distgan runs join the cluster in RAY_ADDRESS instead of starting their own Ray instance "
                         "(quicker; start-up times then say nothing of a fresh machine)")
-    add_output_args(p, "train-<preset>_<processor>_<YYYY-mm>")
+    add_output_args(p, "train-<preset>_<processor>-<N>c_<YYYY-mm>")
     # the plain loop's own process (internal)
     p.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -620,7 +621,8 @@ def main(argv=None) -> int:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     md = render_markdown(result)
-    stem = args.name or f"train-{preset_name}_{hardware.slug(result['processor'])}_{time.strftime('%Y-%m')}"
+    where = f"{hardware.slug(result['processor'])}-{result['machine']['cpu_count']}c"
+    stem = args.name or f"train-{preset_name}_{where}_{time.strftime('%Y-%m')}"
     path = write_result(result, md, stem, args.output, args.out)
     print(md)
     print(f"wrote {path} and .md in {result['wall_s']} s", file=sys.stderr)

@@ -126,7 +126,7 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
             env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers) + extra_cpus,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers or 1) + extra_cpus,
                  runtime_env=runtime_env,
                  include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
     return ray

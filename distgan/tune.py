@@ -336,18 +336,22 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
     from distgan import storage
     from distgan.provenance import collect
-    from distgan.train import _forwarded_env, connect_ray
+    from distgan.train import _forwarded_env, connect_ray, size_workers
 
     search = cfg.name
     if storage.list_names(storage.join(cfg.storage_path, search)):
         raise ConfigError(f"--name: {storage.join(cfg.storage_path, search)} already exists; a search starts fresh, "
                           f"give a new --name", field="name")
-    base = cfg.to_dict()
     ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from distgan.hardware import ray_nodes
+
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    # trials share the machine: a worker takes one CPU unless --cpus-per-worker says more, so trials run side by side
+    cfg = size_workers(replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1), ray_nodes(ray.nodes()), use_gpu)
+    base = cfg.to_dict()
     per_trial = "GPU" if use_gpu else "CPU"
     per_trial_count = cfg.num_workers + (TRIAL_DRIVER_CPUS if per_trial == "CPU" else 0)
     concurrent = args.max_concurrent_trials or max(1, int(ray.cluster_resources().get(per_trial, 0)) // per_trial_count)

@@ -27,10 +27,15 @@ PROVIDERS = ("eager", "compile", "triton")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BN, BCE, DLOSS = "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss"
+STEP = "training_step"  # distgan's whole GAN step (G and D forward and backward, both losses), counted on a CPU
 
 # The GPU the CPU-only figures are modelled on. 3.35 TB/s is H100 SXM5's HBM3 peak; a large
 # device-to-device copy reaches about 90 % of it, so the model charges every provider's bytes at that.
-MODEL_GPU = {"name": "NVIDIA H100 SXM5 80GB", "peak_gbps": 3350.0, "copy_gbps": 3000.0, "sms": 132}
+# launch_us is the step model's assumed cost of one kernel in a launch-bound step (eager PyTorch's per-op CPU
+# dispatch and launch, which a GPU waits on when each kernel runs for less): an assumption the model states,
+# not a measurement.
+MODEL_GPU = {"name": "NVIDIA H100 SXM5 80GB", "peak_gbps": 3350.0, "copy_gbps": 3000.0, "sms": 132,
+             "launch_us": 5.0}
 LARGE_BN_SHAPES = ((256, 64, 64, 64), (1024, 256, 16, 16), (16384, 1024))
 BCE_SIZES = (64, 256, 1024, 4096, 1 << 14, 1 << 16, 1 << 18, 1 << 20)
 # Below this many bytes a call is launch-bound on a GPU: it is also timed as a CUDA-graph replay.
@@ -62,16 +67,17 @@ class Preset:
     #                   generator layers always), larger shapes modelled from a proxy of <= proxy_max
     proxy_max: int
     compile_report: bool
+    step_batches: tuple = ()  # CPU: distgan's whole training step counted at these batch sizes
 
 
 PRESETS = {
     # The interpreter runs ~10 ms per program and tile: 2**21 elements of BN fwd+bwd take minutes.
     "full": Preset((64, 128, 256), LARGE_BN_SHAPES, BCE_SIZES, (64, 128, 256), ("fp32", "bf16"), PROVIDERS,
-                   "all", 1 << 21, 1 << 18, True),
+                   "all", 1 << 21, 1 << 18, True, (64, 256)),
     # CI-sized: every shape class is present; the interpreter counts the batch-64 generator layers and
     # shapes up to 2**16 elements directly, and models the rest from proxies of the same launch plan.
     "quick": Preset((64, 128, 256), LARGE_BN_SHAPES, BCE_SIZES, (64,), ("fp32", "bf16"), PROVIDERS,
-                    "g64", 1 << 16, 1 << 16, True),
+                    "g64", 1 << 16, 1 << 16, True, (64, 256)),
     # bench/gpu_check.sh's share of its 8 minutes: every provider, mode and dtype on the generator's layers
     # at batch 64 and 256, one large shape per BN layout (channels-split 4D, rows 2D), the G loss at its
     # batch and at 2**20 logits, the D loss at batch 64. On a GPU torch.compile builds each case anew.
@@ -80,7 +86,7 @@ PRESETS = {
     # The tests' preset: the generator's layers at batch 4 (one counted, two modelled from proxies), a
     # counted and a modelled BCE size, one D loss, both dtypes, no compiler.
     "smoke": Preset((4,), (), (256, 1 << 16), (4,), ("fp32", "bf16"), ("eager", "triton"), "none",
-                    1 << 15, 1 << 15, False),
+                    1 << 15, 1 << 15, False, (4,)),
 }
 
 
@@ -112,6 +118,22 @@ def build_cases(preset: Preset) -> list[Case]:
         cases += [Case(BCE, (m,), dtype, "G loss" if m <= 256 else "") for m in preset.bce_sizes]
         cases += [Case(DLOSS, (2 * b,), dtype, f"D batch {b}") for b in preset.dloss_batches]
     return cases
+
+
+def is_dcgan(case: Case) -> bool:
+    """A shape of distgan's DCGAN: a generator layer or a loss at a training batch size."""
+    return case.label.startswith(("G.", "D batch", "G loss"))
+
+
+def work_order(cases, providers) -> list[tuple[Case, str]]:
+    """Every (case, provider), the rows that matter most first, so that a time budget cuts the least useful:
+    triton and eager at the DCGAN's shapes (both dtypes), then at the other shapes, then torch.compile (it
+    compiles every shape anew, the slowest by far) in the same order."""
+    def rank(item):
+        case, provider = item
+        return (provider == "compile", not is_dcgan(case))
+
+    return sorted(((c, p) for c in cases for p in providers), key=rank)  # stable: case order within a rank
 
 
 def is_g64(case: Case) -> bool:

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import torch
-from _cases import BN, MODEL_GPU, MODES, REPO, Case, Preset, is_g64, make_inputs, provider_fn, rec
+from _cases import BN, MODEL_GPU, MODES, REPO, STEP, Case, Preset, is_g64, make_inputs, provider_fn, rec
 from _counters import SavedCounter, Tally, count_region
 from _plans import path_signature, planned_for_gpu
 
@@ -214,6 +214,66 @@ def validate_proxies(records, cases, log) -> list[dict]:
             "source": "measured vs modelled",
         })
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# distgan's whole training step
+
+
+class _NoUpdate:
+    """Stands in for both optimizers: the step's forward and backward passes are counted, not the update."""
+
+    def __init__(self, module):
+        self.params = list(module.parameters())
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        pass
+
+
+STEP_METHOD = ("distgan.step.gan_step (one D step, one G step; G and D forward and backward, both losses, the "
+               "gradient norms it logs) at 28x28, fp32, optimizers replaced by no-ops; kernels planned as on "
+               f"{MODEL_GPU['name']}; D's dropout counted as its CPU path")
+
+
+def step_model_us(launches: int, nbytes: int) -> float:
+    """The launch-bound step model: every kernel costs MODEL_GPU's launch_us, plus its bytes at copy bandwidth."""
+    return launches * MODEL_GPU["launch_us"] + nbytes / (MODEL_GPU["copy_gbps"] * 1e3)
+
+
+def step_records(batch: int, provider: str, log) -> tuple[list[dict], str | None]:
+    """Launches and bytes of one training step of distgan's 28x28 DCGAN at `batch` (fp32), with the kernels of
+    `provider` ("eager" | "triton"), and the modelled time of a launch-bound GPU step; ([], reason) if it cannot
+    run here."""
+    from distgan.models import Discriminator, Generator
+    from distgan.step import gan_step
+
+    if provider == "triton" and not kernels.triton_can_run("cpu"):
+        return [], "Triton cannot run on CPU here (TRITON_INTERPRET unset or triton missing)"
+    torch.manual_seed(0)
+    g = Generator(z_dim=100, image_size=28, kernels=provider)
+    d = Discriminator(image_size=28)
+    gen = torch.Generator().manual_seed(1)
+    real = torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1
+    z = torch.randn(batch, g.z_dim, generator=gen)  # drawn outside the count: the step's RNG is not the point
+    t0 = time.perf_counter()
+    with planned_for_gpu(), count_region(triton=provider == "triton") as tally:
+        gan_step(g, d, _NoUpdate(g), _NoUpdate(d), [real], lambda n: z[:n], impl=provider)
+    t = tally()
+    log(f"  {STEP} batch {batch} {provider:8s} {time.perf_counter() - t0:6.1f}s: {t.launches} launches, "
+        f"{t.bytes / 1e6:.1f} MB")
+    case = Case(STEP, (batch,), "fp32", f"batch {batch}")
+    kinds = "kernels per step: " + ", ".join(f"{k} x{v}" for k, v in sorted(t.ops.items(), key=lambda kv: -kv[1]))
+    return [
+        rec(case, "full", provider, "bytes", t.bytes, "B", "measured", STEP_METHOD, read=t.read, written=t.written),
+        rec(case, "full", provider, "launches", t.launches, "count", "measured", kinds, syncs=t.syncs),
+        rec(case, "full", provider, "step_model_us", step_model_us(t.launches, t.bytes), "us", "modelled",
+            f"launches x {MODEL_GPU['launch_us']:g} us + bytes / {MODEL_GPU['copy_gbps']:.0f} GB/s: a launch-bound "
+            f"step on {MODEL_GPU['name']}"),
+    ], None
 
 
 # ---------------------------------------------------------------------------------------------------

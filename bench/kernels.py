@@ -37,8 +37,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
-from _cases import BCE, BN, DLOSS, DTYPES, MODEL_GPU, PRESETS, PROVIDERS, build_cases, is_g64, unavailable  # noqa: E402
-from _counting import METHODS, cpu_records, static_compile_report, validate_proxies  # noqa: E402
+from _cases import (  # noqa: E402
+    BCE,
+    BN,
+    DLOSS,
+    DTYPES,
+    MODEL_GPU,
+    PRESETS,
+    PROVIDERS,
+    build_cases,
+    is_g64,
+    unavailable,
+    work_order,
+)
+from _counting import METHODS, cpu_records, static_compile_report, step_records, validate_proxies  # noqa: E402
 from _report import checks, log_wandb, render_markdown  # noqa: E402
 from _results import add_output_args, write_result  # noqa: E402
 from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quantiles, gpu_records  # noqa: E402
@@ -117,20 +129,20 @@ def measure_case(case, provider, preset, preset_name, device, copy_gbps) -> tupl
 
 
 def measure(cases, preset, preset_name, device, budget_s=None) -> tuple[list[dict], list[dict], float | None]:
-    """Every (case, provider) of the preset, in order; (records, unavailable, copy GB/s or None)."""
+    """Every (case, provider) of the preset, most useful first (`work_order`); (records, unavailable, copy GB/s
+    or None)."""
     t0 = time.perf_counter()
     records, missing, copy_gbps = [], [], None
     if device.type == "cuda":
         copy_gbps = copy_bandwidth_gbps(do_bench_quantiles, device)
         log(f"  copy bandwidth: {copy_gbps:.0f} GB/s")
-    for case in cases:
-        for provider in preset.providers:
-            if budget_s is not None and time.perf_counter() - t0 > budget_s:
-                missing.append(unavailable(case, provider, f"not run: the time budget of {budget_s:.0f} s was spent"))
-                continue
-            recs, miss = measure_case(case, provider, preset, preset_name, device, copy_gbps)
-            records += recs
-            missing += miss
+    for case, provider in work_order(cases, preset.providers):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            missing.append(unavailable(case, provider, f"not run: the time budget of {budget_s:.0f} s was spent"))
+            continue
+        recs, miss = measure_case(case, provider, preset, preset_name, device, copy_gbps)
+        records += recs
+        missing += miss
     return records, missing, copy_gbps
 
 
@@ -163,6 +175,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     log(f"bench/kernels.py: {len(cases)} cases x {preset.providers} on {device} ({preset_name})")
     records, missing, copy_gbps = measure(cases, preset, preset_name, device, args.time_budget_s)
+    if device.type == "cpu" and args.ops is None:
+        for batch in preset.step_batches:
+            for provider in ("eager", "triton"):
+                recs, reason = step_records(batch, provider, log)
+                records += recs
+                if reason:
+                    missing.append({"op": "training_step", "shape": [batch], "dtype": "fp32", "provider": provider,
+                                    "reason": reason})
     report = []
     if preset.compile_report:
         report, report_err = static_compile_report(log)

@@ -223,6 +223,54 @@ def test_gpu_timing_path_runs_with_a_stand_in_timer(provider):
     assert _timing.copy_bandwidth_gbps(_stand_in_timer, torch.device("cpu"), nbytes=1 << 20) > 0
 
 
+def test_cuda_graph_timing_gets_the_backward_of_a_forward_on_its_own_stream(monkeypatch):
+    """The graph timer captures on its stream and autograd runs a backward on its forward's stream, so the
+    backward-only callable it captures comes from a factory that runs the forward where it is called."""
+    forwards = []
+    real = _timing.provider_fn
+    monkeypatch.setattr(_timing, "provider_fn", lambda op, p: (lambda *a: forwards.append(1) or real(op, p)(*a)))
+    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "")
+    calls, factories, inp, _ = _timing.gpu_callables(case, "eager", torch.device("cpu"))
+    before = len(forwards)
+    backward = factories["backward"]()  # the timer calls this on its capture stream, before capturing
+    assert len(forwards) == before + 1, "the factory must run a forward of its own"
+    dx = backward()[0]
+    backward()  # the retained graph replays
+    torch.testing.assert_close(dx, calls["backward"]()[0])
+    assert len(forwards) == before + 1
+    graphed = []
+
+    def graph_timer(make_fn):
+        graphed.append(1)
+        return _stand_in_timer(make_fn())
+
+    recs = _timing.gpu_records(case, "eager", torch.device("cpu"), _stand_in_timer, graph_timer, copy_gbps=10.0,
+                               launches=lambda fn: 2)
+    graph = {r["mode"]: r for r in recs if r["metric"] == "ms_cudagraph"}
+    assert set(graph) == set(_cases.MODES) and all(r["value"] is not None for r in graph.values())
+
+
+def test_work_order_puts_triton_and_eager_at_the_dcgan_shapes_first_and_compile_last():
+    cases = _cases.build_cases(_cases.PRESETS["quick"])
+    order = _cases.work_order(cases, _cases.PROVIDERS)
+    assert len(order) == len(cases) * len(_cases.PROVIDERS)
+    ranks = [(p == "compile", not _cases.is_dcgan(c)) for c, p in order]
+    assert ranks == sorted(ranks)
+    first = [(c, p) for c, p in order if p != "compile" and _cases.is_dcgan(c)]
+    assert {c.dtype for c, _ in first} == {"fp32", "bf16"} and {p for _, p in first} == {"eager", "triton"}
+    assert order[: len(first)] == first and all(p == "compile" for _, p in order[-len(cases):])
+
+
+def test_launch_check_compares_every_generator_layer_each_way():
+    import _report
+
+    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "G.x b4")
+    recs = [_cases.rec(case, mode, p, "launches", n, "count", "measured", "")
+            for mode in ("forward", "backward") for p, n in (("eager", 2), ("triton", 2 if mode == "forward" else 3))]
+    got = next(c for c in _report.checks(recs, [case]) if c["check"].startswith("triton launches"))
+    assert not got["ok"] and got["compared"] == 2 and got["violations"] == ["G.x b4 [4, 3, 5, 5] fp32 backward: 3 > 2"]
+
+
 def test_gpu_report_renders_timings_against_the_copy_bandwidth():
     import _report
 
@@ -244,7 +292,7 @@ def _check_kernels_json(result: dict, expect_modelled: bool) -> None:
     for r in result["records"]:
         missing = RECORD_FIELDS - r.keys()
         assert not missing, f"record lacks {missing}: {r}"
-        assert r["op"] in ("batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss")
+        assert r["op"] in ("batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss", "training_step")
         assert r["mode"] in ("forward", "backward", "full") and r["provider"] in ("eager", "compile", "triton")
         assert r["source"] in ("measured", "modelled") and isinstance(r["shape"], list)
     assert {"machine", "versions", "git", "checks", "unavailable"} <= result.keys()
@@ -262,6 +310,11 @@ def _check_kernels_json(result: dict, expect_modelled: bool) -> None:
     # the figures the issue asks to show: never more bytes than eager
     never_more = next(c for c in result["checks"] if c["check"].startswith("triton bytes <= eager"))
     assert never_more["ok"], never_more["violations"]
+    launches = next(c for c in result["checks"] if c["check"].startswith("triton launches <= eager"))
+    assert launches["ok"] and launches["compared"] > 0, launches
+    step = {(r["provider"], r["metric"]): r["value"] for r in result["records"] if r["op"] == "training_step"}
+    assert {("eager", "launches"), ("triton", "launches"), ("eager", "step_model_us")} <= step.keys()
+    assert step[("triton", "launches")] < step[("eager", "launches")]
 
 
 def _committed_results() -> dict[Path, bytes]:
@@ -289,7 +342,7 @@ def test_bench_kernels_smoke_writes_a_new_ignored_run_and_leaves_committed_resul
         _check_kernels_json(result, expect_modelled=True)
         md = new[1].read_text()
         assert "| op | shape | dtype | mode |" in md and "modelled" in md
-        assert "bytes eager" in proc.stdout and "launches triton" in proc.stdout
+        assert "bytes eager" in proc.stdout and "launches triton" in proc.stdout and "whole training step" in md
         # eager BN+LReLU forward at the one directly counted shape is native_batch_norm + leaky_relu
         recs = [r for r in result["records"] if r["op"] == "batch_norm_leaky_relu" and r["provider"] == "eager"
                 and r["metric"] == "launches" and r["mode"] == "forward"]

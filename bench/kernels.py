@@ -69,7 +69,7 @@ def parse_args(argv=None):
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CI-sized run (< 5 min on a 2-core CPU)")
+    size.add_argument("--quick", action="store_true", help="CI-sized run (every shape class, fewer counted directly)")
     size.add_argument("--gpu-check", action="store_true", help="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
     size.add_argument("--smoke", action="store_true", help="the tests' tiny preset")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: the preset's")

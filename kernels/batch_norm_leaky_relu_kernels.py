@@ -407,7 +407,7 @@ def _bnlr_fwd_apply_kernel(X, Y, PART, W, B, RM, RV, NBT, MEAN, RSTD, SCALE, SHI
 @triton.jit
 def _bnlr_fwd_finalize_merge_kernel(PART, STATS, P, C, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Synchronised BN, split point 1: this rank's merged (count, mean, M2) per channel into STATS (3, C),
-    to be all-gathered and merged across ranks by `_bnlr_fwd_finalize_kernel`."""
+    to be all-gathered and merged across ranks by `_bnlr_fwd_apply_kernel`."""
     chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chan < C
     count, mean, m2 = _merge_partials(PART, P, C, chan, cmask, BLOCK_C, BLOCK_P)
@@ -513,7 +513,7 @@ def _bnlr_bwd_reduce_kernel(X, G, MEAN, RSTD, SCALE, SHIFT, PART, N_ROWS, C, K, 
 def _bnlr_bwd_finalize_sums_kernel(PART, DW, DB, SUMS, P, C, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
                                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Synchronised BN, split point 2: dweight/dbias from this rank's sums, and the (2, C) sums into SUMS
-    for the all-reduce that precedes `_bnlr_bwd_finalize_coef_kernel`."""
+    for the all-reduce that precedes `_bnlr_bwd_apply_kernel`."""
     chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chan < C
     sum_h, sum_hx = _sum_partials(PART, P, C, chan, cmask, BLOCK_C, BLOCK_P)

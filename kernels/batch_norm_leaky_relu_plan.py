@@ -29,7 +29,8 @@ MAX_BLOCK_K = 1024  # longest contiguous strip per tile row; wider rows are tile
 ROWS_BLOCK_C = 128  # (N, C) layout: channels per fused program (512 B contiguous per row)
 STATS_BLOCK_C = 64  # (N, C) layout: channels per reduction tile
 FINALIZE_BLOCK_C = 64  # channels per finalize program
-FINALIZE_BLOCK_P = 32  # partials merged per finalize step (the 64 x 32 merge is the largest kernel: 128 regs)
+FINALIZE_BLOCK_P = 32  # partials merged per step by the finalize and apply kernels (a 64 x 32 merge of the
+#                       (N, C) layout is the largest register user at 4 warps: the compile report finds no spills)
 PROGRAMS_PER_SM = 4  # split-path reduction grids aim at this many programs per SM (latency hiding)
 # The interpreter runs programs one after another at ~10 ms each whatever their size, so on CPU the grids are
 # few and the channel blocks wide. Same kernels, other constexprs; the compile report checks the GPU ones.
@@ -123,10 +124,12 @@ class LaunchPlan:
     """Block sizes and grids of every kernel for one (layout, shape) on one device.
 
     fused      a channel (block) fits one tile: `fused_tiles` serve the one-kernel forward and backward.
-    stats      the split path's reduction kernels (forward statistics, backward sums): a (C-blocks x P) grid,
-               `tiles_per_prog` tiles each; P = stats.grid[1] partials per channel.
-    elem       the split path's elementwise kernels over the (total_rows, k) matrix view.
-    finalize   per-channel kernels: `finalize_block_c` channels per program, `block_p(p)` partials a step.
+    stats      the split path's kernels, reduction and apply alike (forward statistics then normalise, backward
+               sums then dx): a (C-blocks x P) grid, `tiles_per_prog` tiles each; P = stats.grid[1] partials
+               per channel, merged `block_p(P)` at a time by every apply program.
+    elem       the eval forward's elementwise kernel over the (total_rows, k) matrix view.
+    finalize   per-channel kernels (eval scale/shift, the synchronised BN's local merges): `finalize_block_c`
+               channels per program, `block_p(p)` partials a step.
     """
 
     rows_layout: bool

@@ -2,7 +2,8 @@
 
 Images from a checkpoint's generator (the EMA weights when the checkpoint has them). --checkpoint is a
 checkpoint directory (it holds state.pt) or a run directory, local or a URI (s3://bucket/prefix/name). For a
-run directory the best checkpoint is used: the lowest FID among its evaluated checkpoints, else the newest.
+run directory the best checkpoint is used: the lowest FID among its evaluated checkpoints, else the newest;
+one that does not validate as a resume would validate it (torn, never registered) is skipped with a warning.
 
 Output: by default <run dir>/samples/sample-<checkpoint>-seed<seed>.png, next to the run's other files (a
 URI run directory gets the file uploaded there); --output PATH (local or URI) writes elsewhere. png: one
@@ -38,6 +39,7 @@ class Choice(NamedTuple):
     checkpoint: str  # local path or URI of the checkpoint directory
     run_dir: str  # its run directory (the parent)
     reason: str  # one line: which checkpoint and why
+    state: dict[str, Any] | None = None  # its validated state, when choosing it meant loading it
 
 
 def _order(name: str) -> tuple[int, int, int]:
@@ -98,20 +100,34 @@ def choose_checkpoint(location: str) -> Choice:
         raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
                               f"checkpoint or a run directory)")
     fids = checkpoint_fids(location, names)
-    if fids:
-        # ties go to the newer checkpoint
-        best = min(fids, key=lambda n: (fids[n], [-k for k in _order(n)]))
-        among = f"among {len(fids)} evaluated of" if len(fids) < len(names) else "of"
-        reason = f"using {best} (best FID {fids[best]:.4g} {among} {len(names)} checkpoints)"
-    else:
-        best = names[-1]
-        reason = f"using {best} (newest of {len(names)} checkpoints; none was evaluated)"
-    return Choice(storage.join(location, best), location, reason)
+    # best FID first (ties to the newer), then the unevaluated ones newest first; the first that validates wins
+    ranked = sorted(fids, key=lambda n: (fids[n], [-k for k in _order(n)]))
+    ranked += [n for n in reversed(names) if n not in fids]
+    skipped: list[str] = []
+    for name in ranked:
+        where = storage.join(location, name)
+        try:  # the validation a resume applies (load_state): a torn or unregistered checkpoint is passed over
+            state = fetch_state(where if storage.is_uri(where) else Path(where))
+        except CheckpointError as e:
+            print(f"WARNING: skipping checkpoint: {e}", file=sys.stderr, flush=True)
+            skipped.append(str(e))
+            continue
+        if name in fids:
+            among = f"among {len(fids)} evaluated of" if len(fids) < len(names) else "of"
+            reason = f"using {name} (best FID {fids[name]:.4g} {among} {len(names)} checkpoints"
+        else:
+            reason = f"using {name} (newest of {len(names)} checkpoints" + \
+                ("; none was evaluated" if not fids else "; no evaluated one is valid")
+        reason += f"; {len(skipped)} invalid skipped)" if skipped else ")"
+        return Choice(where, location, reason, state)
+    raise CheckpointError(f"{location}: none of its {len(names)} checkpoints is valid: {'; '.join(skipped)}")
 
 
-def load_generator(checkpoint_dir: str | Path, use_ema: bool = True) -> Generator:
-    """The generator of a checkpoint directory (local path or URI), EMA weights when present."""
-    state = fetch_state(checkpoint_dir if storage.is_uri(checkpoint_dir) else Path(checkpoint_dir))
+def load_generator(checkpoint_dir: str | Path, use_ema: bool = True, state: dict[str, Any] | None = None) -> Generator:
+    """The generator of a checkpoint directory (local path or URI), EMA weights when present; `state`: its state
+    when already loaded and validated."""
+    if state is None:
+        state = fetch_state(checkpoint_dir if storage.is_uri(checkpoint_dir) else Path(checkpoint_dir))
     cfg = config_from_dict(state["config"])
     g = Generator(cfg.z_dim, cfg.image_size, cfg.image_channels, cfg.negative_slope, kernels="eager")
     where = storage.join(checkpoint_dir, STATE_FILE)
@@ -173,7 +189,7 @@ def main(argv=None) -> int:
     try:
         choice = choose_checkpoint(args.checkpoint)
         print(choice.reason, flush=True)
-        g = load_generator(choice.checkpoint, use_ema=not args.no_ema)
+        g = load_generator(choice.checkpoint, use_ema=not args.no_ema, state=choice.state)
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2

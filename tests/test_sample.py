@@ -143,3 +143,34 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: --checkpoint: {missing}: no such checkpoint or run directory"
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("evaluated", [False, True])
+def test_a_half_written_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, cwd, capsys, evaluated):
+    """An upload cut off or a worker killed mid-write: the newest (or best) checkpoint's state.pt is torn, and Ray
+    never registered it. sample passes over it as a resume would."""
+    names = ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
+    run = write_run(tmp_path / "runs" / "r", names, evals=[(4, 20.0), (6, 10.0)] if evaluated else [])
+    torn = run / "checkpoint_00000006" / "state.pt"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    assert main(["--checkpoint", str(run), "--num-samples", "4", "--output", str(tmp_path / "o.npz")]) == 0
+    out, err = capsys.readouterr()
+    [warning] = err.strip().splitlines()
+    assert warning.startswith(f"WARNING: skipping checkpoint: {torn}: unreadable, truncated or corrupt (")
+    used = "checkpoint_00000004"
+    assert out.splitlines()[0] == (f"using {used} (best FID 20 among 2 evaluated of 3 checkpoints; 1 invalid skipped)"
+                                   if evaluated else f"using {used} (newest of 3 checkpoints; none was evaluated; "
+                                                     f"1 invalid skipped)")
+    got = np.load(tmp_path / "o.npz")["images"]
+    want = generate(load_generator(run / used), 4)
+    assert np.array_equal(got, ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def test_a_run_whose_checkpoints_are_all_invalid_is_one_line_naming_each(tmp_path, cwd, capsys):
+    run = write_run(tmp_path / "runs" / "r", ["checkpoint_00000002", "checkpoint_00000004"])
+    for name in ("checkpoint_00000002", "checkpoint_00000004"):
+        (run / name / "state.pt").write_bytes(b"torn")
+    assert main(["--checkpoint", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --checkpoint: {run}: none of its 2 checkpoints is valid: ")
+    assert "checkpoint_00000002/state.pt" in err[-1] and "checkpoint_00000004/state.pt" in err[-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -32,9 +33,22 @@ from distgan.config import config_from_dict
 from distgan.trainer import Trainer
 from kernels.collectives import collective_device
 
-STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C; polled by rank 0
+STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C or SIGTERM; polled by rank 0
 STOP_FILE = "stopped.json"  # why a graceful stop happened: Ray Train hands the driver only checkpointed metrics
 STOP_POLL_S = {"local": 0.5, "remote": 5.0}  # a stat is free; an s3:// HEAD request is not
+# Ray keeps the best --num-to-keep checkpoints by this metric (order "min"), reported with every checkpoint of
+# every run whatever --eval-every was: an evaluated checkpoint's FID, else UNSCORED, worse than any FID and
+# finite. Ray ranks a checkpoint that lacks the metric as the best in "min" order, and writes inf or nan to
+# its snapshot as JSON null, which it cannot rank when the run resumes.
+RANK_METRIC = "fid_rank"
+UNSCORED = 1e300
+
+
+def rank_of(metrics: dict[str, Any]) -> float:
+    """RANK_METRIC's value for a checkpoint reported with `metrics`: its FID when finite, else UNSCORED."""
+    fid = metrics.get("fid")
+    finite = isinstance(fid, (int, float)) and not isinstance(fid, bool) and math.isfinite(fid)
+    return float(fid) if finite else UNSCORED
 
 
 def _load_checkpoint(trainer: Trainer) -> Optional[int]:
@@ -126,8 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tag = box[0]
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
-        if score_fid:  # Ray keeps the best checkpoints by this; a checkpoint not evaluated never wins
-            metrics.setdefault("fid", float("inf"))
+        metrics[RANK_METRIC] = rank_of(metrics)
         metrics["precision"] = trainer.precision  # reaches the driver's summary
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

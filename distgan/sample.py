@@ -42,7 +42,7 @@ class Choice(NamedTuple):
     state: dict[str, Any] | None = None  # its validated state, when choosing it meant loading it
 
 
-def _order(name: str) -> tuple[int, int, int]:
+def checkpoint_order(name: str) -> tuple[int, int, int]:
     """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
     m = CHECKPOINT_NAME.fullmatch(name)
     return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
@@ -73,7 +73,7 @@ def checkpoint_fids(run_dir: str, names: list[str]) -> dict[str, float]:
         if row.get("kind") == "eval" and isinstance(row.get("step"), int) and _finite(row.get("fid")) is not None:
             by_step[row["step"]] = row["fid"]
     for name in names:
-        step = _order(name)[0]
+        step = checkpoint_order(name)[0]
         if name not in fids and step in by_step:
             fids[name] = by_step[step]
     return fids
@@ -95,13 +95,13 @@ def choose_checkpoint(location: str) -> Choice:
     if info.type != FileType.Directory:
         raise CheckpointError(f"{location}: not a directory (expected a checkpoint or a run directory)")
     names = sorted((e.base_name for e in storage.entries(location)
-                    if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=_order)
+                    if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=checkpoint_order)
     if not names:
         raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
                               f"checkpoint or a run directory)")
     fids = checkpoint_fids(location, names)
     # best FID first (ties to the newer), then the unevaluated ones newest first; the first that validates wins
-    ranked = sorted(fids, key=lambda n: (fids[n], [-k for k in _order(n)]))
+    ranked = sorted(fids, key=lambda n: (fids[n], [-k for k in checkpoint_order(n)]))
     ranked += [n for n in reversed(names) if n not in fids]
     skipped: list[str] = []
     for name in ranked:

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
 
 from distgan import storage
@@ -132,12 +132,211 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
     return ray
 
 
-class StopOnInterrupt:
-    """The first Ctrl-C asks the workers to stop at the next step boundary and write a checkpoint (a note in the
-    run directory that rank 0 polls); a second one stops at once (KeyboardInterrupt)."""
+# A driver finds its cluster at a GCS address, host:port; Ray's Jobs docs export the dashboard's http:// address
+# instead, which only `ray job submit` reads. A dead address makes ray.init retry for minutes in silence.
+RAY_ADDRESS_PROBE_S = 5.0
+
+
+def check_ray_address(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuses a RAY_ADDRESS this driver cannot join, in one line naming it, before Ray is started: a dashboard
+    URL (http://, https://), a value that is not host:port, or a host:port where nothing accepts a TCP
+    connection within RAY_ADDRESS_PROBE_S seconds. Unset, `auto` and `ray://` (Ray Client) are left to Ray."""
+    import socket
+
+    address = environ.get("RAY_ADDRESS", "").strip()
+    if not address or address == "auto" or address.startswith("ray://"):
+        return
+    if address.startswith(("http://", "https://")):
+        host = address.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+        raise LaunchError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address, which only `ray job submit "
+                          f"--address` reads; a driver joins at the cluster's GCS address (`ray status` on the head "
+                          f"node prints it, port 6379 by default): RAY_ADDRESS={host}:6379, or run this command "
+                          f"with `ray job submit --address {address} -- python -m distgan.train ...`")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"RAY_ADDRESS={address} is not host:port (the cluster's GCS address, e.g. "
+                          f"10.0.0.5:6379) nor auto; unset it for a local run on this machine")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_ADDRESS_PROBE_S):
+            pass
+    except OSError as e:
+        raise LaunchError(f"RAY_ADDRESS={address}: nothing answers there ({e.strerror or type(e).__name__}); start "
+                          f"the cluster (`ray start --head`), correct the address (`ray status` on the head node "
+                          f"prints it), or unset RAY_ADDRESS for a local run on this machine") from None
+
+
+# One live driver per run: two would interleave checkpoint names, Ray's snapshot, metrics.jsonl and the stop
+# request. The driver holds a claim file in the run directory and rewrites it every CLAIM_HEARTBEAT_S; a
+# claim is a dead driver's when its process is gone (same host) or it was not rewritten for CLAIM_STALE_S
+# (another host, whose processes this one cannot see).
+CLAIM_FILE = "driver_claim.json"
+CLAIM_HEARTBEAT_S = 30.0
+CLAIM_STALE_S = 150.0  # five missed heartbeats: longer than any pause of a live driver's heartbeat thread
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of a process in clock ticks since boot (Linux /proc), to tell a live claimant from a new
+    process that reuses its pid; None where /proc does not say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+class RunClaim:
+    """The run directory's claim by this driver: `acquire` refuses (LaunchError) while another live driver holds
+    it, and takes over a stale one; `release` removes it. Local storage creates the file exclusively (O_EXCL);
+    an object store has no exclusive create in pyarrow, so there the claim is written and read back."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg, self.requested, self.previous = cfg, False, None
+        import socket
+        import uuid
+
+        self.cfg = cfg
+        self.run = storage.join(cfg.storage_path, cfg.name)
+        self.path = storage.join(self.run, CLAIM_FILE)
+        self.mine = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "boot_id": _boot_id(),
+                     "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "started": time.time(),
+                     "command": shlex.join(["python", "-m", "distgan.train", *sys.argv[1:]])}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _read(self) -> Optional[dict]:
+        """The claim in the run directory: None when there is none, {} when it is torn or not a claim (a claim
+        nobody can prove is live)."""
+        data = storage.read_bytes(self.path)
+        if data is None:
+            return None
+        try:
+            claim = json.loads(data.decode())
+        except ValueError:
+            return {}
+        return claim if isinstance(claim, dict) else {}
+
+    def _write(self, exclusive: bool = False) -> None:
+        data = json.dumps({**self.mine, "heartbeat": time.time()}).encode()
+        if exclusive and not storage.is_uri(self.path):
+            Path(self.run).mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # FileExistsError: taken
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return
+        storage.write_bytes(self.path, data)  # atomic on a local disk; one PUT on an object store
+
+    def _remove_stale(self) -> bool:
+        """Removes a dead driver's claim; False when another taker removed it first. On a local disk it is renamed
+        aside first, so that of two takers only one succeeds."""
+        if storage.is_uri(self.path):
+            return storage.delete(self.path)
+        aside = f"{self.path}.stale-{self.mine['token']}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        os.unlink(aside)
+        return True
+
+    def live(self, claim: dict) -> bool:
+        """Whether the driver that wrote `claim` may still be running."""
+        if not claim:
+            return False
+        same_machine = claim.get("host") == self.mine["host"] and claim.get("boot_id") == self.mine["boot_id"]
+        if same_machine and isinstance(claim.get("pid"), int):
+            start = _process_start(claim["pid"])
+            if start is None:
+                try:
+                    os.kill(claim["pid"], 0)
+                except ProcessLookupError:
+                    return False
+                except PermissionError:
+                    return True
+                return True
+            return claim.get("pid_start") in (None, start)
+        heartbeat = claim.get("heartbeat")
+        return isinstance(heartbeat, (int, float)) and time.time() - heartbeat < CLAIM_STALE_S
+
+    def _refuse(self, claim: dict) -> LaunchError:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.get("started", 0)))
+        return LaunchError(f"run {self.cfg.name} is in use by another driver (pid {claim.get('pid')} on "
+                           f"{claim.get('host')}, since {since}; claim {self.path}); let it "
+                           f"finish or stop it, or train under another --name")
+
+    def acquire(self) -> "RunClaim":
+        try:
+            return self._acquire()
+        except OSError as e:
+            raise LaunchError(f"--storage-path: cannot claim run {self.cfg.name} at {self.run} for this driver "
+                              f"({storage.first_line(e)})") from None
+
+    def _acquire(self) -> "RunClaim":
+        for _ in range(3):
+            claim = self._read()
+            if claim is not None and self.live(claim):
+                raise self._refuse(claim)
+            if claim is not None and not self._remove_stale():
+                continue  # another driver took it over first; look again
+            try:
+                self._write(exclusive=True)
+            except FileExistsError:
+                continue
+            if (self._read() or {}).get("token") == self.mine["token"]:
+                break
+        else:
+            raise self._refuse(self._read() or {})
+        self._thread = threading.Thread(target=self._heartbeat, name="run-claim", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(CLAIM_HEARTBEAT_S):
+            try:
+                self._write()
+            except OSError:  # storage briefly unreachable: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if (self._read() or {}).get("token") == self.mine["token"]:
+                storage.delete(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "RunClaim":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: stop at once. `signum` is the signal (the exit code is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, SLURM, systemd) asks
+    the workers to stop at the next step boundary and write a checkpoint (a note in the run directory that rank
+    0 polls); a second one stops at once (StopNow). `signum` is the first signal's number, 0 before any."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.signum, self.previous = cfg, 0, {}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signum)
 
     def _request(self) -> str:
         from distgan.loop import STOP_REQUEST_FILE
@@ -145,16 +344,18 @@ class StopOnInterrupt:
         return storage.join(self.cfg.storage_path, self.cfg.name, STOP_REQUEST_FILE)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum:
+            raise StopNow(signum)
+        self.signum = signum
+        what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} again"
         try:
             storage.write_bytes(self._request(), b"stop")
         except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
-            print(f"\ninterrupt: cannot leave the stop request in the run directory ({e}); Ctrl-C again to stop "
-                  f"at once", file=sys.stderr, flush=True)
+            print(f"\n{what}: cannot leave the stop request in the run directory ({e}); {again} to stop at once",
+                  file=sys.stderr, flush=True)
             return
-        print("\ninterrupt: the workers stop at the next step and write a checkpoint; Ctrl-C again to stop at once",
+        print(f"\n{what}: the workers stop at the next step and write a checkpoint; {again} to stop at once",
               file=sys.stderr, flush=True)
 
     def clear(self) -> None:
@@ -166,11 +367,14 @@ class StopOnInterrupt:
 
     def __enter__(self) -> "StopOnInterrupt":
         self.clear()
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        # Ray's driver installs a SIGTERM handler of its own (in C++: a stack dump, then abort, exit 134), which
+        # Python's signal.signal replaces; getsignal cannot return it, so it is not restored afterwards
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.clear()
 
 
@@ -271,7 +475,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distgan.loop import train_loop_per_worker
+    from distgan.loop import RANK_METRIC, train_loop_per_worker
 
     max_failures = cfg.max_failures if cfg.max_failures is not None else default_max_failures()
     return TorchTrainer(
@@ -284,7 +488,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.num_to_keep,
-                checkpoint_score_attribute="fid" if score_fid else None,
+                checkpoint_score_attribute=RANK_METRIC,  # every run, so a resubmission may turn evaluation on
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=max_failures),
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
@@ -322,6 +526,135 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
                               f"or use a new --name", field=key)
 
 
+def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
+    """Makes Ray's record of the run (checkpoint_manager_snapshot.json) agree with the run directory before Ray
+    reads it; returns (location, state) of the checkpoint the run resumes from, or None for a new run.
+
+    Ray resumes from its record's latest checkpoint, refuses a record that names a missing directory, and
+    without a record starts from step 0 and writes over the directories that exist. The two disagree when a
+    directory was deleted (a person, a lifecycle rule, a lost disk) or a run ended before Ray registered its
+    last checkpoint. So the run resumes from the newest checkpoint directory that exists and validates (the
+    workers' load_state); newer ones that do not are skipped with a warning (resumed attempts name their
+    checkpoints apart, so none is written over). The record is rewritten, checked against Ray's own schema,
+    to name only existing directories, with that checkpoint as the latest and every RANK_METRIC finite.
+
+    Raises LaunchError when the run has checkpoints, on disk or in the record, and none validates: a run is
+    never started again from step 0 under its name."""
+    from pyarrow.fs import FileType
+
+    from distgan.checkpoint import CheckpointError, fetch_state
+    from distgan.loop import RANK_METRIC, rank_of
+    from distgan.sample import CHECKPOINT_NAME, RAY_SNAPSHOT, checkpoint_fids, checkpoint_order
+
+    run = storage.join(cfg.storage_path, cfg.name)
+    record_path = storage.join(run, RAY_SNAPSHOT)
+    try:
+        names = sorted((e.base_name for e in storage.entries(run)
+                        if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)),
+                       key=checkpoint_order)
+        raw = storage.read_bytes(record_path)
+    except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
+        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({storage.first_line(e)})")
+        return None
+    snapshot = None
+    if raw is not None:
+        try:
+            snapshot = json.loads(raw)
+        except ValueError:
+            log(f"WARNING: {record_path} is not JSON (torn); rebuilt from the run directory")
+    snapshot = snapshot if isinstance(snapshot, dict) else None
+    results = list((snapshot or {}).get("checkpoint_results") or [])
+    recorded = [r.get("checkpoint_dir_name") for r in results]
+    latest = ((snapshot or {}).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+    skipped: list[str] = []
+    target = None
+    for name in reversed(names):
+        where = storage.join(run, name)
+        try:
+            state = fetch_state(where if "://" in where else Path(where))
+        except CheckpointError as e:
+            log(f"WARNING: skipping checkpoint: {e}")
+            skipped.append(name)
+            continue
+        target = name
+        break
+    if target is None:
+        if not names and not recorded:
+            return None
+        what = (f"none of its {len(names)} checkpoints validates" if names else
+                f"Ray's record names {', '.join(map(str, recorded))}, and none of them is in {run}")
+        raise LaunchError(f"run {cfg.name}: {what}; a run is not started again from step 0 under its name: "
+                          f"restore a checkpoint, or train under another --name")
+
+    # the record's entries that exist and validate (or were not looked at: older than the target), the target
+    indices = list((snapshot or {}).get("checkpoint_report_indices") or [])
+    if len(indices) != len(results):
+        indices = list(range(len(results)))
+    current = int((snapshot or {}).get("current_report_index") or 0)
+    kept = {r["checkpoint_dir_name"]: (dict(r.get("metrics") or {}), i) for r, i in zip(results, indices)
+            if r.get("checkpoint_dir_name") in names and r.get("checkpoint_dir_name") not in skipped}
+    if target not in kept:
+        kept[target] = ({"step": state.get("step")}, max([current, *indices], default=-1) + 1)
+        current = kept[target][1] + 1
+    fids = checkpoint_fids(run, list(kept))
+    for name, (metrics, _) in kept.items():
+        rank = metrics.get(RANK_METRIC)
+        if not (isinstance(rank, (int, float)) and math.isfinite(rank)):
+            metrics[RANK_METRIC] = rank_of({"fid": fids.get(name)})
+    # Ray keeps its list in ascending order of its key, (True, -rank) for "min": worst first, ties by report order
+    order = sorted(kept, key=lambda n: (-kept[n][0][RANK_METRIC], kept[n][1]))
+
+    def entry(name: str) -> dict:
+        return {"version": 0, "checkpoint_dir_name": name, "metrics": kept[name][0]}
+
+    pending = [(r, spec) for r, spec in zip((snapshot or {}).get("pending_training_results") or [],
+                                            (snapshot or {}).get("pending_validation_specs") or [])
+               if r.get("checkpoint_dir_name") in kept]
+    import ray
+
+    wanted = {
+        **(snapshot or {"ray_version": ray.__version__}),
+        "checkpoint_results": [entry(n) for n in order],
+        "checkpoint_report_indices": [kept[n][1] for n in order],
+        "latest_checkpoint_result": entry(target),
+        "pending_training_results": [entry(r["checkpoint_dir_name"]) for r, _ in pending],
+        "pending_validation_specs": [spec for _, spec in pending],
+        "current_report_index": current,
+        **{key: [n for n in (snapshot or {}).get(key) or [] if n in kept] for key in (
+            "validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+            "failed_validation_checkpoint_dir_names")},
+    }
+    if wanted != snapshot:
+        _write_ray_record(record_path, wanted)
+    missing = [n for n in dict.fromkeys([*recorded, latest]) if n and n not in names]
+    if snapshot is None:
+        why = "Ray's record of the run was missing or torn; rebuilt it from the run directory"
+    elif latest == target:
+        why = ""
+    elif latest in missing:
+        why = f"Ray's latest, {latest}, is missing"
+    elif latest in skipped:
+        why = f"Ray's latest, {latest}, does not validate"
+    else:
+        why = f"Ray had not registered it (its latest was {latest})"
+    others = [n for n in missing if n != latest]
+    if others:
+        why += f"{'; ' if why else ''}dropped missing {', '.join(others)} from Ray's record"
+    if why:
+        log(f"run {cfg.name}: resuming from {target}, the newest checkpoint that exists and validates ({why})")
+    return storage.join(run, target), state
+
+
+def _write_ray_record(location: str, record: dict) -> None:
+    """Writes Ray Train's checkpoint_manager_snapshot.json after checking it against Ray's own schema (what its
+    controller parses on start), so a record Ray cannot read is never left behind."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    _CheckpointManagerState.model_validate(record)
+    storage.write_bytes(location, json.dumps(record, allow_nan=False).encode())
+
+
 def local_gpu_count() -> int:
     import torch
 
@@ -352,13 +685,24 @@ def run(cfg: TrainConfig) -> dict:
 
     Everything the driver can check is checked before Ray starts: values (parse_args), the data and the
     schedule, the run's newest checkpoint against these flags, and, for a local run, the hardware."""
+    check_ray_address()
     # torch is imported from here on, not before: a bad flag is reported in a second
-    from distgan.checkpoint import newest_checkpoint_state
     from distgan.data import build_dataset, check_data_root
 
     check_data_root(cfg)
     check_schedule(cfg, len(build_dataset(cfg, "train")))
-    found = newest_checkpoint_state(cfg.storage_path, cfg.name)
+    claim = RunClaim(cfg).acquire()
+    try:
+        return _run_claimed(cfg)
+    finally:
+        claim.release()
+
+
+def _run_claimed(cfg: TrainConfig) -> dict:
+    """run(), from the moment this driver holds the run directory."""
+    from distgan.loop import RANK_METRIC
+
+    found = reconcile_run(cfg)
     check_resume(cfg, found)
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if not joining:  # a local run's cluster is this machine
@@ -405,7 +749,7 @@ def run(cfg: TrainConfig) -> dict:
         "metrics_jsonl": storage.join(run_dir, storage.METRICS_FILE),
         "resumed": found is not None,
         "wall_time_s": round(wall, 1),
-        "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != RANK_METRIC},
         "num_workers": cfg.num_workers,
         "use_gpu": use_gpu,
         "precision": metrics.get("precision"),
@@ -414,6 +758,8 @@ def run(cfg: TrainConfig) -> dict:
     if stopped:
         summary["stopped"] = stopped
     summary["interrupted"] = interrupt.requested
+    if interrupt.requested:
+        summary["signal"] = signal.Signals(interrupt.signum).name
     return summary
 
 
@@ -439,10 +785,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         where = f": {resume_command(cfg, argv)}" if cfg is not None else ""
         print(f"interrupted at once; the last checkpoint is kept; to resume{where}", file=sys.stderr, flush=True)
-        _exit_now(130)
+        _exit_now(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # Ray's TrainingFailedError and friends: one line, then where to look
         from distgan.checkpoint import CheckpointError
 
@@ -469,7 +815,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if summary["interrupted"]:
         print(f"interrupted: checkpoint {summary['checkpoint']} written at step {final.get('step')}; to resume: "
               f"{resume_command(cfg, argv)}", file=sys.stderr)
-        return 130
+        return 128 + signal.Signals[summary["signal"]]
     return 0
 
 

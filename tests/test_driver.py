@@ -3,6 +3,7 @@ newest checkpoint checked against the flags before Ray starts, and the paths it 
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,8 +56,11 @@ def _checkpoint(run_dir: Path, step: int, g_steps_into_epoch: int, world_size: i
     config = TrainConfig(name=run_dir.name, storage_path=str(run_dir.parent), num_workers=world_size, **cfg)
     d = run_dir / f"checkpoint_{step:08d}{suffix}"
     d.mkdir(parents=True)
+    # the keys load_state requires, so that the driver's validation (reconcile_run) passes it on to check_resume
     torch.save({"format": 2, "config": config.to_dict(), "step": step, "epoch": 1,
-                "g_steps_into_epoch": g_steps_into_epoch, "world_size": world_size, "generator": {"w": torch.zeros(2)}},
+                "g_steps_into_epoch": g_steps_into_epoch, "world_size": world_size, "generator": {"w": torch.zeros(2)},
+                "discriminator": {}, "opt_g": {}, "opt_d": {}, "fixed_noise": torch.zeros(1), "rng": [],
+                "lr_scale": 1.0, "rollbacks": 0},
                d / "state.pt")
     return d
 
@@ -185,9 +189,12 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     monkeypatch.setattr(train, "connect_ray", lambda cfg: fake_ray)
     monkeypatch.setattr(train, "wait_for_placement", lambda cfg, use_gpu: None)
     monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))
-    monkeypatch.setattr("distgan.checkpoint.newest_checkpoint_state", lambda *a, **k: None)  # no S3 here
+    monkeypatch.setattr(train, "reconcile_run", lambda cfg: None)  # no S3 here
     monkeypatch.setattr(train, "stop_reason", lambda cfg: None)
     monkeypatch.setattr(train.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
+    monkeypatch.setattr(train, "RunClaim", lambda cfg: SimpleNamespace(  # likewise
+        acquire=lambda: SimpleNamespace(release=lambda: None)))
+    monkeypatch.setattr(train, "check_ray_address", lambda: None)  # no cluster: connect_ray is replaced
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     summary = train.run(cfg)
     assert summary["run_dir"] == "s3://bucket/prefix/x"
@@ -215,3 +222,250 @@ def test_run_paths_under_a_local_directory(tmp_path):
 
 
 # ------------------------------------------------------------------ through a real `ray job submit`
+
+
+# ------------------------------------------------------------------ RAY_ADDRESS values a driver cannot join
+
+
+@pytest.mark.parametrize("address,needle", [
+    ("http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard (Jobs API) address, which only "
+                              "`ray job submit --address` reads; a driver joins at the cluster's GCS address"),
+    ("127.0.0.1:{port}", "RAY_ADDRESS=127.0.0.1:{port}: nothing answers there (Connection refused); start the "
+                         "cluster (`ray start --head`)"),
+    ("head-node", "RAY_ADDRESS=head-node is not host:port"),
+])
+def test_a_ray_address_the_driver_cannot_join_is_one_line_exit_2(tmp_path, address, needle):
+    """Through the command line: ray.init would print a list of fixes without the address (dashboard URL) or retry
+    silently for minutes (nothing listening); the timeout is what the old behaviour hit."""
+    import subprocess
+    import sys
+
+    from ray_local import free_port
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": address.format(port=port), "PYTHONPATH": str(Path(train.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "distgan.train", "--storage-path", str(tmp_path), "--max-steps", "1"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith(f"error: {needle.format(port=port)}") and "\n" not in err, err
+    assert not (tmp_path.exists() and any(tmp_path.iterdir()))  # refused before anything was written
+
+
+# ------------------------------------------------------------------ one live driver per run
+
+
+def _claim(run_dir: Path, **fields) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / train.CLAIM_FILE
+    path.write_text(json.dumps({"token": "other", "started": time.time(), "heartbeat": time.time(), **fields}))
+    return path
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_driver_on_a_live_run_is_refused_naming_the_run_and_the_holder(tmp_path, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(train, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    me = {"host": socket.gethostname(), "boot_id": train._boot_id(), "pid": os.getpid(),
+          "pid_start": train._process_start(os.getpid())}
+    claim = _claim(tmp_path / "x", **me)  # this test's process stands for the live driver
+    assert train.main(["--storage-path", str(tmp_path), "--name", "x", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: run x is in use by another driver (pid {os.getpid()} on {me['host']}, since ")
+    assert f"claim {claim})" in err and "\n" not in err
+    assert json.loads(claim.read_text())["token"] == "other"  # untouched
+    # a driver on another host that rewrote its claim a minute ago is live as well
+    _claim(tmp_path / "y", host="elsewhere", pid=1, heartbeat=time.time() - 60)
+    with pytest.raises(train.LaunchError, match="^run y is in use by another driver .pid 1 on elsewhere"):
+        train.RunClaim(TrainConfig(storage_path=str(tmp_path), name="y").validate()).acquire()
+
+
+@pytest.mark.parametrize("holder", ["dead-pid", "pid-reused", "silent-host", "torn"])
+def test_a_dead_drivers_claim_does_not_block_a_resume(tmp_path, holder):
+    import socket
+
+    here = {"host": socket.gethostname(), "boot_id": train._boot_id()}
+    if holder == "dead-pid":  # Ctrl-C twice, SIGKILL, a crashed machine: the pid is gone
+        _claim(tmp_path / "x", **here, pid=_dead_pid(), pid_start="1")
+    elif holder == "pid-reused":  # the pid now belongs to another process, started later
+        _claim(tmp_path / "x", **here, pid=os.getpid(), pid_start="1")
+    elif holder == "silent-host":  # another host's driver stopped rewriting its claim
+        _claim(tmp_path / "x", host="elsewhere", pid=1, heartbeat=time.time() - train.CLAIM_STALE_S - 1)
+    else:
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / train.CLAIM_FILE).write_text('{"tok')
+    cfg = TrainConfig(storage_path=str(tmp_path), name="x").validate()
+    claim = train.RunClaim(cfg).acquire()
+    try:
+        assert json.loads((tmp_path / "x" / train.CLAIM_FILE).read_text())["token"] == claim.mine["token"]
+        with pytest.raises(train.LaunchError, match="^run x is in use by another driver"):  # and it is held now
+            train.RunClaim(cfg).acquire()
+    finally:
+        claim.release()
+    assert not (tmp_path / "x" / train.CLAIM_FILE).exists()
+
+
+def test_a_claim_in_a_bucket_is_taken_over_only_when_stale(s3_endpoint, monkeypatch):
+    import pyarrow.fs
+
+    from conftest import s3_env
+
+    for key, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(key, value)
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
+    s3.create_dir("claims")
+
+    def put(name, heartbeat):
+        with s3.open_output_stream(f"claims/runs/{name}/{train.CLAIM_FILE}") as fh:
+            fh.write(json.dumps({"token": "other", "host": "elsewhere", "pid": 7, "started": heartbeat,
+                                 "heartbeat": heartbeat}).encode())
+
+    put("live", time.time())
+    with pytest.raises(train.LaunchError, match="^run live is in use by another driver .pid 7 on elsewhere"):
+        train.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="live").validate()).acquire()
+    put("stale", time.time() - train.CLAIM_STALE_S - 1)
+    claim = train.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="stale").validate()).acquire()
+    with s3.open_input_stream(f"claims/runs/stale/{train.CLAIM_FILE}") as fh:
+        assert json.loads(fh.read())["token"] == claim.mine["token"]
+    claim.release()
+    assert s3.get_file_info(f"claims/runs/stale/{train.CLAIM_FILE}").type == pyarrow.fs.FileType.NotFound
+
+
+# ------------------------------------------------------------------ Ray's record of the run vs the run directory
+
+
+def _ray_manager(storage: Path, name: str, num_to_keep: int = 3):
+    """Ray Train's own checkpoint manager, loading the run's record as the controller does when the run starts."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from distgan.loop import RANK_METRIC
+
+    config = CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=RANK_METRIC,
+                              checkpoint_score_order="min")
+    return CheckpointManager(config, StorageContext(str(storage), experiment_dir_name=name))
+
+
+def _record(run: Path, names: list[str], metrics: dict[str, dict], latest: str) -> None:
+    """A checkpoint_manager_snapshot.json as Ray Train 2.60 writes it."""
+    import ray
+
+    results = [{"version": 0, "checkpoint_dir_name": n, "metrics": metrics[n]} for n in names]
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": ray.__version__, "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(len(names))),
+        "latest_checkpoint_result": results[names.index(latest)], "pending_training_results": [],
+        "pending_validation_specs": [], "current_report_index": len(names), "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
+
+
+def _run_with(tmp_path, steps: list[int]) -> Path:
+    from test_sample import make_checkpoint
+
+    run = tmp_path / "sample-test"
+    for step in steps:
+        make_checkpoint(run / f"checkpoint_{step:08d}", step)
+    return run
+
+
+def test_a_deleted_latest_checkpoint_resumes_from_the_newest_that_exists(tmp_path):
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    run = _run_with(tmp_path, [2, 4])
+    names = ["checkpoint_00000002", "checkpoint_00000004"]
+    _record(run, names, {n: {"step": int(n[-2:])} for n in names}, latest="checkpoint_00000004")
+    shutil.rmtree(run / "checkpoint_00000004")  # a person, a lifecycle rule, a lost disk
+    with pytest.raises(CheckpointManagerInitializationError, match="does not exist anymore"):
+        _ray_manager(tmp_path, run.name)  # what Ray does with the record as it is
+    notes = []
+    cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
+    where, state = train.reconcile_run(cfg, log=notes.append)
+    assert where == str(run / "checkpoint_00000002") and state["step"] == 2
+    assert notes == [f"run {run.name}: resuming from checkpoint_00000002, the newest checkpoint that exists and "
+                     f"validates (Ray's latest, checkpoint_00000004, is missing)"]
+    manager = _ray_manager(tmp_path, run.name)
+    assert Path(manager.latest_checkpoint_result.checkpoint.path).name == "checkpoint_00000002"
+    assert train.reconcile_run(cfg, log=notes.append)[0] == where and len(notes) == 1  # agreed now: no rewrite
+
+
+def test_checkpoints_ray_never_registered_are_resumed_and_torn_ones_skipped(tmp_path):
+    """A run that ended before Ray registered its last checkpoint (registration is asynchronous), one whose
+    newest is torn, and one whose record is gone: each resumes from its newest valid checkpoint."""
+    run = _run_with(tmp_path, [2, 4, 6])
+    _record(run, ["checkpoint_00000002"], {"checkpoint_00000002": {"step": 2}}, latest="checkpoint_00000002")
+    torn = run / "checkpoint_00000006" / "state.pt"
+    torn.write_bytes(torn.read_bytes()[:500])
+    notes = []
+    cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
+    where, _ = train.reconcile_run(cfg, log=notes.append)
+    assert where == str(run / "checkpoint_00000004")
+    assert notes[0].startswith(f"WARNING: skipping checkpoint: {torn}: unreadable, truncated or corrupt")
+    assert notes[1].endswith("(Ray had not registered it (its latest was checkpoint_00000002))")
+    manager = _ray_manager(tmp_path, run.name)
+    assert Path(manager.latest_checkpoint_result.checkpoint.path).name == "checkpoint_00000004"
+
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    notes.clear()
+    assert train.reconcile_run(cfg, log=notes.append)[0] == where
+    assert "Ray's record of the run was missing or torn; rebuilt it from the run directory" in notes[-1]
+    assert Path(_ray_manager(tmp_path, run.name).latest_checkpoint_result.checkpoint.path).name == \
+        "checkpoint_00000004"
+
+
+def test_a_run_whose_checkpoints_are_all_gone_or_invalid_is_never_restarted_from_step_0(tmp_path, monkeypatch,
+                                                                                      capsys):
+    monkeypatch.setattr(train, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run = _run_with(tmp_path, [2])
+    (run / "checkpoint_00000002" / "state.pt").write_bytes(b"torn")
+    assert train.main(["--storage-path", str(tmp_path), "--name", run.name]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: run {run.name}: none of its 1 checkpoints validates; a run is not started again "
+                       f"from step 0 under its name: restore a checkpoint, or train under another --name")
+    shutil.rmtree(run / "checkpoint_00000002")
+    _record(run, ["checkpoint_00000002"], {"checkpoint_00000002": {"step": 2}}, latest="checkpoint_00000002")
+    assert train.main(["--storage-path", str(tmp_path), "--name", run.name]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: run {run.name}: Ray's record names checkpoint_00000002, and none of them is in {run}")
+
+
+def test_every_checkpoint_score_survives_the_records_json_and_unscored_ones_rank_worst(tmp_path):
+    """Records written before: evaluation off (no fid: Ray ranks a missing score best in "min" order) and step
+    checkpoints reported with fid inf (written as null: Ray's ranking fails on None when the run resumes)."""
+    from ray.train._checkpoint import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    from distgan.loop import RANK_METRIC, UNSCORED
+
+    run = _run_with(tmp_path, [2, 4, 6, 8])
+    names = [f"checkpoint_{s:08d}" for s in (2, 4, 6, 8)]
+    metrics = {names[0]: {"step": 2}, names[1]: {"step": 4, "fid": None}, names[2]: {"step": 6, "fid": 30.5},
+               names[3]: {"step": 8, "fid": None}}
+    _record(run, names, metrics, latest=names[3])
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 4, "fid": 40.0}) + "\n")
+    with pytest.raises(TypeError, match="NoneType"):  # what the old record does to Ray's ranking
+        _ray_manager(tmp_path, run.name)._get_checkpoint_score(
+            _TrainingResult(checkpoint=None, metrics={**metrics[names[1]], RANK_METRIC: None}))
+    cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
+    where, _ = train.reconcile_run(cfg, log=lambda m: None)
+    assert where.endswith(names[3])
+    record = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    ranks = {r["checkpoint_dir_name"]: r["metrics"][RANK_METRIC] for r in record["checkpoint_results"]}
+    assert ranks == {names[0]: UNSCORED, names[1]: 40.0, names[2]: 30.5, names[3]: UNSCORED}
+    # Ray's order: worst first (unscored, oldest first), best last
+    assert [r["checkpoint_dir_name"] for r in record["checkpoint_results"]] == [names[0], names[3], names[1], names[2]]
+    manager = _ray_manager(tmp_path, run.name, num_to_keep=2)
+    new = _TrainingResult(checkpoint=Checkpoint(str(run / names[3])), metrics={RANK_METRIC: 12.0})
+    assert all(manager._get_checkpoint_score(r) < manager._get_checkpoint_score(new)
+               for r in manager._checkpoint_results)
+    assert manager.best_checkpoint_result.metrics[RANK_METRIC] == 30.5

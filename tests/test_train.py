@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,130 @@ def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resu
     assert f"at step {step} " in resumed.stdout + resumed.stderr and "resumed from" in resumed.stdout
     assert "Reporting training result" in resumed.stdout + resumed.stderr
     assert summary_of(resumed)["final"]["step"] == step + 3
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stopped_checkpoint(text: str) -> tuple[Path, int]:
+    import re
+
+    found = re.search(r"interrupted: checkpoint (\S+) written at step (\d+); to resume: python -m distgan.train ", text)
+    assert found, text[-3000:]
+    checkpoint, step = Path(found.group(1)), int(found.group(2))
+    assert 0 < step < 300 and checkpoint.name == f"checkpoint_{step:08d}" and load_state(checkpoint)["step"] == step
+    return checkpoint, step
+
+
+def test_sigterm_to_the_driver_checkpoints_like_the_first_ctrl_c_and_exits_143(ray_cluster, tmp_path):
+    """What `kill`, `timeout`, Kubernetes, SLURM and systemd send: one SIGTERM to the driver process."""
+    import os
+    import signal
+
+    args = ["--batch-size", 32, "--max-steps", 300, "--eval-every", 0, "--checkpoint-every-minutes", 0,
+            "--storage-path", tmp_path, "--name", "term"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)],
+                                  env=ray_cluster.client_env(WANDB_MODE="disabled"), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _wait_for(lambda: "img/s" in log.read_text() or driver.poll() is not None, 180, "training to start")
+        os.kill(driver.pid, signal.SIGTERM)
+        driver.wait(timeout=120)
+    text = log.read_text()
+    assert driver.returncode == 143, text[-3000:]
+    assert "SIGTERM: the workers stop at the next step and write a checkpoint; SIGTERM again to stop at once" in text
+    assert "*** SIGTERM received" not in text  # Ray's own handler: a stack dump and exit 134
+    _stopped_checkpoint(text)
+    assert not (tmp_path / "term" / "driver_claim.json").exists()
+
+
+def test_ray_job_stop_checkpoints_before_the_job_ends(ray_cluster, tmp_path):
+    """`ray job stop` sends SIGTERM to the job's processes, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by
+    default): the job's runtime env raises it to leave time for the checkpoint (docs/fault-tolerance.md)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = ray_cluster.client_env(WANDB_MODE="disabled")
+    address = ("--address", ray_cluster.dashboard_url)
+    runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "90"}})
+    submit = subprocess.run([ray_bin, "job", "submit", *address, "--no-wait", "--working-dir", ".",
+                             "--runtime-env-json", runtime_env, "--", "python", "-m", "distgan.train",
+                             "--batch-size", "32", "--max-steps", "300", "--eval-every", "0",
+                             "--checkpoint-every-minutes", "0", "--wandb-mode", "disabled", "--storage-path",
+                             str(tmp_path), "--name", "stopped-job"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, describe(submit)
+    import re
+
+    job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
+
+    def job(*what) -> str:
+        proc = subprocess.run([ray_bin, "job", *what, *address, job_id], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        return proc.stdout + proc.stderr
+
+    _wait_for(lambda: "img/s" in job("logs") or "FAILED" in job("status"), 240, "the job to train")
+    stop = subprocess.run([ray_bin, "job", "stop", *address, job_id], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=150)
+    assert stop.returncode == 0, describe(stop)
+    try:
+        _wait_for(lambda: "was stopped" in job("status"), 120, "the job to stop")
+    except AssertionError:
+        raise AssertionError(f"{describe(stop)}\n{job('status')}\n{job('logs')[-3000:]}") from None
+    text = job("logs")
+    assert "SIGTERM: the workers stop at the next step and write a checkpoint" in text, text[-3000:]
+    _stopped_checkpoint(text)
+
+
+# ------------------------------------------------------------------ Ray's record of the run vs the run directory
+
+# 4,000 images / 500 = 8 steps an epoch; no evaluation unless a test turns it on
+SHORT = ("--num-workers", 2, "--batch-size", 500, "--epochs", 2, "--checkpoint-every-steps", 2, "--eval-every", 0,
+         "--checkpoint-every-minutes", 0, "--lr-decay-start", 1)
+
+
+def test_a_deleted_latest_checkpoint_resumes_from_the_newest_on_disk_and_writes_over_nothing(ray_cluster, tmp_path):
+    first = run_train(ray_cluster, *SHORT, "--max-steps", 4, "--storage-path", tmp_path, "--name", "lost")
+    assert first.returncode == 0, describe(first)
+    run = tmp_path / "lost"
+    shutil.rmtree(run / "checkpoint_00000004")
+    kept = (run / "checkpoint_00000002" / "state.pt").read_bytes()
+    second = run_train(ray_cluster, *SHORT, "--max-steps", 6, "--storage-path", tmp_path, "--name", "lost")
+    assert second.returncode == 0, describe(second)
+    log = second.stdout + second.stderr
+    assert ("run lost: resuming from checkpoint_00000002, the newest checkpoint that exists and validates (Ray's "
+            "latest, checkpoint_00000004, is missing)") in log
+    assert f"resumed from {run}/checkpoint_00000002 at step 2 " in log
+    summary = summary_of(second)
+    assert summary["resumed"] and summary["final"]["step"] == 6
+    assert (run / "checkpoint_00000002" / "state.pt").read_bytes() == kept  # not written over
+    assert load_state(run / "checkpoint_00000006_resume00000002")["step"] == 6
+
+
+def test_turning_evaluation_on_keeps_the_evaluated_checkpoints_and_the_run_resumes_again(ray_cluster, tmp_path):
+    """First submitted with --eval-every 0 (no score), resubmitted with evaluation on (step checkpoints between
+    evaluations have no FID), then resubmitted again."""
+    keep = ("--num-to-keep", 2, "--storage-path", tmp_path, "--name", "evals")
+    first = run_train(ray_cluster, *SHORT, "--max-steps", 4, *keep)
+    assert first.returncode == 0, describe(first)
+    evaluate = ("--eval-every", 1, "--checkpoint-every", 1, "--eval-samples", 200)
+    second = run_train(ray_cluster, *SHORT, *evaluate, "--max-steps", 8, *keep)
+    assert second.returncode == 0, describe(second)
+    assert "Result dict has no key" not in second.stdout + second.stderr
+    run = tmp_path / "evals"
+    # kept: the evaluated step 8 and the newest unscored one; the unscored 2 and 4 of the first submission go
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == [
+        "checkpoint_00000006_resume00000004", "checkpoint_00000008_resume00000004"]
+    assert summary_of(second)["best_checkpoint"] == str(run / "checkpoint_00000008_resume00000004")
+    third = run_train(ray_cluster, *SHORT, *evaluate, "--max-steps", 12, *keep)
+    assert third.returncode == 0, describe(third)
+    assert summary_of(third)["final"]["step"] == 12
+    record = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    assert all(isinstance(r["metrics"]["fid_rank"], float) for r in record["checkpoint_results"])

@@ -415,20 +415,31 @@ def resume_command(cfg: TrainConfig, argv: list[str]) -> str:
                        "--name", cfg.name])
 
 
+def worker_resources(scaling_config) -> dict[str, float]:
+    """What Ray Train's placement group asks for each worker of `scaling_config` (a ray.train.ScalingConfig): its
+    fixed scaling policy takes `ScalingConfig._resources_per_worker_not_none`, which in Ray 2.60 is
+    `resources_per_worker` when given, else {"GPU": 1} with use_gpu (no CPU: nodes have more CPUs than GPUs,
+    so asking none avoids contention) and {"CPU": 1} without."""
+    return dict(scaling_config._resources_per_worker_not_none)
+
+
 def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
-    """Fail fast (with the cluster's numbers) when the workers cannot be placed, instead of waiting forever."""
+    """Fail fast (with the cluster's numbers) when the workers cannot be placed, instead of waiting forever.
+    The probe asks for exactly the bundles Ray Train will ask for: those of the trainer's ScalingConfig
+    (`scaling_config`), read the way Ray Train reads them, so it refuses nothing that the run would place."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = worker_bundle(cfg, use_gpu)
-    pg = placement_group([bundle] * cfg.num_workers, strategy=cfg.placement_strategy)
+    scaling = scaling_config(cfg, use_gpu)
+    bundle = worker_resources(scaling)
+    pg = placement_group([bundle] * cfg.num_workers, strategy=scaling.placement_strategy)
     try:
         ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
             have = ray.cluster_resources()
             raise LaunchError(
                 f"--num-workers {cfg.num_workers}: cannot place {cfg.num_workers} workers x {bundle} "
-                f"({cfg.placement_strategy}) within {cfg.placement_timeout_s}s; the cluster has "
+                f"({scaling.placement_strategy}) within {cfg.placement_timeout_s}s; the cluster has "
                 f"CPU={have.get('CPU', 0):g} GPU={have.get('GPU', 0):g} on {len(ray.nodes())} node(s)")
     finally:
         remove_placement_group(pg)
@@ -469,6 +480,53 @@ def scaling_config(cfg: TrainConfig, use_gpu: bool):
 
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=worker_bundle(cfg, use_gpu),
                          placement_strategy=cfg.placement_strategy)
+
+
+# Where `ray up` leaves the autoscaler's config on the head node (Ray's own `--autoscaling-config`), which is
+# where `ray job submit` runs this driver.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def autoscaler_gpu_node_types(bootstrap: Path = BOOTSTRAP_CONFIG) -> dict[str, tuple[float, int]]:
+    """The node types the joined cluster's autoscaler can start that have GPUs: {name: (GPUs per node, most
+    nodes of the type; -1 = no limit)}. Read from the cluster config Ray exposes (ray._private.state, which Ray
+    Train's own resource check reads), else from the `ray up` config on this head node; {} when there is
+    neither (a local instance, a cluster started by hand)."""
+    import ray._private.state
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # not connected, or a Ray without the accessor: as if no autoscaler reported a config
+        config = None
+    if config is not None and config.node_group_configs:
+        return {group.name: (float(group.resources.get("GPU", 0)), int(group.max_count))
+                for group in config.node_group_configs if group.resources.get("GPU", 0) > 0 and group.max_count}
+    path = bootstrap.expanduser()
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return {name: (float((spec.get("resources") or {}).get("GPU", 0)), int(spec.get("max_workers", -1)))
+            for name, spec in node_types.items()
+            if isinstance(spec, dict) and (spec.get("resources") or {}).get("GPU", 0) and spec.get("max_workers", -1)}
+
+
+def check_gpu_choice(use_gpu: Optional[bool], cluster_gpus: float,
+                     gpu_node_types: Mapping[str, tuple[float, int]]) -> None:
+    """Without --use-gpu/--no-use-gpu the run takes GPUs when the cluster has some up. A cluster whose
+    autoscaler starts GPU nodes on demand has none up before a run asks for them, so that choice would train on
+    CPUs; there the choice must be explicit (ConfigError naming the flag)."""
+    if use_gpu is not None or cluster_gpus >= 1 or not gpu_node_types:
+        return
+    offered = ", ".join(f"{name}: {gpus:g} GPU each, up to {'any number' if most < 0 else most}"
+                        for name, (gpus, most) in sorted(gpu_node_types.items()))
+    raise ConfigError(f"--use-gpu: this cluster has no GPU up, but its autoscaler starts GPU nodes on demand "
+                      f"({offered}); pass --use-gpu to train on them or --no-use-gpu to train on CPUs",
+                      field="use_gpu")
 
 
 def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = ()):
@@ -716,6 +774,8 @@ def _run_claimed(cfg: TrainConfig) -> dict:
 
     t_submit = time.perf_counter()
     ray = connect_ray(cfg)
+    if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
+        check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0), autoscaler_gpu_node_types())
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     if joining:  # the cluster's GPUs are known only now; still before any worker starts
         from distgan.hardware import ray_nodes

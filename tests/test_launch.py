@@ -95,7 +95,14 @@ def one_gpu_node():
     """A local Ray node with 1 CPU and 1 logical GPU (none physical): a GPU node as Ray schedules it."""
     import ray
 
-    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    for attempt in range(3):  # Ray gives its raylet 30 s to come up, which a loaded test machine can exceed
+        try:
+            ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield ray
     finally:

@@ -20,7 +20,7 @@ from distgan.config import HELP_GROUPS, SHORT_FLAGS, TrainConfig, default_text  
 
 README = REPO / "README.md"
 USAGE = REPO / "docs" / "usage.md"
-DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "kernels" / "README.md"]
 FLAGS_BEGIN, FLAGS_END = "<!-- flags: generated from TrainConfig -->", "<!-- /flags -->"
 
 # A front door, not a lab notebook: what a newcomer reads before the first command fits one screen.
@@ -138,10 +138,10 @@ def test_every_file_the_readme_and_docs_cite_exists():
             if "<" in path or _ignored(path):  # a pattern, or where a command writes its output
                 continue
             if not (list(REPO.glob(path)) if "*" in path else (REPO / path).exists()):
-                missing.append(f"{page.name}: {path}")
+                missing.append(f"{page.relative_to(REPO)}: {path}")
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" not in target and not (page.parent / target).exists():
-                missing.append(f"{page.name}: ({target})")
+                missing.append(f"{page.relative_to(REPO)}: ({target})")
     assert not missing, missing
 
 
@@ -172,7 +172,7 @@ def test_every_measured_figure_names_its_results_file():
     for page in DOCS:
         for para in _paragraphs(page.read_text()):
             if MEASURED.search(para) and not RESULTS.search(para):
-                bare.append(f"{page.name}: {MEASURED.search(para).group(0)!r} in {para[:100]!r}")
+                bare.append(f"{page.relative_to(REPO)}: {MEASURED.search(para).group(0)!r} in {para[:100]!r}")
     assert not bare, "figures without their bench/results/ file:\n" + "\n".join(bare)
 
 
@@ -181,9 +181,9 @@ def test_prose_has_no_dates_and_no_test_counts():
     # suite's time is out of date with the next test
     for page in DOCS:
         text = page.read_text()
-        assert not re.findall(r"(?<![_\w-])20\d\d-\d\d(?:-\d\d)?\b", text), page.name
+        assert not re.findall(r"(?<![_\w-])20\d\d-\d\d(?:-\d\d)?\b", text), page.relative_to(REPO)
         counts = re.findall(r"\b\d[\d,]*\s+(?:tests?\s+)?(?:passed|failed|skipped)\b|\b\d[\d,]*\s+tests\b", text)
-        assert not counts, (page.name, counts)
+        assert not counts, (page.relative_to(REPO), counts)
 
 
 def test_results_files_are_named_what_where_when():

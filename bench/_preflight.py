@@ -26,7 +26,8 @@ MODULES = (
     "pyarrow.fs", "pytest", "mlxtend", "matplotlib.figure", "matplotlib.backends.backend_agg",
     "torchmetrics.image.fid", "torchmetrics.image.kid",
     "ray", "ray.train", "ray.train.torch", "ray.experimental.tqdm_ray", "ray.util.placement_group",
-    "distgan.train", "distgan.loop", "distgan.trainer", "distgan.metrics", "distgan.tracking", "distgan.provenance",
+    "distgan.train", "distgan.loop", "distgan.trainer", "distgan.hardware", "distgan.metrics", "distgan.tracking",
+    "distgan.provenance",
     "kernels",
 )
 

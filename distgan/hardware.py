@@ -259,11 +259,12 @@ def probe_step_times(cfg, device, per_worker_batch: int, candidates: Sequence[st
 
 
 def probe_precisions(cfg, device, per_worker_batch: int, candidates: Sequence[str] = CPU_CANDIDATES,
-                     timer: Optional[Callable[[], float]] = None, seconds: float = PROBE_SECONDS) -> dict[str, float]:
-    """Images/s of one worker in each candidate precision: per-worker images (x n_critic) over the median of
-    `probe_step_times`' rounds."""
+                     timer: Optional[Callable[[], float]] = None,
+                     seconds: float = PROBE_SECONDS) -> dict[str, list[float]]:
+    """Images/s of one worker in each candidate precision, one figure per round: per-worker images (x n_critic)
+    over each round's `probe_step_times`."""
     times = probe_step_times(cfg, device, per_worker_batch, candidates, timer, seconds)
-    return {c: per_worker_batch * cfg.n_critic / statistics.median(t) for c, t in times.items()}
+    return {c: [per_worker_batch * cfg.n_critic / t for t in ts] for c, ts in times.items()}
 
 
 def cache_path() -> Path:
@@ -324,7 +325,8 @@ def decide_precision(cfg, device, per_worker_batch: int, threads: int,
     """--precision as a worker runs it. Explicit values win (fp16 off CUDA raises ValueError). "auto": bf16 on
     CUDA sm_80+ (tensor cores), fp32 on older CUDA; elsewhere the fastest of CPU_CANDIDATES by `probe` at the
     run's shapes, from the cache when this machine measured them before (`cache`: default `cache_path()`).
-    `probe(cfg, device, per_worker_batch)` -> images/s by precision; default `probe_precisions`."""
+    `probe(cfg, device, per_worker_batch)` -> images/s by precision, one figure per round; default
+    `probe_precisions`. The median decides; a measurement whose rounds disagree is not cached."""
     import torch
 
     device = torch.device(device)
@@ -348,8 +350,15 @@ def decide_precision(cfg, device, per_worker_batch: int, threads: int,
         return PrecisionChoice(entry["precision"], "cached",
                                f"auto: measured on this machine at {where}: {_figures(entry['images_per_s'])}; "
                                f"cached in {cache}", entry["images_per_s"])
-    figures = (probe or probe_precisions)(cfg, device, per_worker_batch)
+    rounds = (probe or probe_precisions)(cfg, device, per_worker_batch)
+    figures = {c: statistics.median(v) for c, v in rounds.items()}
     precision = choose_precision(figures)
+    # On a machine busy with other work the rounds can disagree; such a choice is used but not cached, so the
+    # next run measures again rather than keeping a coin toss for good.
+    steady = all(choose_precision(dict(zip(rounds, r))) == precision for r in zip(*rounds.values()))
+    if not steady:
+        return PrecisionChoice(precision, "measured", f"auto: measured now at {where}: {_figures(figures)}; the "
+                                                      f"rounds disagreed (a busy machine?), so not cached", figures)
     failed = write_cache(cache, key, {"precision": precision, "images_per_s": figures, "processor": processor,
                                       "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                           timespec="seconds")})

@@ -91,8 +91,11 @@ class LocalRayCluster:
         except OSError:
             return False
         # the job agent on the head node answers only once the raylet has registered
-        proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address={self.address}"],
-                              env=self.client_env(), capture_output=True, text=True, timeout=30)
+        try:
+            proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address={self.address}"],
+                                  env=self.client_env(), capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: ask again until start()'s deadline
+            return False
         return proc.returncode == 0 and "Active" in proc.stdout
 
     def stop(self) -> None:

@@ -315,6 +315,9 @@ def write_cache(path: Path, key: str, entry: dict) -> Optional[str]:
     return None
 
 
+_UNSTEADY = " (its rounds disagreed: a busy machine? delete the cache file to measure again)"
+
+
 def _figures(images_per_s: Mapping[str, float]) -> str:
     return ", ".join(f"{p} {v:.0f} img/s" for p, v in sorted(images_per_s.items(), key=lambda kv: -kv[1]))
 
@@ -326,7 +329,7 @@ def decide_precision(cfg, device, per_worker_batch: int, threads: int,
     CUDA sm_80+ (tensor cores), fp32 on older CUDA; elsewhere the fastest of CPU_CANDIDATES by `probe` at the
     run's shapes, from the cache when this machine measured them before (`cache`: default `cache_path()`).
     `probe(cfg, device, per_worker_batch)` -> images/s by precision, one figure per round; default
-    `probe_precisions`. The median decides; a measurement whose rounds disagree is not cached."""
+    `probe_precisions`. The median decides; a measurement whose rounds disagree says so."""
     import torch
 
     device = torch.device(device)
@@ -348,20 +351,19 @@ def decide_precision(cfg, device, per_worker_batch: int, threads: int,
     entry = read_cache(cache, key)
     if entry is not None:
         return PrecisionChoice(entry["precision"], "cached",
-                               f"auto: measured on this machine at {where}: {_figures(entry['images_per_s'])}; "
-                               f"cached in {cache}", entry["images_per_s"])
+                               f"auto: measured on this machine at {where}: {_figures(entry['images_per_s'])}"
+                               f"{_UNSTEADY if entry.get('steady') is False else ''}; cached in {cache}",
+                               entry["images_per_s"])
     rounds = (probe or probe_precisions)(cfg, device, per_worker_batch)
     figures = {c: statistics.median(v) for c, v in rounds.items()}
     precision = choose_precision(figures)
-    # On a machine busy with other work the rounds can disagree; such a choice is used but not cached, so the
-    # next run measures again rather than keeping a coin toss for good.
+    # On a machine busy with other work the rounds can disagree. The choice is cached all the same (runs on this
+    # machine, and a run and its reference in the tests, must not flip between precisions), and says so.
     steady = all(choose_precision(dict(zip(rounds, r))) == precision for r in zip(*rounds.values()))
-    if not steady:
-        return PrecisionChoice(precision, "measured", f"auto: measured now at {where}: {_figures(figures)}; the "
-                                                      f"rounds disagreed (a busy machine?), so not cached", figures)
     failed = write_cache(cache, key, {"precision": precision, "images_per_s": figures, "processor": processor,
-                                      "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                          timespec="seconds")})
+                                      "steady": steady, "measured": datetime.datetime.now(datetime.timezone.utc)
+                                      .isoformat(timespec="seconds")})
     if failed:
         log(f"note: cannot cache the precision measurement in {cache} ({failed}); the next run measures again")
-    return PrecisionChoice(precision, "measured", f"auto: measured now at {where}: {_figures(figures)}", figures)
+    return PrecisionChoice(precision, "measured", f"auto: measured now at {where}: {_figures(figures)}"
+                                                  f"{'' if steady else _UNSTEADY}", figures)

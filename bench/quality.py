@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from _results import add_output_args, write_result  # noqa: E402
 
+from distgan import seeds  # noqa: E402
 from distgan.config import TrainConfig  # noqa: E402
 from distgan.data import build_dataset  # noqa: E402
 from distgan.metrics import QualityEvaluator, reference_images  # noqa: E402
@@ -53,7 +54,7 @@ def plain_loop(cfg: TrainConfig, steps: int, eval_samples: int) -> dict[str, flo
     seconds = time.perf_counter() - t0
     g.eval()
     with torch.no_grad():
-        z = torch.randn(eval_samples, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+        z = torch.randn(eval_samples, cfg.z_dim, generator=torch.Generator().manual_seed(seeds.evaluation(cfg.seed)))
         fake = torch.cat([g(chunk) for chunk in z.split(250)])
     metrics = QualityEvaluator(reference_images(cfg)).evaluate(fake)
     return {**metrics, "steps": steps, "train_seconds": round(seconds, 1)}

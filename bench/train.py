@@ -57,7 +57,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import torch  # noqa: E402
 from _results import add_output_args, write_result  # noqa: E402
 
-from distgan import hardware, provenance  # noqa: E402
+from distgan import hardware, provenance, seeds  # noqa: E402
 from distgan.storage import read_metrics  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -195,7 +195,7 @@ def plain_setup(args, device):
         g, d = (Autocast(m, device.type, torch.bfloat16) for m in (g, d))
     loader = DataLoader(build_dataset(cfg, "train"), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    noise = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
+    noise = torch.Generator(device=device).manual_seed(seeds.noise(cfg.seed, rank=0))
 
     def sample_z(n):
         return torch.randn(n, cfg.z_dim, device=device, generator=noise)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -184,8 +185,24 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
             raise CheckpointError(f"{where}: {key} does not match this model ({first_line(e)})") from None
 
 
+# checkpoint_dir_name(): checkpoint_<step>, plus _resume<step>[.n] in a resumed attempt
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8})(?:\.(\d+))?)?")
+
+
 def checkpoint_dir_name(step: int, tag: str) -> str:
     return f"checkpoint_{step:08d}" + (f"_{tag}" if tag else "")
+
+
+def checkpoint_order(name: str) -> tuple[int, int, int]:
+    """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
+    m = CHECKPOINT_NAME.fullmatch(name)
+    return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
+
+
+def newest_checkpoint(names: list[str]) -> Optional[str]:
+    """The newest checkpoint directory name among `names` (checkpoint_order), None when there is none."""
+    found = [n for n in names if CHECKPOINT_NAME.fullmatch(n)]
+    return max(found, key=checkpoint_order) if found else None
 
 
 def resume_tag(existing: list[str], resumed_at: Optional[int]) -> str:

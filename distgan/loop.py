@@ -11,13 +11,10 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,17 +22,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
-from distgan import storage
-from distgan.checkpoint import checkpoint_dir_name, load_latest_valid, load_state, resume_tag, save_state
+from distgan import storage, worker
+from distgan.checkpoint import checkpoint_dir_name, load_latest_valid, load_state, save_state
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
-from kernels.collectives import collective_device
 
-STOP_REQUEST_FILE = "stop_requested"  # written by the driver on Ctrl-C or SIGTERM; polled by rank 0
-STOP_FILE = "stopped.json"  # why a graceful stop happened: Ray Train hands the driver only checkpointed metrics
-STOP_POLL_S = {"local": 0.5, "remote": 5.0}  # a stat is free; an s3:// HEAD request is not
 # Ray keeps the best --num-to-keep checkpoints by this metric (order "min"), reported with every checkpoint of
 # every run whatever --eval-every was: an evaluated checkpoint's FID, else UNSCORED, worse than any FID and
 # finite. Ray ranks a checkpoint that lacks the metric as the best in "min" order, and writes inf or nan to
@@ -59,48 +51,11 @@ def _load_checkpoint(trainer: Trainer) -> Optional[int]:
         state, where = load_latest_valid(Path(checkpoint.path), log=lambda m: print(m, flush=True))
     else:  # remote storage: only the latest is fetched; a bad one stops the run naming it
         with checkpoint.as_directory() as tmp:  # Ray's path drops the URI scheme; the user's storage path has it
-            where = storage.join(trainer.cfg.storage_path, trainer.cfg.name, Path(checkpoint.path).name)
+            where = storage.join(worker.run_dir(trainer.cfg), Path(checkpoint.path).name)
             state = load_state(tmp, where)
     trainer.load_state_dict(state, str(where))
-    print(f"[rank {trainer.rank}] resumed from {where} at step {trainer.step} (epoch {trainer.epoch}, "
-          f"batch {trainer.steps_into_epoch})", flush=True)
+    worker.announce_resume(trainer, str(where))
     return trainer.step
-
-
-class _StopRequest:
-    """Rank 0 polls the run directory for the driver's stop request (every STOP_POLL_S seconds at most)."""
-
-    def __init__(self, cfg, rank: int):
-        self.cfg, self.rank, self.last = cfg, rank, 0.0
-
-    def __call__(self) -> bool:
-        every = STOP_POLL_S["remote" if storage.is_uri(self.cfg.storage_path) else "local"]
-        if self.rank != 0 or time.monotonic() - self.last < every:
-            return False
-        self.last = time.monotonic()
-        try:
-            return storage.exists(storage.join(self.cfg.storage_path, self.cfg.name, STOP_REQUEST_FILE))
-        except OSError:
-            return False
-
-
-class _Progress:
-    """Rank 0's progress bar, drawn by the driver (ray.experimental.tqdm_ray), not by a worker's stdout."""
-
-    def __init__(self, trainer: Trainer):
-        from ray.experimental.tqdm_ray import tqdm
-
-        self.bar = tqdm(total=int(trainer.total_steps), desc="steps", unit="step")
-        self.bar.n = trainer.step
-        self.t0, self.n0, self.cfg = time.perf_counter(), trainer.step, trainer.cfg
-
-    def __call__(self, step: int, means: dict[str, float]) -> None:
-        rate = (step - self.n0) * self.cfg.batch_size * self.cfg.n_critic / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_description(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} {rate:.0f} img/s")
-        self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -119,25 +74,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     print(f"[rank {rank}] of {ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()[:12]} "
           f"({device})", flush=True)
 
-    def tracker_factory(resumed: bool):
-        from distgan.tracking import Tracker
-
-        # the W&B config records the precision that runs, not "auto"
-        return Tracker(dataclasses.replace(cfg, precision=trainer.precision), storage.join(cfg.storage_path, cfg.name),
-                       trainer.world, resumed=resumed, kernel_backend=trainer.kernel_backend)
-
     score_fid = bool(loop_config.get("score_fid"))
     trainer = Trainer(cfg, device, wrap_model=ray.train.torch.prepare_model,  # (2)
-                      evaluate=score_fid, tracker_factory=tracker_factory)
+                      evaluate=score_fid, tracker_factory=worker.tracker_factory(cfg, lambda: trainer))
     if rank == 0:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision} "
               f"({trainer.precision_choice.reason}), kernels {trainer.kernel_backend} ({trainer.kernel_reason}), "
               f"{int(trainer.total_steps)} steps", flush=True)
-    resumed_at = _load_checkpoint(trainer)
-    box = [resume_tag(storage.list_names(storage.join(cfg.storage_path, cfg.name)), resumed_at) if rank == 0 else None]
-    if trainer.distributed:
-        dist.broadcast_object_list(box, src=0, device=collective_device())
-    tag = box[0]
+    tag = worker.shared_resume_tag(trainer, _load_checkpoint(trainer))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         metrics[RANK_METRIC] = rank_of(metrics)
@@ -150,11 +94,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint,  # (4)
                              checkpoint_dir_name=checkpoint_dir_name(trainer.step, tag))
 
-    progress = _Progress(trainer) if rank == 0 else None
+    if rank == 0:  # drawn by the driver, not by a worker's stdout
+        from ray.experimental.tqdm_ray import tqdm
+
+        progress = worker.Progress(trainer, tqdm)
     try:
-        result = trainer.fit(report, should_stop=_StopRequest(cfg, rank), on_step=progress)
+        result = trainer.fit(report, should_stop=worker.StopRequest(cfg, rank), on_step=progress if rank == 0 else None)
     finally:
-        progress and progress.close()
+        if rank == 0:
+            progress.close()
     if rank == 0 and result["stopped"]:
-        storage.write_bytes(storage.join(cfg.storage_path, cfg.name, STOP_FILE),
-                            json.dumps({"reason": result["stopped"]}).encode())
+        worker.write_stop_note(cfg, result["stopped"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +24,11 @@ import numpy as np
 import torch
 
 from distgan import storage
-from distgan.checkpoint import STATE_FILE, CheckpointError, fetch_state, load_into
+from distgan.checkpoint import CHECKPOINT_NAME, STATE_FILE, CheckpointError, checkpoint_order, fetch_state, load_into
 from distgan.config import config_from_dict
 from distgan.models import Generator
 from distgan.storage import first_line
 
-# loop.checkpoint_dir_name(): checkpoint_<step>, plus _resume<step>[.n] in a resumed attempt
-CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8})(?:\.(\d+))?)?")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the kept checkpoints and their metrics
 
 
@@ -40,12 +37,6 @@ class Choice(NamedTuple):
     run_dir: str  # its run directory (the parent)
     reason: str  # one line: which checkpoint and why
     state: dict[str, Any] | None = None  # its validated state, when choosing it meant loading it
-
-
-def checkpoint_order(name: str) -> tuple[int, int, int]:
-    """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
-    m = CHECKPOINT_NAME.fullmatch(name)
-    return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
 
 
 def _finite(value: Any) -> float | None:

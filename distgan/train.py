@@ -18,7 +18,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
 
-from distgan import storage
+from distgan import storage, worker
 from distgan.config import (
     MAX_FAILURES_CLUSTER,
     MAX_FAILURES_LOCAL,
@@ -338,11 +338,6 @@ class StopOnInterrupt:
     def requested(self) -> bool:
         return bool(self.signum)
 
-    def _request(self) -> str:
-        from distgan.loop import STOP_REQUEST_FILE
-
-        return storage.join(self.cfg.storage_path, self.cfg.name, STOP_REQUEST_FILE)
-
     def _handle(self, signum, frame) -> None:
         if self.signum:
             raise StopNow(signum)
@@ -350,7 +345,7 @@ class StopOnInterrupt:
         what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         again = "Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} again"
         try:
-            storage.write_bytes(self._request(), b"stop")
+            worker.request_stop(self.cfg)
         except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
             print(f"\n{what}: cannot leave the stop request in the run directory ({e}); {again} to stop at once",
                   file=sys.stderr, flush=True)
@@ -361,7 +356,7 @@ class StopOnInterrupt:
     def clear(self) -> None:
         """Removes a request left by an earlier submission (or this one, once served)."""
         try:
-            storage.delete(self._request())
+            worker.clear_stop_request(self.cfg)
         except OSError:  # unreachable storage: the driver's other reads say so; a stale request cannot be read
             pass
 
@@ -454,7 +449,7 @@ def size_workers(cfg: TrainConfig, nodes: list, use_gpu: bool, found: Optional[t
     from distgan.hardware import plan_workers
 
     keep = None
-    if found is not None and found[1].get("batch_in_epoch"):
+    if found is not None and found[1].get("g_steps_into_epoch"):
         keep = found[1].get("world_size")
     try:
         plan = plan_workers(cfg.num_workers, cfg.cpus_per_worker, use_gpu, nodes, cfg.batch_size, cfg.bn, keep)
@@ -719,18 +714,6 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def stop_reason(cfg: TrainConfig) -> Optional[str]:
-    """Reads and removes the note the workers leave when they stop early (a resubmission must not inherit it)."""
-    from distgan.loop import STOP_FILE
-
-    note = storage.join(cfg.storage_path, cfg.name, STOP_FILE)
-    data = storage.read_bytes(note)
-    if data is None:
-        return None
-    storage.delete(note)
-    return json.loads(data.decode())["reason"]
-
-
 def local_nodes(gpus: int) -> list:
     """This machine as a local run's Ray instance sees it (connect_ray gives it os.cpu_count() CPUs)."""
     from distgan.hardware import Node
@@ -787,7 +770,7 @@ def _run_claimed(cfg: TrainConfig) -> dict:
     wait_for_placement(cfg, use_gpu)
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
     trainer = build_trainer(cfg, use_gpu, score_fid)
-    stop_reason(cfg)  # a note left by an earlier submission is stale now
+    worker.pop_stop_note(cfg)  # a note left by an earlier submission is stale now
     with StopOnInterrupt(cfg) as interrupt:
         result = fit_in_thread(trainer)
     wall = time.perf_counter() - t_submit
@@ -814,7 +797,7 @@ def _run_claimed(cfg: TrainConfig) -> dict:
         "use_gpu": use_gpu,
         "precision": metrics.get("precision"),
     }
-    stopped = stop_reason(cfg)
+    stopped = worker.pop_stop_note(cfg)
     if stopped:
         summary["stopped"] = stopped
     summary["interrupted"] = interrupt.requested

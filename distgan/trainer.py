@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from distgan import seeds
 from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
 from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
@@ -135,7 +136,7 @@ class Trainer:
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
             auto_backend(self.device))
 
-        torch.manual_seed(cfg.seed)  # identical init on every rank
+        torch.manual_seed(seeds.model_init(cfg.seed))  # identical init on every rank
         g, d = build_models(cfg)
         if list(d.buffers()):
             # The G phase calls D outside its DDP wrapper, so D's buffers would never be synchronised.
@@ -161,14 +162,15 @@ class Trainer:
                              f"({len(self.dataset)} images)")
         self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * self.steps_per_epoch)
 
-        # Training streams: every rank its own (seed + rank), drawn only by training from here on.
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed(cfg.seed + self.rank)
-        random.seed(cfg.seed + self.rank)
+        # Training streams: every rank its own, drawn only by training from here on.
+        torch.manual_seed(seeds.training(cfg.seed, self.rank))
+        np.random.seed(seeds.training(cfg.seed, self.rank))
+        random.seed(seeds.training(cfg.seed, self.rank))
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed())
         # D's input augmentation (None when off): its own per-rank stream, p and ADA state live in checkpoints
         self.augment = build_augment(cfg, self.device, self._noise_seed(AUGMENT_SEED_OFFSET))
-        self.fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+        self.fixed_noise = torch.randn(NUM_FIXED_SAMPLES, cfg.z_dim,
+                                       generator=torch.Generator().manual_seed(seeds.model_init(cfg.seed)))
         self.step = self.epoch = self.steps_into_epoch = 0
         self.lr_scale, self.rollbacks = 1.0, 0
         self.best_fid = math.inf
@@ -223,7 +225,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _noise_seed(self, offset: int = 0) -> int:
-        return self.cfg.seed * 7919 + self.rank + 1 + offset
+        return seeds.noise(self.cfg.seed, self.rank, offset)
 
     @property
     def samples_into_epoch(self) -> int:
@@ -237,7 +239,7 @@ class Trainer:
             self._reseed_streams()
 
     def _reseed_streams(self) -> None:
-        torch.manual_seed(self.cfg.seed + self.rank + 1000003 * self.step)
+        torch.manual_seed(seeds.reseeded_training(self.cfg.seed, self.rank, self.step))
         self.noise_gen.manual_seed(self._noise_seed(self.step))
 
     def _all_gather_objects(self, obj: Any) -> list[Any]:
@@ -328,7 +330,7 @@ class Trainer:
             self.sampler.start_index = self.samples_into_epoch
             # each iter() draws a base seed from the loader's generator: a per-epoch seed keeps a mid-epoch
             # resume (which starts an iterator the original run did not) on the same numbers
-            self.loader.generator.manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            self.loader.generator.manual_seed(seeds.data_loader(self.cfg.seed, self.epoch))
             self._batches = iter(self.loader)
         return [next(self._batches)[0].to(self.device, non_blocking=True) for _ in range(self.cfg.n_critic)]
 
@@ -430,7 +432,7 @@ class Trainer:
         samples = g_eval(self.fixed_noise.to(self.device)).float().cpu()
         metrics: dict[str, float] = {}
         if with_metrics and self.evaluator is not None:
-            gen = torch.Generator().manual_seed(cfg.seed + 12345)
+            gen = torch.Generator().manual_seed(seeds.evaluation(cfg.seed))
             fakes = [g_eval(torch.randn(min(250, cfg.eval_samples - s), cfg.z_dim, generator=gen).to(self.device))
                      .float().cpu() for s in range(0, cfg.eval_samples, 250)]
             metrics = {k: float(v) for k, v in self.evaluator.evaluate(torch.cat(fakes)).items()}

@@ -86,10 +86,10 @@ def test_explicit_values_win_and_one_that_cannot_fit_this_machine_is_refused(mon
 
 
 def test_auto_keeps_a_mid_epoch_checkpoints_worker_count(monkeypatch, tmp_path):
-    found = ("ckpt", {"config": TrainConfig(num_workers=4).to_dict(), "batch_in_epoch": 5, "world_size": 4})
+    found = ("ckpt", {"config": TrainConfig(num_workers=4).to_dict(), "g_steps_into_epoch": 5, "world_size": 4})
     _, scaling, lines = sized(monkeypatch, tmp_path, 16, 0, found=found)
     assert (scaling.num_workers, scaling.num_cpus_per_worker) == (4, 4) and "mid-epoch" in lines[-1]
-    at_boundary = ("ckpt", {**found[1], "batch_in_epoch": 0})
+    at_boundary = ("ckpt", {**found[1], "g_steps_into_epoch": 0})
     assert sized(monkeypatch, tmp_path, 16, 0, found=at_boundary)[1].num_workers == 2
 
 

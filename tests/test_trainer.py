@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import TensorDataset
 
 from distgan.config import TrainConfig
 from distgan.data import mnist5k, to_model_range
+from distgan.local import spawn
 from distgan.trainer import Trainer
 
 from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
@@ -41,18 +41,7 @@ def make_cfg(tmp, **overrides) -> TrainConfig:
 
 
 def _spawn(fn, *args, world=2, timeout_s=60):
-    mp.start_processes(_entry, args=(fn, world, timeout_s, *args), nprocs=world, start_method="spawn")
-
-
-def _entry(rank, fn, world, timeout_s, *args):
-    torch.set_num_threads(1)
-    init = args[0] / "pg"
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
+    spawn(fn, world, *args, timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------- round trip

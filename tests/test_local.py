@@ -1,0 +1,51 @@
+"""`python -m distgan.local`: distgan.train's flags, the Trainer in gloo processes without Ray. A run trains and
+checkpoints; a run whose worker is SIGKILLed fails, and the same command resumes it from the run directory and
+ends bitwise equal to the uninterrupted run (the Ray runs are compared with the same processes:
+tests/reference_run.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distgan.checkpoint import load_state
+
+from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe
+
+ARGS = ("--max-steps", 20, "--num-workers", 2, "--batch-size", 32, "--checkpoint-every-steps", 5, "--eval-every", 0,
+        "--seed", 4, "--checkpoint-every-minutes", 0, "--wandb-mode", "disabled")
+
+
+def local(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "distgan.local", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+@pytest.mark.slow
+def test_a_killed_local_run_resumes_from_its_run_directory_bit_exactly(tmp_path):
+    full = local(*ARGS, "--storage-path", tmp_path, "--name", "full")
+    assert full.returncode == 0, describe(full)
+    assert f"last checkpoint: {tmp_path}/full/checkpoint_00000020" in full.stdout
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint_*")) == \
+        [f"checkpoint_{s:08d}" for s in (5, 10, 15, 20)]
+    assert (tmp_path / "full" / "metrics.jsonl").is_file()
+
+    kill = {"DISTGAN_TEST_MARKER_DIR": str(tmp_path), "DISTGAN_TEST_KILL_AT_STEP": "13", "DISTGAN_TEST_KILL_RANK": "1"}
+    killed = local(*ARGS, "--storage-path", tmp_path, "--name", "killed", env=kill)
+    assert killed.returncode == 1 and "error: training failed" in killed.stderr, describe(killed)
+    resumed = local(*ARGS, "--storage-path", tmp_path, "--name", "killed", env=kill)  # the marker: no second kill
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"resumed from {tmp_path}/killed/checkpoint_00000010 at step 10" in resumed.stdout
+    got = load_state(tmp_path / "killed" / "checkpoint_00000020_resume00000010")
+    want = load_state(tmp_path / "full" / "checkpoint_00000020")
+    for key in TRAINING_STATE:
+        assert_bitwise_equal(got[key], want[key], key)
+
+
+def test_bad_flags_are_one_line_before_any_worker_starts(tmp_path):
+    proc = local("--num-workers", 0, "--storage-path", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --num-workers"), describe(proc)
+    proc = local("--use-gpu", "--storage-path", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == \
+        ["error: --use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs"], describe(proc)

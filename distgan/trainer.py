@@ -39,6 +39,7 @@ from distgan.config import TrainConfig
 from distgan.data import build_dataset
 from distgan.hardware import PrecisionChoice, decide_precision
 from distgan.models import build_models
+from distgan.schedule import CheckpointPolicy, lr_factor
 from distgan.step import EMA, gan_step, make_optimizers
 from kernels import auto_backend
 from kernels.collectives import collective_device
@@ -305,17 +306,9 @@ class Trainer:
         self.resumed_from = where
 
     def lr_factor(self, step: int) -> float:
-        """The schedule's multiplier for the step after `step` G steps: 1 until start = floor(lr_decay_start x
-        total_steps), then (total_steps - step) / (total_steps - start), down to 1/(total_steps - start) at the
-        last step (pix2pix's linear decay to zero; the last step still learns). A function of the step and
-        the schedule's length: a resume continues it without saved state, and a resume with other --epochs or
-        --max-steps reshapes what is left of it."""
-        total = self.total_steps
-        start = math.floor(self.cfg.lr_decay_start * total)
-        step = min(step, total - 1)  # a finished run (loaded to sample or extend) keeps its last step's rate
-        if step < start:
-            return 1.0
-        return (total - step) / (total - start)
+        """The schedule's multiplier for the step after `step` G steps (distgan.schedule.lr_factor): a resume
+        continues it without saved state; one with other --epochs or --max-steps reshapes what is left."""
+        return lr_factor(step, self.total_steps, self.cfg.lr_decay_start)
 
     def _apply_lr(self) -> None:
         factor = self.lr_scale * self.lr_factor(self.step)
@@ -470,14 +463,59 @@ class Trainer:
         print(f"[rank {self.rank}] rolled back to step {self.step}; learning rates x{self.lr_scale:g} "
               f"(rollback {self.rollbacks}/{self.cfg.max_rollbacks})", flush=True)
 
-    def _schedule(self, epoch_finished: bool, time_due: bool, stop: bool) -> tuple[bool, bool]:
-        """(checkpoint now?, evaluate now?): at most one checkpoint per step, whatever asked for it."""
-        cfg, done = self.cfg, self.step >= self.total_steps
-        epoch_ckpt = epoch_finished and self.epoch % cfg.checkpoint_every == 0
-        step_ckpt = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
-        checkpoint = done or stop or epoch_ckpt or step_ckpt or time_due
-        evaluate = done or epoch_ckpt or (epoch_finished and cfg.eval_every > 0 and self.epoch % cfg.eval_every == 0)
-        return checkpoint, evaluate
+    # ------------------------------------------------------------------ fit() in parts
+    def _recover_nonfinite(self) -> Optional[str]:
+        """After a non-finite step (every rank sees it at the same step): roll back to the last good state with
+        smaller learning rates, or, with --nan-policy stop or the rollbacks used up, the reason to stop."""
+        print(f"[rank {self.rank}] non-finite loss detected at step {self.step}", flush=True)
+        if self.cfg.nan_policy == "stop" or self.rollbacks >= self.cfg.max_rollbacks:
+            return (f"non-finite loss at step {self.step} (rollbacks used: {self.rollbacks}/{self.cfg.max_rollbacks}, "
+                    f"--nan-policy {self.cfg.nan_policy}); last good checkpoint is at step {self._last_good['step']}")
+        self._rollback(self._last_good)
+        self._last_good = copy.deepcopy(self.state_dict())
+        return None
+
+    def _record_step(self, values: list[float], on_step: Optional[Callable[[int, dict[str, float]], None]]) -> None:
+        """The step's all-reduced means: the progress hook every step, the tracker every --log-every steps."""
+        self.last_metrics = dict(zip(STAT_KEYS, values))
+        if self.augment is not None:  # reaches W&B, metrics.jsonl and every report
+            self.last_metrics["augment_p"] = self.augment.p
+        self._window[1] += 1
+        if on_step is not None and self.rank == 0:
+            on_step(self.step, self.last_metrics)
+        if self.tracker is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
+            self._log_step(*self._window)
+            self._window = [time.perf_counter(), 0]
+
+    def _roll_epoch(self) -> bool:
+        """Starts the next epoch when this one's G steps are done; whether it did."""
+        if self.steps_into_epoch < self.steps_per_epoch:
+            return False
+        self.epoch, self.steps_into_epoch, self._batches = self.epoch + 1, 0, None
+        return True
+
+    def _evaluate(self, epoch_finished: bool, with_metrics: bool) -> dict[str, float]:
+        """A sample grid at every epoch end, quality metrics when asked (rank 0; every rank gets the numbers)."""
+        if not (epoch_finished or with_metrics):
+            return {}
+        extra = self._rank0_then_share(lambda: self._evaluate_rank0(with_metrics)) or {}
+        self.best_fid = min(self.best_fid, extra.get("fid", math.inf))
+        return extra
+
+    def _checkpoint(self, report: Report, extra: dict[str, float]) -> None:
+        self._check_replicas()
+        state = self.state_dict()
+        report({"step": self.step, "epoch": self.epoch, **self.last_metrics, **extra}, state)
+        self._last_good = copy.deepcopy(state)
+
+    def _finish(self, stop_reason: Optional[str]) -> None:
+        if self.rank != 0:
+            return
+        if stop_reason:
+            print(f"[rank {self.rank}] STOPPING: {stop_reason}", flush=True)
+        if self.tracker is not None:
+            self.tracker.finish({"final_step": self.step, "rollbacks": self.rollbacks, "stopped": stop_reason or "",
+                                 **self.last_metrics})
 
     def fit(self, report: Optional[Report] = None, should_stop: Callable[[], bool] = lambda: False,
             on_step: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
@@ -487,54 +525,31 @@ class Trainer:
         (rank 0) sees every step's logged means. Returns {"step", "stopped": reason or None, "interrupted"}."""
         report = report or (lambda metrics, state: None)
         self._start_rank0_services()
-        last_good = copy.deepcopy(self.state_dict())
-        minutes = self.cfg.checkpoint_every_minutes
-        last_ckpt_time = t_window = time.perf_counter()
-        window_steps, stop_reason, interrupted = 0, None, False
+        policy = CheckpointPolicy(self.cfg, self.rank, self.total_steps)
+        self._last_good = copy.deepcopy(self.state_dict())  # what a non-finite step rolls back to
+        self._window = [time.perf_counter(), 0]  # the logging window: its start, its steps
+        stop_reason, interrupted = None, False
         while self.step < self.total_steps:
+            # one step; one all-reduce tells every rank its means, a non-finite value, the time trigger, a stop
             out = self.train_step()
-            time_due = self.rank == 0 and minutes > 0 and time.perf_counter() - last_ckpt_time >= 60 * minutes
-            values, nonfinite, (time_due, stop) = self._sync_step(out, [float(time_due), float(should_stop())])
+            values, nonfinite, (time_due, stop) = self._sync_step(out, [float(policy.time_due()),
+                                                                        float(should_stop())])
+            # the NaN guard: every rank rolls back together, or all stop
             if nonfinite:
-                print(f"[rank {self.rank}] non-finite loss detected at step {self.step}", flush=True)
-                if self.cfg.nan_policy == "stop" or self.rollbacks >= self.cfg.max_rollbacks:
-                    stop_reason = (f"non-finite loss at step {self.step} (rollbacks used: {self.rollbacks}/"
-                                   f"{self.cfg.max_rollbacks}, --nan-policy {self.cfg.nan_policy}); last good "
-                                   f"checkpoint is at step {last_good['step']}")
+                stop_reason = self._recover_nonfinite()
+                if stop_reason:
                     break
-                self._rollback(last_good)
-                last_good = copy.deepcopy(self.state_dict())
                 continue
-            self.last_metrics = dict(zip(STAT_KEYS, values))
-            if self.augment is not None:  # reaches W&B, metrics.jsonl and every report
-                self.last_metrics["augment_p"] = self.augment.p
-            window_steps += 1
-            if on_step is not None and self.rank == 0:
-                on_step(self.step, self.last_metrics)
-            if self.tracker is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
-                self._log_step(t_window, window_steps)
-                t_window, window_steps = time.perf_counter(), 0
-            epoch_finished = self.steps_into_epoch >= self.steps_per_epoch
-            if epoch_finished:
-                self.epoch, self.steps_into_epoch, self._batches = self.epoch + 1, 0, None
-            checkpoint, evaluate = self._schedule(epoch_finished, time_due, stop)
-            extra: dict[str, float] = {}
-            if epoch_finished or evaluate:  # a sample grid at every epoch end, metrics when evaluating
-                extra = self._rank0_then_share(lambda with_metrics=evaluate: self._evaluate_rank0(with_metrics)) or {}
-                self.best_fid = min(self.best_fid, extra.get("fid", math.inf))
+            self._record_step(values, on_step)
+            # the epoch's end, then evaluation and checkpoint as the policy says
+            epoch_finished = self._roll_epoch()
+            checkpoint, evaluate = policy.decide(self.step, self.epoch, epoch_finished, time_due, stop)
+            extra = self._evaluate(epoch_finished, evaluate)
             if checkpoint:
-                self._check_replicas()
-                state = self.state_dict()
-                report({"step": self.step, "epoch": self.epoch, **self.last_metrics, **extra}, state)
-                last_good = copy.deepcopy(state)
-                last_ckpt_time = time.perf_counter()
+                self._checkpoint(report, extra)
+                policy.checkpointed()
             if stop:
                 interrupted = True
                 break
-        if self.rank == 0:
-            if stop_reason:
-                print(f"[rank {self.rank}] STOPPING: {stop_reason}", flush=True)
-            if self.tracker is not None:
-                self.tracker.finish({"final_step": self.step, "rollbacks": self.rollbacks,
-                                     "stopped": stop_reason or "", **self.last_metrics})
+        self._finish(stop_reason)
         return {"step": self.step, "stopped": stop_reason, "interrupted": interrupted}

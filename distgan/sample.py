@@ -27,6 +27,7 @@ from distgan import storage
 from distgan.checkpoint import CHECKPOINT_NAME, STATE_FILE, CheckpointError, checkpoint_order, fetch_state, load_into
 from distgan.config import config_from_dict
 from distgan.models import Generator
+from distgan.plots import save_grid
 from distgan.storage import first_line
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the kept checkpoints and their metrics
@@ -143,10 +144,7 @@ def write_images(images: torch.Tensor, path: Path) -> None:
         with open(path, "wb") as fh:  # a file object: savez would append .npz to a temporary name
             np.savez_compressed(fh, images=u8)
     else:
-        from torchvision.utils import save_image
-
-        save_image(images, path, nrow=int(math.ceil(math.sqrt(images.shape[0]))), normalize=True,
-                   value_range=(-1, 1), format="png")
+        save_grid(images, path)
 
 
 def save(images: torch.Tensor, output: str) -> None:

@@ -46,16 +46,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
+from distgan.plots import D_OUTPUT_KEYS, LOSS_KEYS, plot_curves, save_grid
 from distgan.storage import METRICS_FILE, StagedDir, atomic_write, basename, first_line, read_metrics
 
 # The logged metric names, one list for the loop, the W&B run and the dashboard (dashboard.py builds its
 # panels from these groups, and its test checks them against a real run's keys).
-LOSS_KEYS = ("loss_d", "loss_g")
-D_OUTPUT_KEYS = ("d_real", "d_fake")  # mean sigmoid D(x) and D(G(z)) of the last step
 GRAD_NORM_KEYS = ("grad_norm_d", "grad_norm_g")
 LR_KEYS = ("lr_d", "lr_g")
 THROUGHPUT_KEYS = ("images_per_s", "step_time_s")  # images_per_s is global: all workers together
@@ -85,6 +84,33 @@ CURVES_EVERY_S = 60.0
 
 def _warn(message: str) -> None:
     print(f"WARNING: distgan: {message}", file=sys.stderr, flush=True)
+
+
+@runtime_checkable
+class RunTracker(Protocol):
+    """What the Trainer calls on rank 0. Tracker is the full implementation (metrics.jsonl, PNGs, W&B);
+    studies and tests pass their own, e.g. one that keeps each evaluation's numbers."""
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_epoch(self, step: int, epoch: int, samples: torch.Tensor, metrics: dict[str, float]) -> Any: ...
+
+    def finish(self, summary: dict) -> None: ...
+
+
+_FAILED = object()  # what Tracker._guard returns for a W&B call that raised
+
+
+def _wandb_image(path: Path, caption: str):
+    import wandb
+
+    return wandb.Image(str(path), caption=caption)
+
+
+def _wandb_alert_level():
+    import wandb
+
+    return wandb.AlertLevel.WARN
 
 
 def resolve_mode(flag: str | None) -> tuple[str, str]:
@@ -237,12 +263,21 @@ class Tracker:
             self._note("floor", f"W&B already holds steps up to {self._wandb_floor}; step {step} (a resume "
                                 f"or rollback) is kept in metrics.jsonl only until the run passes it")
             return
-        try:
-            self.run.log(data, step=step)
+        if self._guard("log", lambda: self.run.log(data, step=step), disable=True) is not _FAILED:
             self._wandb_floor = step
-        except Exception as e:  # noqa: BLE001
-            _warn(f"W&B log failed ({type(e).__name__}: {e}); W&B off for the rest of this run")
-            self.run = None
+
+    def _guard(self, what: str, call: Callable[[], Any], then: str = "", disable: bool = False) -> Any:
+        """Every W&B call after init goes through here: a failure is one warning line, never an exception (W&B
+        must not stop training), and with `disable` W&B is off for the rest of the run. Returns the call's
+        value, or _FAILED."""
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
+            off = "; W&B off for the rest of this run" if disable else ""
+            _warn(f"W&B {what} failed ({first_line(e, with_type=True)}){then}{off}")
+            if disable:
+                self.run = None
+            return _FAILED
 
     def _note(self, key: str, message: str) -> None:
         if key not in self._noted:
@@ -269,21 +304,13 @@ class Tracker:
             self.plot_curves()
         self._sync("eval")
         if self.run is not None:
-            try:
-                import wandb
-
-                image = wandb.Image(str(path), caption=f"epoch {epoch}, step {step}")
-            except Exception as e:  # noqa: BLE001
-                _warn(f"W&B image failed ({type(e).__name__}: {e}); the grid is still at {path}")
-                image = None
-            self._wandb_log({**({SAMPLES_KEY: image} if image is not None else {}), "epoch": epoch, **values},
+            image = self._guard("image", lambda: _wandb_image(path, f"epoch {epoch}, step {step}"),
+                                then=f"; the grid is still at {path}")
+            self._wandb_log({**({SAMPLES_KEY: image} if image is not _FAILED else {}), "epoch": epoch, **values},
                             step)
             fids = [r["fid"] for r in self.history if r.get("kind") == "eval" and r.get("fid") is not None]
             if fids and self.run is not None:
-                try:
-                    self.run.summary["best_fid"] = min(fids)
-                except Exception as e:  # noqa: BLE001
-                    _warn(f"W&B summary failed ({type(e).__name__}: {e})")
+                self._guard("summary", lambda: self.run.summary.__setitem__("best_fid", min(fids)))
         return path
 
     def finish(self, summary: dict) -> None:
@@ -301,22 +328,18 @@ class Tracker:
         run, self.run = self.run, None
         if run is None:
             return
-        try:
-            for key, value in values.items():
-                run.summary[key] = value
-        except Exception as e:  # noqa: BLE001
-            _warn(f"W&B summary failed ({type(e).__name__}: {e})")
+        self._guard("summary", lambda: run.summary.update(values))
+
+        def finish_and_teardown() -> None:
+            import wandb
+
+            run.finish()
+            # wandb 0.31 can return from finish() before wandb-core has written out the run file;
+            # teardown waits for the service to exit, which closes it. Nothing else uses W&B here.
+            wandb.teardown()
 
         def finish_quietly() -> None:
-            try:
-                import wandb
-
-                run.finish()
-                # wandb 0.31 can return from finish() before wandb-core has written out the run file;
-                # teardown waits for the service to exit, which closes it. Nothing else uses W&B here.
-                wandb.teardown()
-            except Exception as e:  # noqa: BLE001
-                _warn(f"W&B finish failed ({type(e).__name__}: {e}); local files are complete")
+            self._guard("finish", finish_and_teardown, then="; local files are complete")
 
         worker = threading.Thread(target=finish_quietly, name="wandb-finish", daemon=True)
         worker.start()
@@ -338,13 +361,8 @@ class Tracker:
 
     def save_grid(self, samples: torch.Tensor, epoch: int) -> Path:
         """samples (N, C, H, W) in [-1, 1] -> samples/epoch_NNNN.png and samples/latest.png, ~square grid."""
-        from torchvision.utils import save_image
-
-        images = samples.detach().float().cpu()
-        nrow = math.ceil(math.sqrt(images.shape[0]))
         path = self.samples_dir / f"epoch_{epoch:04d}.png"
-        atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
-                                                  format="png"))
+        atomic_write(path, lambda tmp: save_grid(samples, tmp))
         atomic_write(self.samples_dir / "latest.png", lambda tmp: shutil.copyfile(path, tmp))
         self.staged.mark(f"samples/{path.name}", "samples/latest.png")
         return path
@@ -367,12 +385,8 @@ class Tracker:
             self._append({"kind": "alert", "step": step, "epoch": epoch, "time": time.time(), "title": title,
                           "text": text})
             if self.run is not None and self.mode == "online":
-                try:
-                    import wandb
-
-                    self.run.alert(title=f"distgan: {title}", text=text, level=wandb.AlertLevel.WARN)
-                except Exception as e:  # noqa: BLE001
-                    _warn(f"W&B alert failed ({type(e).__name__}: {e})")
+                self._guard("alert", lambda title=title, text=text: self.run.alert(
+                    title=f"distgan: {title}", text=text, level=_wandb_alert_level()))
 
     def plot_curves(self) -> None:
         """Rewrites curves.png from the history (the last row of each step wins). A plotting failure only
@@ -383,51 +397,3 @@ class Tracker:
             self.staged.mark("curves.png")
         except Exception as e:  # noqa: BLE001
             _warn(f"curves.png not written ({type(e).__name__}: {e})")
-
-
-def _series(rows: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
-    by_step = {}
-    for row in rows:
-        if row.get("kind") == kind and row.get(key) is not None:
-            by_step[row["step"]] = row[key]
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 7.5), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot: no global backend state, safe beside other threads
-    (ax_loss, ax_d), (ax_fid, ax_cls) = fig.subplots(2, 2)
-    panels = [(ax_loss, "losses", "step", LOSS_KEYS), (ax_d, "discriminator outputs", "step", D_OUTPUT_KEYS),
-              (ax_fid, "Fréchet distance (classifier features)", "eval", ("fid",)),
-              (ax_cls, "classes and diversity", "eval", ("coverage", "diversity"))]
-    for ax, title, kind, keys in panels:
-        for key in keys:
-            steps, values = _series(rows, kind, key)
-            if steps:
-                ax.plot(steps, values, marker="o" if kind == "eval" else None, markersize=3, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(loc="best", fontsize=8)
-    ax_d.set_ylim(-0.02, 1.02)
-    ax_d.set_ylabel("mean sigmoid output")
-    if ax_fid.lines:
-        ax_fid.set_yscale("log")
-        steps, values = _series(rows, "eval", "kid")
-        if steps:
-            twin = ax_fid.twinx()
-            twin.plot(steps, values, color="tab:red", marker="s", markersize=3, label="kid")
-            twin.set_ylabel("kid", color="tab:red")
-    steps, values = _series(rows, "eval", "classifier_score")
-    if steps:
-        twin = ax_cls.twinx()
-        twin.plot(steps, values, color="tab:green", marker="^", markersize=3, label="classifier_score")
-        twin.set_ylabel("classifier score (1-10)", color="tab:green")
-        twin.set_ylim(0.8, 10.2)
-    ax_cls.set_ylim(-0.02, 1.1)
-    fig.savefig(path, format="png", dpi=90)

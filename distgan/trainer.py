@@ -407,7 +407,12 @@ class Trainer:
     def _start_rank0_services(self) -> None:
         def start() -> None:
             if self._tracker_factory is not None:
+                from distgan.tracking import RunTracker
+
                 self.tracker = self._tracker_factory(resumed=self.resumed_from is not None)
+                if not isinstance(self.tracker, RunTracker):
+                    raise TypeError(f"tracker_factory gave {type(self.tracker).__name__}, which lacks "
+                                    f"log_step/log_epoch/finish (distgan.tracking.RunTracker)")
             if self._want_evaluator:
                 from distgan.metrics import QualityEvaluator, reference_images
 

@@ -91,10 +91,14 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+def _nonfinite_weights(state: dict[str, Any]) -> list[str]:
+    return nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
+                              if k in state})
+
+
 def save_state(state: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Writes state.pt atomically: a crash mid-write leaves the previous file or none, never half a file."""
-    bad = nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
-                             if k in state})
+    bad = _nonfinite_weights(state)
     if bad:
         raise CheckpointError(f"refusing to save non-finite values: {', '.join(bad[:5])}")
     return atomic_write(Path(directory) / STATE_FILE, lambda tmp: torch.save(state, tmp))
@@ -133,8 +137,7 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
         raise CheckpointError(f"{name}: not a distgan checkpoint (missing {', '.join(missing)})")
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"{name}: format {state['format']} not supported (expected {FORMAT_VERSION})")
-    bad = nonfinite_tensors({k: state[k] for k in ("generator", "discriminator", "ema", "opt_g", "opt_d")
-                             if k in state})
+    bad = _nonfinite_weights(state)
     if bad:
         raise CheckpointError(f"{name}: holds non-finite values in {', '.join(bad[:5])}")
     return state

@@ -30,6 +30,17 @@ def _series(rows: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int],
     return steps, [by_step[s] for s in steps]
 
 
+def _on_twin_axis(ax, rows: list[dict[str, Any]], key: str, label: str, color: str, marker: str):
+    """An eval series on a second y axis of `ax` (None when there is none to draw)."""
+    steps, values = _series(rows, "eval", key)
+    if not steps:
+        return None
+    twin = ax.twinx()
+    twin.plot(steps, values, color=color, marker=marker, markersize=3, label=key)
+    twin.set_ylabel(label, color=color)
+    return twin
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -54,16 +65,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     ax_d.set_ylabel("mean sigmoid output")
     if ax_fid.lines:
         ax_fid.set_yscale("log")
-        steps, values = _series(rows, "eval", "kid")
-        if steps:
-            twin = ax_fid.twinx()
-            twin.plot(steps, values, color="tab:red", marker="s", markersize=3, label="kid")
-            twin.set_ylabel("kid", color="tab:red")
-    steps, values = _series(rows, "eval", "classifier_score")
-    if steps:
-        twin = ax_cls.twinx()
-        twin.plot(steps, values, color="tab:green", marker="^", markersize=3, label="classifier_score")
-        twin.set_ylabel("classifier score (1-10)", color="tab:green")
+        _on_twin_axis(ax_fid, rows, "kid", "kid", "tab:red", "s")
+    twin = _on_twin_axis(ax_cls, rows, "classifier_score", "classifier score (1-10)", "tab:green", "^")
+    if twin is not None:
         twin.set_ylim(0.8, 10.2)
     ax_cls.set_ylim(-0.02, 1.1)
     fig.savefig(path, format="png", dpi=90)

@@ -190,7 +190,7 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     monkeypatch.setattr(train, "wait_for_placement", lambda cfg, use_gpu: None)
     monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))
     monkeypatch.setattr(train, "reconcile_run", lambda cfg: None)  # no S3 here
-    monkeypatch.setattr(train, "stop_reason", lambda cfg: None)
+    monkeypatch.setattr("distgan.worker.pop_stop_note", lambda cfg: None)
     monkeypatch.setattr(train.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
     monkeypatch.setattr(train, "RunClaim", lambda cfg: SimpleNamespace(  # likewise
         acquire=lambda: SimpleNamespace(release=lambda: None)))

@@ -19,11 +19,12 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from distgan.storage import atomic_write
 
 # The CPU recipe: 2 workers x 32 images (--batch-size 64). With --bn local each worker's batch sets its
 # BatchNorm statistics, so the worker count is part of what the recipe trains; auto keeps it on CPU and gives
@@ -306,10 +307,7 @@ def write_cache(path: Path, key: str, entry: dict) -> Optional[str]:
         except (OSError, ValueError):
             data = {}
         data[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".precision-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
     except OSError as e:
         return str(e)
     return None

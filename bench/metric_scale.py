@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repository first: processes spawned later inherit sys.path, and bench/kernels.py must not shadow `kernels`
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import _results  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Where a benchmark writes: a new dated file under bench/results/runs/ (git-ignored) unless given a path.
+"""The options every benchmark shares (its preset, where it writes). A run writes a new dated file under
+bench/results/runs/ (git-ignored) unless given a path.
 
 The committed results (bench/results/<what>_<where>_<yyyy-mm>.json, .md) are what the docs cite; a run
 refreshes one only when asked to, by naming it:
@@ -25,6 +26,19 @@ def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", type=Path, default=RUNS,
                    help="otherwise: directory for a new <name>-<YYYYmmdd-HHMMSS>.json + .md (never overwritten)")
     p.add_argument("--name", default=None, help=f"file stem under --out; default {what}")
+
+
+def add_preset_args(p: argparse.ArgumentParser, quick: str, gpu_check: str) -> None:
+    """--quick | --gpu-check | --smoke (else the full preset), the same in every benchmark; preset_name() reads
+    them back. `quick`, `gpu_check`: what the preset costs, for --help."""
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=quick)
+    size.add_argument("--gpu-check", action="store_true", help=gpu_check)
+    size.add_argument("--smoke", action="store_true", help="the tests' tiny preset")
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "gpu-check" if args.gpu_check else "smoke" if args.smoke else "full"
 
 
 def stamp(now: datetime.datetime | None = None) -> str:
@@ -54,4 +68,12 @@ def write_result(result: dict, markdown: str | None, stem: str, output: Path | N
     path.write_text(json.dumps(result, indent=1) + "\n")
     if markdown is not None:
         md.write_text(markdown)
+    return path
+
+
+def publish(result: dict, markdown: str, default_stem: str, args: argparse.Namespace) -> Path:
+    """write_result() with the --output/--out/--name that add_output_args() parsed, then prints the markdown and
+    where it went; returns the JSON path."""
+    path = write_result(result, markdown, args.name or default_stem, args.output, args.out)
+    print(markdown + f"\nwrote {path}")
     return path

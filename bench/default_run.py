@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **before, "start_line": start_line, "summary": summarise(rows, started, ended),
     }
-    text = markdown(result)
-    path = _results.write_result(result, text, args.name or "default-run", args.output, args.out)
-    print(text + f"\nwrote {path}")
+    _results.publish(result, markdown(result), "default-run", args)
     return 0
 
 

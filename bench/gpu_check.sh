@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command that proves distgan's GPU path on a machine with one or more NVIDIA GPUs and no network:
 #
-#   bash bench/gpu_check.sh                # from anywhere; ~7-8 min on one H100/H200 with 16 CPU cores
+#   bash bench/gpu_check.sh                # from anywhere; its stages stop at the limits --dry-run lists
 #   bash bench/gpu_check.sh --dry-run      # the stages, their time limits and the pre-flight; runs nothing
 #
 # First a pre-flight (bench/_preflight.py, one line, seconds): every module the stages import, the NVIDIA
@@ -30,14 +30,8 @@
 # Without an NVIDIA GPU it says so and exits 0 within seconds (with --dry-run, after the pre-flight).
 set -uo pipefail
 
-DRY_RUN=0
-for arg in "$@"; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "gpu_check: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
-  esac
-done
+. "$(dirname "${BASH_SOURCE[0]}")/_script_args.sh"
+parse_script_args gpu_check "$@"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD

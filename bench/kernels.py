@@ -52,7 +52,7 @@ from _cases import (  # noqa: E402
 )
 from _counting import METHODS, cpu_records, static_compile_report, step_records, validate_proxies  # noqa: E402
 from _report import checks, log_wandb, render_markdown  # noqa: E402
-from _results import add_output_args, write_result  # noqa: E402
+from _results import add_output_args, add_preset_args, preset_name, write_result  # noqa: E402
 from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quantiles, gpu_records  # noqa: E402
 
 import kernels  # noqa: E402
@@ -68,10 +68,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CI-sized run (every shape class, fewer counted directly)")
-    size.add_argument("--gpu-check", action="store_true", help="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
-    size.add_argument("--smoke", action="store_true", help="the tests' tiny preset")
+    add_preset_args(p, quick="CI-sized run (every shape class, fewer counted directly)",
+                    gpu_check="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: the preset's")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None, help="default: the preset's")
     p.add_argument("--ops", nargs="+", choices=[BN, BCE, DLOSS], default=None, help="default: all")
@@ -84,7 +82,7 @@ def parse_args(argv=None):
 
 
 def select_preset(args) -> tuple[str, object]:
-    name = "quick" if args.quick else "gpu-check" if args.gpu_check else "smoke" if args.smoke else "full"
+    name = preset_name(args)
     preset = PRESETS[name]
     changes = {}
     if args.providers:

@@ -17,14 +17,8 @@
 # inherit it).
 set -euo pipefail
 
-DRY_RUN=0
-for arg in "$@"; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "make_gpu_bundle: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
-  esac
-done
+. "$(dirname "${BASH_SOURCE[0]}")/_script_args.sh"
+parse_script_args make_gpu_bundle "$@"
 
 PYVER=${PYVER:-3.12}   # the GPU image's python3
 PY=${PYTHON:-$(command -v python3 || command -v python)}

@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         **provenance.collect(),
         "sets": {name: evaluator.evaluate(images) for name, images in image_sets().items()},
     }
-    text = markdown(result)
-    path = _results.write_result(result, text, args.name or "metric-scale", args.output, args.out)
-    print(text + f"\nwrote {path}")
+    _results.publish(result, markdown(result), "metric-scale", args)
     return 0
 
 

@@ -54,8 +54,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+import _results  # noqa: E402
 import torch  # noqa: E402
-from _results import add_output_args, write_result  # noqa: E402
+from _results import add_output_args, add_preset_args, write_result  # noqa: E402
 
 from distgan import hardware, provenance, seeds  # noqa: E402
 from distgan.storage import read_metrics  # noqa: E402
@@ -481,10 +482,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
-    size.add_argument("--gpu-check", action="store_true", help="bench/gpu_check.sh's preset (one repeat)")
-    size.add_argument("--smoke", action="store_true", help="the tests' tiny preset")
+    add_preset_args(p, quick="a few minutes on a 2-core CPU", gpu_check="bench/gpu_check.sh's preset (one repeat)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="Ray worker counts; default 2 on CPU, 1 on a GPU machine")
     p.add_argument("--kernels", nargs="+", choices=("eager", "triton"), default=None,
@@ -580,7 +578,7 @@ def main(argv=None) -> int:
         args.kernels = args.kernels[0] if isinstance(args.kernels, list) else args.kernels
         plain_child(args)
         return 0
-    preset_name = "quick" if args.quick else "gpu-check" if args.gpu_check else "smoke" if args.smoke else "full"
+    preset_name = _results.preset_name(args)
     preset = PRESETS[preset_name]
     if args.repeats:
         preset = dataclasses.replace(preset, repeats=args.repeats)

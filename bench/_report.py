@@ -106,6 +106,23 @@ def fmt_ms(ms) -> str:
     return f"{ms * 1e3:.3g} µs" if ms < 1 else f"{ms:.3g} ms"
 
 
+def _table_header(cols: list[str]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def _measured_cases(idx, cases, providers, metric: str, label: bool):
+    """(mode, get(provider, metric), the row's first cells) for every case and mode some provider has `metric` for."""
+    for c in cases:
+        for mode in MODES:
+
+            def get(p, metric, m=mode, c=c):
+                return idx.get((c.op, c.shape, c.dtype, m, p, metric))
+
+            if any(get(p, metric) for p in providers):
+                shape = "×".join(map(str, c.shape)) + (f" ({c.label})" if label and c.label else "")
+                yield mode, get, [c.op.replace("batch_norm_leaky_relu", "bn_lrelu"), shape, c.dtype, mode]
+
+
 def table_cpu(records, cases, providers) -> list[str]:
     idx = index(records)
     cols = (
@@ -116,36 +133,23 @@ def table_cpu(records, cases, providers) -> list[str]:
         + [f"saved {p}" for p in providers]
         + [f"model µs {p}" for p in providers]
     )
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for c in cases:
-        for mode in MODES:
-
-            def get(p, metric, m=mode, c=c):
-                return idx.get((c.op, c.shape, c.dtype, m, p, metric))
-
-            if not any(get(p, "bytes") for p in providers):
-                continue
-            row = [
-                c.op.replace("batch_norm_leaky_relu", "bn_lrelu"),
-                "×".join(map(str, c.shape)) + (f" ({c.label})" if c.label else ""),
-                c.dtype,
-                mode,
-            ]
-            for p in providers:
-                r = get(p, "bytes")
-                row.append(fmt_bytes(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
-            t, e = get("triton", "bytes"), get("eager", "bytes")
-            row.append(f"{t['value'] / e['value']:.2f}" if t and e else "—")
-            for p in providers:
-                r = get(p, "launches")
-                row.append(str(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
-            for p in providers:
-                r = get(p, "saved_new_bytes", "forward") if mode != "backward" else None
-                row.append(fmt_bytes(r["value"]) if r else "—")
-            for p in providers:
-                r = get(p, "ms")
-                row.append(f"{r['value'] * 1e3:.3g}" if r else "—")
-            lines.append("| " + " | ".join(row) + " |")
+    lines = _table_header(cols)
+    for mode, get, row in _measured_cases(idx, cases, providers, "bytes", label=True):
+        for p in providers:
+            r = get(p, "bytes")
+            row.append(fmt_bytes(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
+        t, e = get("triton", "bytes"), get("eager", "bytes")
+        row.append(f"{t['value'] / e['value']:.2f}" if t and e else "—")
+        for p in providers:
+            r = get(p, "launches")
+            row.append(str(r["value"]) + ("*" if r["source"] == "modelled" else "") if r else "n/a")
+        for p in providers:
+            r = get(p, "saved_new_bytes", "forward") if mode != "backward" else None
+            row.append(fmt_bytes(r["value"]) if r else "—")
+        for p in providers:
+            r = get(p, "ms")
+            row.append(f"{r['value'] * 1e3:.3g}" if r else "—")
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -187,42 +191,29 @@ def table_gpu(records, cases, providers) -> list[str]:
         + [f"launches {p}" for p in providers]
         + [f"peak {p}" for p in providers]
     )
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for c in cases:
-        for mode in MODES:
-
-            def get(p, metric, m=mode, c=c):
-                return idx.get((c.op, c.shape, c.dtype, m, p, metric))
-
-            if not any(get(p, "ms") for p in providers):
-                continue
-            row = [
-                c.op.replace("batch_norm_leaky_relu", "bn_lrelu"),
-                "×".join(map(str, c.shape)),
-                c.dtype,
-                mode,
-            ]
-            for p in providers:
-                r = get(p, "ms")
-                g = get(p, "ms_cudagraph")
-                cell = f"{fmt_ms(r['value'])} ({fmt_ms(r['p20'])}–{fmt_ms(r['p80'])})" if r else "n/a"
-                if g and g["value"] is not None:
-                    cell += f"; graph {fmt_ms(g['value'])}"
-                row.append(cell)
-            for p in providers:
-                r, pc = get(p, "gbps"), get(p, "pct_copy")
-                row.append(f"{r['value']:.0f} ({pc['value']:.0f}%)" if r else "n/a")
-            t = get("triton", "ms")
-            for other in ("eager", "compile"):
-                o = get(other, "ms")
-                row.append(f"{o['value'] / t['value']:.2f}×" if t and o else "—")
-            for p in providers:
-                r = get(p, "launches")
-                row.append(str(r["value"]) if r else "n/a")
-            for p in providers:
-                r = get(p, "peak_bytes")
-                row.append(fmt_bytes(r["value"]) if r else "n/a")
-            lines.append("| " + " | ".join(row) + " |")
+    lines = _table_header(cols)
+    for _mode, get, row in _measured_cases(idx, cases, providers, "ms", label=False):
+        for p in providers:
+            r = get(p, "ms")
+            g = get(p, "ms_cudagraph")
+            cell = f"{fmt_ms(r['value'])} ({fmt_ms(r['p20'])}–{fmt_ms(r['p80'])})" if r else "n/a"
+            if g and g["value"] is not None:
+                cell += f"; graph {fmt_ms(g['value'])}"
+            row.append(cell)
+        for p in providers:
+            r, pc = get(p, "gbps"), get(p, "pct_copy")
+            row.append(f"{r['value']:.0f} ({pc['value']:.0f}%)" if r else "n/a")
+        t = get("triton", "ms")
+        for other in ("eager", "compile"):
+            o = get(other, "ms")
+            row.append(f"{o['value'] / t['value']:.2f}×" if t and o else "—")
+        for p in providers:
+            r = get(p, "launches")
+            row.append(str(r["value"]) if r else "n/a")
+        for p in providers:
+            r = get(p, "peak_bytes")
+            row.append(fmt_bytes(r["value"]) if r else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 

@@ -136,7 +136,8 @@ def run(cfg) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from distgan.config import ConfigError, parse_args
+    from distgan.cli import parse_args
+    from distgan.config import ConfigError
 
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
 
 from distgan import storage, worker
+from distgan.cli import parse_args
 from distgan.config import (
     MAX_FAILURES_CLUSTER,
     MAX_FAILURES_LOCAL,
@@ -28,7 +29,6 @@ from distgan.config import (
     check_execution,
     check_schedule,
     config_from_dict,
-    parse_args,
 )
 
 # Forwarded to the workers through the train-loop config (not the job's runtime env, which the dashboard

@@ -45,14 +45,13 @@ from typing import Any, Optional
 
 import yaml
 
+from distgan.cli import convert_value, parse_args
 from distgan.config import (
     ConfigError,
     TrainConfig,
     _field_kind,
     check_schedule,
     config_from_dict,
-    convert_value,
-    parse_args,
 )
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

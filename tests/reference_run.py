@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from distgan.config import parse_args
+from distgan.cli import parse_args
 from distgan.local import spawn
 
 

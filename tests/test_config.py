@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from distgan.cli import HELP_GROUPS, build_parser, load_yaml, parse_args
 from distgan.config import (
-    HELP_GROUPS,
     RAY_JOB_CONFIG_ENV,
     ConfigError,
     TrainConfig,
-    build_parser,
     check_execution,
     check_schedule,
-    load_yaml,
-    parse_args,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from distgan.config import HELP_GROUPS, SHORT_FLAGS, TrainConfig, default_text  # noqa: E402
+from distgan.cli import HELP_GROUPS, SHORT_FLAGS, default_text  # noqa: E402
+from distgan.config import TrainConfig  # noqa: E402
 
 README = REPO / "README.md"
 USAGE = REPO / "docs" / "usage.md"

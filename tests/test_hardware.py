@@ -18,7 +18,8 @@ from test_trainer import make_cfg, small_dataset
 import distgan.step
 from distgan import hardware, train
 from distgan.checkpoint import load_state, save_state
-from distgan.config import ConfigError, TrainConfig, parse_args
+from distgan.cli import parse_args
+from distgan.config import ConfigError, TrainConfig
 from distgan.hardware import MIN_LOCAL_BN_IMAGES, Node, plan_workers
 from distgan.trainer import Trainer
 

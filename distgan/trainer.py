@@ -9,6 +9,9 @@ RNG streams, so that a loaded trainer continues bit-identically and nothing but 
   * latent noise: `noise_gen` on the training device, seeded from (seed, rank);
   * data order: the sampler's (seed, epoch); the DataLoader's own generator is reseeded every epoch;
   * evaluation, sample grids, metrics: local generators or a forked RNG, never the streams above.
+
+Its collaborators: distgan.sampler (data position), distgan.precision, distgan.evaluation (rank 0's work),
+distgan.faults (test fault hooks, the replica check).
 """
 
 from __future__ import annotations
@@ -16,20 +19,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import random
-import signal
 import time
 import warnings
-from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from distgan import seeds
 from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
@@ -37,8 +35,11 @@ from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
 from distgan.data import build_dataset
-from distgan.hardware import PrecisionChoice, decide_precision
+from distgan.evaluation import RANK0_WORK_TIMEOUT, quality_line, run_on_rank0, sample_and_score, start_services
+from distgan.faults import check_replicas, inject_test_faults
 from distgan.models import build_models
+from distgan.precision import checkpoint_precision, decide_run_precision
+from distgan.sampler import build_loader, epoch_batches, steps_per_epoch
 from distgan.schedule import CheckpointPolicy, lr_factor
 from distgan.step import EMA, gan_step, make_optimizers
 from kernels import auto_backend
@@ -48,50 +49,8 @@ NUM_FIXED_SAMPLES = 64  # an 8x8 grid, the same noise every evaluation
 STAT_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
 # What the NaN guard always checks: a non-finite forward means the weights (or the batch) went bad.
 FORWARD_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
-# Rank-0-only work (W&B start-up, an evaluation) may take minutes; the other ranks wait for it at a barrier
-# of this group, so only a dead peer, never a busy rank 0, trips the process group's --collective-timeout-s.
-RANK0_WORK_TIMEOUT = timedelta(hours=2)
 
 Report = Callable[[dict[str, float], Optional[dict[str, Any]]], None]
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (`start_index`, in samples of this rank), so
-    a resume skips what was consumed without loading it. An epoch's order depends only on (seed, epoch)."""
-
-    start_index = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start_index:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-
-def _fault_injection(step: int, rank: int, reals: list[torch.Tensor]) -> None:
-    """Test hooks, inert unless DISTGAN_TEST_MARKER_DIR is set: SIGKILL this worker, or poison its batch with
-    NaN, at a given step, once per marker file (so the restarted run does not repeat the fault)."""
-    marker_dir = os.environ.get("DISTGAN_TEST_MARKER_DIR")
-    if not marker_dir:
-        return
-    for kind in ("KILL", "NAN"):
-        at = os.environ.get(f"DISTGAN_TEST_{kind}_AT_STEP")
-        target_rank = int(os.environ.get(f"DISTGAN_TEST_{kind}_RANK", "1" if kind == "KILL" else "0"))
-        marker = Path(marker_dir) / f"{kind.lower()}_done"
-        if at is None or int(at) != step or rank != target_rank or marker.exists():
-            continue
-        marker.write_text(str(step))
-        if kind == "KILL":
-            print(f"[distgan test] rank {rank}: SIGKILL at step {step}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        reals[0] = reals[0] * float("nan")
-
-
-def _checksum(tensors) -> torch.Tensor:
-    """Two float64 sums that differ when any element differs (order-weighted), computed on the CPU."""
-    flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(97).add_(1)
-    return torch.stack([flat.sum(), (flat * weights).sum()])
 
 
 def _default_wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -132,7 +91,7 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         if cfg.num_workers is None:  # a config the driver did not size (tests, scripts): the group's size
             cfg = self.cfg = dataclasses.replace(cfg, num_workers=self.world)
-        self.precision_choice = self._decide_precision()
+        self.precision_choice = decide_run_precision(cfg, self.device, self.world, self.rank, self.distributed)
         self.precision = self.precision_choice.precision
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
             auto_backend(self.device))
@@ -152,15 +111,8 @@ class Trainer:
         self.g, self.d = wrap(g), wrap(d)
 
         self.dataset = dataset if dataset is not None else build_dataset(cfg, "train")
-        self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
-                                                   shuffle=True, seed=cfg.seed, drop_last=True)
-        self.loader = DataLoader(self.dataset, batch_size=cfg.per_worker_batch, sampler=self.sampler,
-                                 drop_last=True, num_workers=0 if isinstance(self.dataset, TensorDataset) else 2,
-                                 generator=torch.Generator(), pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.dataset) // self.world // cfg.per_worker_batch // cfg.n_critic
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} exceeds the dataset "
-                             f"({len(self.dataset)} images)")
+        self.sampler, self.loader = build_loader(self.dataset, cfg, self.world, self.rank, self.device)
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg, self.world)
         self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * self.steps_per_epoch)
 
         # Training streams: every rank its own, drawn only by training from here on.
@@ -186,39 +138,13 @@ class Trainer:
             self._rank0_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
 
     # ------------------------------------------------------------------ precision
-    def _decide_precision(self) -> PrecisionChoice:
-        """--precision on this rank: "auto" is rank 0's decision (a measurement when not cached), broadcast, so
-        every rank runs the same precision."""
-        def decide() -> PrecisionChoice:
-            return decide_precision(self.cfg, self.device, self.cfg.batch_size // self.world, torch.get_num_threads(),
-                                    log=lambda m: print(m, flush=True))
-
-        if self.cfg.precision != "auto" or not self.distributed:
-            return decide()
-        box: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                box[0] = decide()
-            except Exception as e:  # handed to every rank, which raise it, rather than wait for a choice
-                box[0] = e
-        dist.broadcast_object_list(box, src=0, device=collective_device())
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
-
     def _keep_checkpoint_precision(self, saved: Optional[str], where: str) -> None:
         """With --precision auto, a resume runs the precision its checkpoint was trained in (so an exact resume
-        stays exact), where this device can run it; an explicit --precision wins."""
-        if self.cfg.precision != "auto" or saved in (None, self.precision):
+        stays exact), where this device can run it; an explicit --precision wins (distgan.precision)."""
+        choice = checkpoint_precision(self.cfg, self.device, self.precision, saved, where)
+        if choice is None:
             return
-        if saved == "fp16" and self.device.type != "cuda":
-            warnings.warn(f"{where} was trained in fp16, which needs CUDA; this run continues in {self.precision}",
-                          stacklevel=3)
-            return
-        chosen = self.precision
-        self.precision = saved
-        self.precision_choice = PrecisionChoice(saved, "checkpoint", f"auto: kept from {where} (this machine's choice: "
-                                                                     f"{chosen}; --precision {chosen} to switch)")
+        self.precision, self.precision_choice = saved, choice
         fp16 = saved == "fp16"
         self.scalers = (torch.amp.GradScaler("cuda", enabled=fp16), torch.amp.GradScaler("cuda", enabled=fp16))
         if self.rank == 0:
@@ -319,12 +245,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _next_reals(self) -> list[torch.Tensor]:
         if self._batches is None:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.start_index = self.samples_into_epoch
-            # each iter() draws a base seed from the loader's generator: a per-epoch seed keeps a mid-epoch
-            # resume (which starts an iterator the original run did not) on the same numbers
-            self.loader.generator.manual_seed(seeds.data_loader(self.cfg.seed, self.epoch))
-            self._batches = iter(self.loader)
+            self._batches = epoch_batches(self.sampler, self.loader, self.cfg.seed, self.epoch,
+                                          self.samples_into_epoch)
         return [next(self._batches)[0].to(self.device, non_blocking=True) for _ in range(self.cfg.n_critic)]
 
     def _sample_z(self, n: int) -> torch.Tensor:
@@ -334,7 +256,7 @@ class Trainer:
         """One G step (after n_critic D steps) on this rank's next batches; advances the step counters and
         the EMA. Returns 0-dim device tensors (STAT_KEYS); no host sync."""
         reals = self._next_reals()
-        _fault_injection(self.step + 1, self.rank, reals)
+        inject_test_faults(self.step + 1, self.rank, reals)
         if self.cfg.lr_decay_start < 1:
             self._apply_lr()
         out = gan_step(self.g, self.d, self.opt_g, self.opt_d, reals, self._sample_z,
@@ -374,75 +296,33 @@ class Trainer:
     def _check_replicas(self) -> None:
         """Before a checkpoint: every replica holds bitwise-identical G and D parameters (D has no buffers;
         G's buffers are rank 0's at every forward, DDP broadcasts them)."""
-        if not self.distributed:
-            return
-        local = torch.cat([_checksum(self.g_bare.parameters()), _checksum(self.d_bare.parameters())])
-        local = local.to(collective_device())
-        gathered = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local)
-        for r, other in enumerate(gathered):
-            if not torch.equal(other, gathered[0]):
-                raise RuntimeError(f"replicas diverged at step {self.step}: rank {r} holds different G/D parameters "
-                                   f"than rank 0 (checksums {other.tolist()} vs {gathered[0].tolist()})")
+        if self.distributed:
+            check_replicas(self.g_bare, self.d_bare, self.step, self.world)
 
     # ------------------------------------------------------------------ rank-0 work
     def _rank0_then_share(self, work: Callable[[], Any]) -> Any:
-        """Runs `work` on rank 0 alone (the others wait at a long-timeout barrier) and hands every rank its
-        result. The training RNG streams are forked around it, so it cannot shift them."""
-        result = None
-        if self.rank == 0:
-            devices = [self.device] if self.device.type == "cuda" else []
-            np_state, py_state = np.random.get_state(), random.getstate()
-            with torch.random.fork_rng(devices=devices):
-                result = work()
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-        if not self.distributed:
-            return result
-        dist.barrier(group=self._rank0_group)
-        box = [result]
-        dist.broadcast_object_list(box, src=0, device=collective_device())
-        return box[0]
+        """`work` on rank 0 alone, its result on every rank, the training RNG streams untouched."""
+        return run_on_rank0(work, self.rank, self.device, self._rank0_group if self.distributed else None)
 
     def _start_rank0_services(self) -> None:
         def start() -> None:
-            if self._tracker_factory is not None:
-                from distgan.tracking import RunTracker
-
-                self.tracker = self._tracker_factory(resumed=self.resumed_from is not None)
-                if not isinstance(self.tracker, RunTracker):
-                    raise TypeError(f"tracker_factory gave {type(self.tracker).__name__}, which lacks "
-                                    f"log_step/log_epoch/finish (distgan.tracking.RunTracker)")
-            if self._want_evaluator:
-                from distgan.metrics import QualityEvaluator, reference_images
-
-                self.evaluator = QualityEvaluator(reference_images(self.cfg), device=self.device)
+            self.tracker, self.evaluator = start_services(self.cfg, self.device, self._tracker_factory,
+                                                          self.resumed_from is not None, self._want_evaluator)
 
         self._rank0_then_share(start)
 
     @torch.no_grad()
     def _evaluate_rank0(self, with_metrics: bool) -> dict[str, float]:
         """Rank 0: the fixed-noise sample grid and, when asked, quality metrics of the EMA generator."""
-        cfg = self.cfg
         g_eval = self.ema.model if self.ema is not None else self.g_bare
-        was_training = g_eval.training
-        g_eval.eval()
-        samples = g_eval(self.fixed_noise.to(self.device)).float().cpu()
-        metrics: dict[str, float] = {}
+        samples, metrics = sample_and_score(g_eval, self.fixed_noise, self.cfg, self.device, self.evaluator,
+                                            with_metrics)
         if with_metrics and self.evaluator is not None:
-            gen = torch.Generator().manual_seed(seeds.evaluation(cfg.seed))
-            fakes = [g_eval(torch.randn(min(250, cfg.eval_samples - s), cfg.z_dim, generator=gen).to(self.device))
-                     .float().cpu() for s in range(0, cfg.eval_samples, 250)]
-            metrics = {k: float(v) for k, v in self.evaluator.evaluate(torch.cat(fakes)).items()}
             metrics["d_gap"] = self.last_metrics.get("d_real", 0.0) - self.last_metrics.get("d_fake", 0.0)
-        g_eval.train(was_training)
         if self.tracker is not None:
             self.tracker.log_epoch(self.step, self.epoch, samples, metrics)
         if "fid" in metrics:
-            best = metrics["fid"] < self.best_fid
-            print(f"epoch {self.epoch} step {self.step}: FID {metrics['fid']:.2f} KID {metrics['kid']:.3f} "
-                  f"CS {metrics['classifier_score']:.2f} coverage {metrics['coverage']:.2f}"
-                  + (" (best)" if best else ""), flush=True)
+            print(quality_line(self.epoch, self.step, metrics, metrics["fid"] < self.best_fid), flush=True)
         return metrics
 
     # ------------------------------------------------------------------ the loop

@@ -31,7 +31,7 @@ AUGMENT_OPS = ("color", "translation", "cutout")  # DiffAugment's ops (distgan/a
 ADA_POLICY = ("translation", "cutout")  # what plain `--augment ada` adapts: DiffAugment's pick for small data
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # On a cluster, preemptions are expected: restart the worker group from the last checkpoint. A local run's
-# failures are bugs or bad input, and retrying them only delays the error. train.py applies these.
+# failures are bugs or bad input, and retrying them only delays the error. cluster.default_max_failures applies these.
 MAX_FAILURES_LOCAL, MAX_FAILURES_CLUSTER = 0, 2
 # Fields whose value may be "auto" (stored as None until the driver decides it; distgan.hardware)
 AUTO_FIELDS = ("num_workers", "cpus_per_worker")

@@ -7,7 +7,7 @@ steps at the run's shapes in each candidate precision and takes the fastest, bec
 whether bf16 is fast (AVX-512 BF16 without AMX can be slower than fp32). A measurement is cached per machine
 (processor, torch version, shapes, threads) in the user's cache directory, so later runs start at once.
 
-No Ray and no torch.distributed here: the driver (distgan/train.py) turns a plan into Ray's ScalingConfig;
+No Ray and no torch.distributed here: the driver (distgan/cluster.py) turns a plan into Ray's ScalingConfig;
 the Trainer broadcasts rank 0's precision to the other ranks.
 """
 

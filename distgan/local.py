@@ -112,10 +112,12 @@ def run(cfg) -> dict[str, Any]:
     ConfigError for user-fixable problems."""
     from distgan import storage, worker
     from distgan.checkpoint import newest_checkpoint, newest_checkpoint_state
+    from distgan.cluster import local_nodes, size_workers
     from distgan.config import ConfigError, check_execution, check_schedule
     from distgan.data import build_dataset, check_data_root
     from distgan.metrics import metrics_supported
-    from distgan.train import StopOnInterrupt, check_resume, local_nodes, size_workers
+    from distgan.runs import check_resume
+    from distgan.train import StopOnInterrupt
 
     if cfg.use_gpu:
         raise ConfigError("--use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs", field="use_gpu")

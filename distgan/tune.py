@@ -334,8 +334,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
 
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
     from distgan import storage
+    from distgan.cluster import _forwarded_env, connect_ray, size_workers
     from distgan.provenance import collect
-    from distgan.train import _forwarded_env, connect_ray, size_workers
 
     search = cfg.name
     if storage.list_names(storage.join(cfg.storage_path, search)):

@@ -357,7 +357,7 @@ def test_help_states_the_true_defaults():
 
 
 def test_help_max_failures_default_is_what_the_driver_applies(monkeypatch):
-    from distgan.train import default_max_failures
+    from distgan.cluster import default_max_failures
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = default_max_failures()
@@ -399,7 +399,7 @@ def test_relative_data_root_and_wandb_dir_reach_the_workers_absolute(tmp_path, m
     resolved against the directory the user typed the command in."""
     from PIL import Image
 
-    from distgan import train
+    from distgan import cluster
     from distgan.data import build_dataset
 
     for cls in ("a", "b"):
@@ -410,6 +410,6 @@ def test_relative_data_root_and_wandb_dir_reach_the_workers_absolute(tmp_path, m
     cfg = parse_args(["--dataset", "folder", "--data-root", "imgs", "--storage-path", "runs"])
     sent = cfg.to_dict()
     assert sent["data_root"] == str(tmp_path / "imgs")
-    assert train._forwarded_env()["WANDB_DIR"] == str(tmp_path / "wb")
+    assert cluster._forwarded_env()["WANDB_DIR"] == str(tmp_path / "wb")
     monkeypatch.chdir("/")  # where a worker runs: the dataset still loads
     assert len(build_dataset(TrainConfig(**sent))) == 2

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distgan import storage, train
+from distgan import cluster, runs, storage, train
 from distgan.checkpoint import newest_checkpoint_state
 from distgan.config import RAY_JOB_CONFIG_ENV, ConfigError, TrainConfig
 
@@ -24,9 +24,9 @@ def _job_environ(env_vars: dict, **extra) -> dict:
 
 
 def test_outside_a_job_the_driver_forwards_triton_interpret_to_the_workers():
-    assert train.driver_runtime_env({"TRITON_INTERPRET": "1", "HOME": "/x"}) == {
+    assert cluster.driver_runtime_env({"TRITON_INTERPRET": "1", "HOME": "/x"}) == {
         "env_vars": {"TRITON_INTERPRET": "1"}}
-    assert train.driver_runtime_env({"HOME": "/x"}) is None
+    assert cluster.driver_runtime_env({"HOME": "/x"}) is None
 
 
 @pytest.mark.parametrize("job_env", [{"TRITON_INTERPRET": "1"}, {"TRITON_INTERPRET": "0", "OTHER": "x"}])
@@ -34,10 +34,10 @@ def test_inside_a_job_the_driver_never_repeats_a_key_of_the_jobs_runtime_env(job
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
     environ = _job_environ(job_env)
-    ours = train.driver_runtime_env(environ)
+    ours = cluster.driver_runtime_env(environ)
     assert not set((ours or {}).get("env_vars", {})) & set(job_env)
     # what ray.init does with it inside the job: Ray's own merge, which returns None on a repeated key
-    job = train.job_runtime_env(environ)
+    job = cluster.job_runtime_env(environ)
     assert _merge_runtime_env(job, ours) is not None
     naive = {"env_vars": {"TRITON_INTERPRET": environ["TRITON_INTERPRET"]}}  # what the driver passed before
     assert _merge_runtime_env(job, naive) is None
@@ -45,7 +45,7 @@ def test_inside_a_job_the_driver_never_repeats_a_key_of_the_jobs_runtime_env(job
 
 def test_inside_a_job_without_the_variable_in_its_runtime_env_the_driver_still_forwards_it():
     environ = _job_environ({"OTHER": "x"}, TRITON_INTERPRET="1")  # e.g. from the head node's environment
-    assert train.driver_runtime_env(environ) == {"env_vars": {"TRITON_INTERPRET": "1"}}
+    assert cluster.driver_runtime_env(environ) == {"env_vars": {"TRITON_INTERPRET": "1"}}
 
 
 # ------------------------------------------------------------------ resubmission vs the newest checkpoint
@@ -71,7 +71,7 @@ def _cfg(tmp_path, **overrides) -> TrainConfig:
 
 def _check(tmp_path, storage_path=None, **overrides):
     cfg = _cfg(tmp_path, **overrides)
-    train.check_resume(cfg, newest_checkpoint_state(storage_path or cfg.storage_path, cfg.name))
+    runs.check_resume(cfg, newest_checkpoint_state(storage_path or cfg.storage_path, cfg.name))
 
 
 @pytest.mark.parametrize("flag,field,saved,now", [
@@ -155,7 +155,7 @@ def test_an_incompatible_resubmission_exits_2_before_ray_starts(tmp_path, monkey
     def no_ray(cfg):
         raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(train, "connect_ray", no_ray)
+    monkeypatch.setattr(cluster, "connect_ray", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     rc = train.main(["--storage-path", str(tmp_path), "--name", "x", "--batch-size", "32"])
     err = capsys.readouterr().err.strip()
@@ -164,8 +164,8 @@ def test_an_incompatible_resubmission_exits_2_before_ray_starts(tmp_path, monkey
 
 
 def test_a_local_run_asking_for_a_gpu_the_machine_lacks_exits_2_before_ray_starts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
-    monkeypatch.setattr(train, "local_gpu_count", lambda: 0)
+    monkeypatch.setattr(cluster, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(cluster, "local_gpu_count", lambda: 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert train.main(["--storage-path", str(tmp_path), "--use-gpu"]) == 2
     assert capsys.readouterr().err.startswith("error: --use-gpu: this machine has no CUDA GPU")
@@ -186,15 +186,15 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
         metrics={"step": 6})
     fake_ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2}, shutdown=lambda: None,
                                nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2}}])
-    monkeypatch.setattr(train, "connect_ray", lambda cfg: fake_ray)
-    monkeypatch.setattr(train, "wait_for_placement", lambda cfg, use_gpu: None)
+    monkeypatch.setattr(cluster, "connect_ray", lambda cfg: fake_ray)
+    monkeypatch.setattr(cluster, "wait_for_placement", lambda cfg, use_gpu: None)
     monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))
-    monkeypatch.setattr(train, "reconcile_run", lambda cfg: None)  # no S3 here
+    monkeypatch.setattr(runs, "reconcile_run", lambda cfg: None)  # no S3 here
     monkeypatch.setattr("distgan.worker.pop_stop_note", lambda cfg: None)
     monkeypatch.setattr(train.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
-    monkeypatch.setattr(train, "RunClaim", lambda cfg: SimpleNamespace(  # likewise
+    monkeypatch.setattr(runs, "RunClaim", lambda cfg: SimpleNamespace(  # likewise
         acquire=lambda: SimpleNamespace(release=lambda: None)))
-    monkeypatch.setattr(train, "check_ray_address", lambda: None)  # no cluster: connect_ray is replaced
+    monkeypatch.setattr(cluster, "check_ray_address", lambda: None)  # no cluster: connect_ray is replaced
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     summary = train.run(cfg)
     assert summary["run_dir"] == "s3://bucket/prefix/x"
@@ -257,7 +257,7 @@ def test_a_ray_address_the_driver_cannot_join_is_one_line_exit_2(tmp_path, addre
 
 def _claim(run_dir: Path, **fields) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / train.CLAIM_FILE
+    path = run_dir / runs.CLAIM_FILE
     path.write_text(json.dumps({"token": "other", "started": time.time(), "heartbeat": time.time(), **fields}))
     return path
 
@@ -273,10 +273,10 @@ def _dead_pid() -> int:
 def test_a_second_driver_on_a_live_run_is_refused_naming_the_run_and_the_holder(tmp_path, monkeypatch, capsys):
     import socket
 
-    monkeypatch.setattr(train, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(cluster, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    me = {"host": socket.gethostname(), "boot_id": train._boot_id(), "pid": os.getpid(),
-          "pid_start": train._process_start(os.getpid())}
+    me = {"host": socket.gethostname(), "boot_id": runs._boot_id(), "pid": os.getpid(),
+          "pid_start": runs._process_start(os.getpid())}
     claim = _claim(tmp_path / "x", **me)  # this test's process stands for the live driver
     assert train.main(["--storage-path", str(tmp_path), "--name", "x", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -285,33 +285,33 @@ def test_a_second_driver_on_a_live_run_is_refused_naming_the_run_and_the_holder(
     assert json.loads(claim.read_text())["token"] == "other"  # untouched
     # a driver on another host that rewrote its claim a minute ago is live as well
     _claim(tmp_path / "y", host="elsewhere", pid=1, heartbeat=time.time() - 60)
-    with pytest.raises(train.LaunchError, match="^run y is in use by another driver .pid 1 on elsewhere"):
-        train.RunClaim(TrainConfig(storage_path=str(tmp_path), name="y").validate()).acquire()
+    with pytest.raises(runs.LaunchError, match="^run y is in use by another driver .pid 1 on elsewhere"):
+        runs.RunClaim(TrainConfig(storage_path=str(tmp_path), name="y").validate()).acquire()
 
 
 @pytest.mark.parametrize("holder", ["dead-pid", "pid-reused", "silent-host", "torn"])
 def test_a_dead_drivers_claim_does_not_block_a_resume(tmp_path, holder):
     import socket
 
-    here = {"host": socket.gethostname(), "boot_id": train._boot_id()}
+    here = {"host": socket.gethostname(), "boot_id": runs._boot_id()}
     if holder == "dead-pid":  # Ctrl-C twice, SIGKILL, a crashed machine: the pid is gone
         _claim(tmp_path / "x", **here, pid=_dead_pid(), pid_start="1")
     elif holder == "pid-reused":  # the pid now belongs to another process, started later
         _claim(tmp_path / "x", **here, pid=os.getpid(), pid_start="1")
     elif holder == "silent-host":  # another host's driver stopped rewriting its claim
-        _claim(tmp_path / "x", host="elsewhere", pid=1, heartbeat=time.time() - train.CLAIM_STALE_S - 1)
+        _claim(tmp_path / "x", host="elsewhere", pid=1, heartbeat=time.time() - runs.CLAIM_STALE_S - 1)
     else:
         (tmp_path / "x").mkdir()
-        (tmp_path / "x" / train.CLAIM_FILE).write_text('{"tok')
+        (tmp_path / "x" / runs.CLAIM_FILE).write_text('{"tok')
     cfg = TrainConfig(storage_path=str(tmp_path), name="x").validate()
-    claim = train.RunClaim(cfg).acquire()
+    claim = runs.RunClaim(cfg).acquire()
     try:
-        assert json.loads((tmp_path / "x" / train.CLAIM_FILE).read_text())["token"] == claim.mine["token"]
-        with pytest.raises(train.LaunchError, match="^run x is in use by another driver"):  # and it is held now
-            train.RunClaim(cfg).acquire()
+        assert json.loads((tmp_path / "x" / runs.CLAIM_FILE).read_text())["token"] == claim.mine["token"]
+        with pytest.raises(runs.LaunchError, match="^run x is in use by another driver"):  # and it is held now
+            runs.RunClaim(cfg).acquire()
     finally:
         claim.release()
-    assert not (tmp_path / "x" / train.CLAIM_FILE).exists()
+    assert not (tmp_path / "x" / runs.CLAIM_FILE).exists()
 
 
 def test_a_claim_in_a_bucket_is_taken_over_only_when_stale(s3_endpoint, monkeypatch):
@@ -325,19 +325,19 @@ def test_a_claim_in_a_bucket_is_taken_over_only_when_stale(s3_endpoint, monkeypa
     s3.create_dir("claims")
 
     def put(name, heartbeat):
-        with s3.open_output_stream(f"claims/runs/{name}/{train.CLAIM_FILE}") as fh:
+        with s3.open_output_stream(f"claims/runs/{name}/{runs.CLAIM_FILE}") as fh:
             fh.write(json.dumps({"token": "other", "host": "elsewhere", "pid": 7, "started": heartbeat,
                                  "heartbeat": heartbeat}).encode())
 
     put("live", time.time())
-    with pytest.raises(train.LaunchError, match="^run live is in use by another driver .pid 7 on elsewhere"):
-        train.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="live").validate()).acquire()
-    put("stale", time.time() - train.CLAIM_STALE_S - 1)
-    claim = train.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="stale").validate()).acquire()
-    with s3.open_input_stream(f"claims/runs/stale/{train.CLAIM_FILE}") as fh:
+    with pytest.raises(runs.LaunchError, match="^run live is in use by another driver .pid 7 on elsewhere"):
+        runs.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="live").validate()).acquire()
+    put("stale", time.time() - runs.CLAIM_STALE_S - 1)
+    claim = runs.RunClaim(TrainConfig(storage_path="s3://claims/runs", name="stale").validate()).acquire()
+    with s3.open_input_stream(f"claims/runs/stale/{runs.CLAIM_FILE}") as fh:
         assert json.loads(fh.read())["token"] == claim.mine["token"]
     claim.release()
-    assert s3.get_file_info(f"claims/runs/stale/{train.CLAIM_FILE}").type == pyarrow.fs.FileType.NotFound
+    assert s3.get_file_info(f"claims/runs/stale/{runs.CLAIM_FILE}").type == pyarrow.fs.FileType.NotFound
 
 
 # ------------------------------------------------------------------ Ray's record of the run vs the run directory
@@ -389,13 +389,13 @@ def test_a_deleted_latest_checkpoint_resumes_from_the_newest_that_exists(tmp_pat
         _ray_manager(tmp_path, run.name)  # what Ray does with the record as it is
     notes = []
     cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
-    where, state = train.reconcile_run(cfg, log=notes.append)
+    where, state = runs.reconcile_run(cfg, log=notes.append)
     assert where == str(run / "checkpoint_00000002") and state["step"] == 2
     assert notes == [f"run {run.name}: resuming from checkpoint_00000002, the newest checkpoint that exists and "
                      f"validates (Ray's latest, checkpoint_00000004, is missing)"]
     manager = _ray_manager(tmp_path, run.name)
     assert Path(manager.latest_checkpoint_result.checkpoint.path).name == "checkpoint_00000002"
-    assert train.reconcile_run(cfg, log=notes.append)[0] == where and len(notes) == 1  # agreed now: no rewrite
+    assert runs.reconcile_run(cfg, log=notes.append)[0] == where and len(notes) == 1  # agreed now: no rewrite
 
 
 def test_checkpoints_ray_never_registered_are_resumed_and_torn_ones_skipped(tmp_path):
@@ -407,7 +407,7 @@ def test_checkpoints_ray_never_registered_are_resumed_and_torn_ones_skipped(tmp_
     torn.write_bytes(torn.read_bytes()[:500])
     notes = []
     cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
-    where, _ = train.reconcile_run(cfg, log=notes.append)
+    where, _ = runs.reconcile_run(cfg, log=notes.append)
     assert where == str(run / "checkpoint_00000004")
     assert notes[0].startswith(f"WARNING: skipping checkpoint: {torn}: unreadable, truncated or corrupt")
     assert notes[1].endswith("(Ray had not registered it (its latest was checkpoint_00000002))")
@@ -416,7 +416,7 @@ def test_checkpoints_ray_never_registered_are_resumed_and_torn_ones_skipped(tmp_
 
     (run / "checkpoint_manager_snapshot.json").unlink()
     notes.clear()
-    assert train.reconcile_run(cfg, log=notes.append)[0] == where
+    assert runs.reconcile_run(cfg, log=notes.append)[0] == where
     assert "Ray's record of the run was missing or torn; rebuilt it from the run directory" in notes[-1]
     assert Path(_ray_manager(tmp_path, run.name).latest_checkpoint_result.checkpoint.path).name == \
         "checkpoint_00000004"
@@ -424,7 +424,7 @@ def test_checkpoints_ray_never_registered_are_resumed_and_torn_ones_skipped(tmp_
 
 def test_a_run_whose_checkpoints_are_all_gone_or_invalid_is_never_restarted_from_step_0(tmp_path, monkeypatch,
                                                                                       capsys):
-    monkeypatch.setattr(train, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(cluster, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run = _run_with(tmp_path, [2])
     (run / "checkpoint_00000002" / "state.pt").write_bytes(b"torn")
@@ -457,7 +457,7 @@ def test_every_checkpoint_score_survives_the_records_json_and_unscored_ones_rank
         _ray_manager(tmp_path, run.name)._get_checkpoint_score(
             _TrainingResult(checkpoint=None, metrics={**metrics[names[1]], RANK_METRIC: None}))
     cfg = TrainConfig(storage_path=str(tmp_path), name=run.name).validate()
-    where, _ = train.reconcile_run(cfg, log=lambda m: None)
+    where, _ = runs.reconcile_run(cfg, log=lambda m: None)
     assert where.endswith(names[3])
     record = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
     ranks = {r["checkpoint_dir_name"]: r["metrics"][RANK_METRIC] for r in record["checkpoint_results"]}

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from test_trainer import make_cfg, small_dataset
 
 import distgan.step
-from distgan import hardware, train
+from distgan import cluster, hardware
 from distgan.checkpoint import load_state, save_state
 from distgan.cli import parse_args
 from distgan.config import ConfigError, TrainConfig
@@ -27,12 +27,12 @@ from distgan.trainer import Trainer
 def sized(monkeypatch, tmp_path, cpus: int, gpus: int, *flags: str, found=None):
     """A local run's decisions on a machine of `cpus` CPUs and `gpus` GPUs: (the sized config, its ScalingConfig,
     the driver's printed lines), through the driver's own functions."""
-    monkeypatch.setattr(train.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: cpus)
     cfg = parse_args(["--storage-path", str(tmp_path), "--name", "x", *flags])
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1
     lines: list[str] = []
-    out = train.size_workers(cfg, train.local_nodes(gpus), use_gpu, found, log=lines.append)
-    return out, train.scaling_config(out, use_gpu), lines
+    out = cluster.size_workers(cfg, cluster.local_nodes(gpus), use_gpu, found, log=lines.append)
+    return out, cluster.scaling_config(out, use_gpu), lines
 
 
 # ------------------------------------------------------------------------------------------------ sizing
@@ -124,10 +124,10 @@ def test_a_cluster_declaring_eight_logical_gpus_places_the_planned_workers(monke
     try:
         for flags, want in (((), (4, 4)), (("--batch-size", "128"), (8, 2))):
             cfg = parse_args(["--storage-path", str(tmp_path), "--name", "x", "--placement-timeout-s", "20", *flags])
-            cfg = train.size_workers(cfg, hardware.ray_nodes(ray.nodes()), True, log=lambda _: None)
-            scaling = train.scaling_config(cfg, True)
+            cfg = cluster.size_workers(cfg, hardware.ray_nodes(ray.nodes()), True, log=lambda _: None)
+            scaling = cluster.scaling_config(cfg, True)
             assert (scaling.num_workers, scaling.num_cpus_per_worker) == want
-            train.wait_for_placement(cfg, True)  # raises LaunchError when the bundles do not fit
+            cluster.wait_for_placement(cfg, True)  # raises LaunchError when the bundles do not fit
     finally:
         ray.shutdown()
 

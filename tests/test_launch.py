@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from distgan import train
+from distgan import cluster
 from distgan.config import ConfigError, TrainConfig
 
 from conftest import REPO, describe, hiding_modules_env
@@ -21,11 +21,11 @@ DASHBOARD_PACKAGES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentele
 
 START_LOCAL = """
 import ray
-from distgan import train
+from distgan import cluster
 from distgan.config import TrainConfig
 
-print("dashboard packages:", train.dashboard_available())
-train.connect_ray(TrainConfig(storage_path={storage!r}, num_workers=1))
+print("dashboard packages:", cluster.dashboard_available())
+cluster.connect_ray(TrainConfig(storage_path={storage!r}, num_workers=1))
 
 
 @ray.remote
@@ -40,7 +40,7 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_a_local_ray_starts_without_its_dashboard_where_the_dashboard_packages_are_missing(tmp_path):
-    assert train.dashboard_available()  # this environment has ray[default]: the dashboard starts as before
+    assert cluster.dashboard_available()  # this environment has ray[default]: the dashboard starts as before
     env = hiding_modules_env(tmp_path, *DASHBOARD_PACKAGES)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", START_LOCAL.format(storage=str(tmp_path / "runs"))], cwd=REPO,
@@ -67,11 +67,11 @@ def test_cluster_yaml_offers_gpus_that_no_node_has_yet(monkeypatch, tmp_path):
     import ray._private.state
 
     monkeypatch.setattr(ray._private.state.state, "get_cluster_config", _cluster_config_as_ray_exposes_it)
-    assert train.autoscaler_gpu_node_types(bootstrap=tmp_path / "none.yaml") == {"gpu_worker": (1.0, 4)}
+    assert cluster.autoscaler_gpu_node_types(bootstrap=tmp_path / "none.yaml") == {"gpu_worker": (1.0, 4)}
     # no autoscaler reported a config: the one `ray up` left on the head node says the same
     monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: None)
-    assert train.autoscaler_gpu_node_types(bootstrap=REPO / "cluster.yaml") == {"gpu_worker": (1.0, 4)}
-    assert train.autoscaler_gpu_node_types(bootstrap=tmp_path / "none.yaml") == {}
+    assert cluster.autoscaler_gpu_node_types(bootstrap=REPO / "cluster.yaml") == {"gpu_worker": (1.0, 4)}
+    assert cluster.autoscaler_gpu_node_types(bootstrap=tmp_path / "none.yaml") == {}
 
 
 def test_without_a_gpu_flag_a_cluster_that_starts_gpu_nodes_on_demand_needs_an_explicit_choice():
@@ -79,12 +79,12 @@ def test_without_a_gpu_flag_a_cluster_that_starts_gpu_nodes_on_demand_needs_an_e
     with pytest.raises(ConfigError, match=r"^--use-gpu: this cluster has no GPU up, but its autoscaler starts GPU "
                                           r"nodes on demand \(gpu_worker: 1 GPU each, up to 4\); pass --use-gpu .* "
                                           r"or --no-use-gpu") as caught:
-        train.check_gpu_choice(None, 0, offered)
+        cluster.check_gpu_choice(None, 0, offered)
     assert "\n" not in str(caught.value)
-    train.check_gpu_choice(True, 0, offered)  # explicit: the autoscaler starts them
-    train.check_gpu_choice(False, 0, offered)  # explicit: CPUs
-    train.check_gpu_choice(None, 1, offered)  # GPUs up: the default takes them
-    train.check_gpu_choice(None, 0, {})  # a CPU cluster: CPUs, as before
+    cluster.check_gpu_choice(True, 0, offered)  # explicit: the autoscaler starts them
+    cluster.check_gpu_choice(False, 0, offered)  # explicit: CPUs
+    cluster.check_gpu_choice(None, 1, offered)  # GPUs up: the default takes them
+    cluster.check_gpu_choice(None, 0, {})  # a CPU cluster: CPUs, as before
 
 
 # ------------------------------------------------------------------ the placement probe
@@ -113,12 +113,12 @@ def test_the_probe_asks_each_worker_for_what_ray_trains_scaling_config_asks(tmp_
     from ray.train import ScalingConfig
 
     # Ray Train 2.60's defaults: a GPU worker asks for no CPU
-    assert train.worker_resources(ScalingConfig(num_workers=2, use_gpu=True)) == {"GPU": 1}
-    assert train.worker_resources(ScalingConfig(num_workers=2, use_gpu=False)) == {"CPU": 1}
+    assert cluster.worker_resources(ScalingConfig(num_workers=2, use_gpu=True)) == {"GPU": 1}
+    assert cluster.worker_resources(ScalingConfig(num_workers=2, use_gpu=False)) == {"CPU": 1}
     # the run's own ScalingConfig, read the same way
     cfg = TrainConfig(storage_path=str(tmp_path), num_workers=2, cpus_per_worker=3, use_gpu=True).validate()
-    assert train.worker_resources(train.scaling_config(cfg, True)) == {"CPU": 3, "GPU": 1}
-    assert train.worker_resources(train.scaling_config(cfg, False)) == {"CPU": 3}
+    assert cluster.worker_resources(cluster.scaling_config(cfg, True)) == {"CPU": 3, "GPU": 1}
+    assert cluster.worker_resources(cluster.scaling_config(cfg, False)) == {"CPU": 3}
 
 
 @pytest.mark.slow
@@ -126,7 +126,7 @@ def test_the_probe_places_what_the_run_asks_for_and_names_it_when_it_cannot(one_
     ray = one_gpu_node
     cfg = TrainConfig(storage_path=str(tmp_path), num_workers=1, cpus_per_worker=1, use_gpu=True,
                       placement_timeout_s=30).validate()
-    train.wait_for_placement(cfg, True)  # 1 x {CPU: 1, GPU: 1} on a node with 1 CPU and 1 (logical) GPU
+    cluster.wait_for_placement(cfg, True)  # 1 x {CPU: 1, GPU: 1} on a node with 1 CPU and 1 (logical) GPU
 
     @ray.remote(num_cpus=1)
     class Busy:
@@ -137,6 +137,6 @@ def test_the_probe_places_what_the_run_asks_for_and_names_it_when_it_cannot(one_
     ray.get(busy.ready.remote())  # the node's only CPU is taken: the run's workers would not place either
     quick = TrainConfig(storage_path=str(tmp_path), num_workers=1, cpus_per_worker=1, use_gpu=True,
                         placement_timeout_s=2).validate()
-    with pytest.raises(train.LaunchError, match=r"^--num-workers 1: cannot place 1 workers x \{'CPU': 1, 'GPU': 1\}"):
-        train.wait_for_placement(quick, True)
+    with pytest.raises(cluster.LaunchError, match=r"^--num-workers 1: cannot place 1 workers x \{'CPU': 1, 'GPU': 1\}"):
+        cluster.wait_for_placement(quick, True)
     ray.kill(busy)

@@ -226,10 +226,10 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
 
 
 def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_changed_model(bucket, tmp_path):
-    """What a resubmission with an s3:// --storage-path does before Ray starts (distgan.train.check_resume)."""
+    """What a resubmission with an s3:// --storage-path does before Ray starts (distgan.runs.check_resume)."""
     from distgan.checkpoint import newest_checkpoint_state
     from distgan.config import ConfigError
-    from distgan.train import check_resume
+    from distgan.runs import check_resume
 
     for step in (3, 5):
         local = make_checkpoint(tmp_path / f"c{step}", step=step)

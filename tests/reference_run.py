@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from distgan.cli import parse_args
+from distgan.cluster import local_nodes, size_workers
 from distgan.local import spawn
 
 
@@ -27,5 +28,6 @@ def _worker(rank: int, argv: list[str], out: Path) -> None:
 def trainer_reference(argv, out: Path) -> dict:
     """The final state_dict of `python -m distgan.train *argv` (argv as strings or numbers), without Ray."""
     argv = [str(a) for a in argv]
-    spawn(_worker, parse_args(argv).num_workers, argv, out)
+    # as many workers as a CPU driver starts for these flags (--num-workers auto: the driver decides)
+    spawn(_worker, size_workers(parse_args(argv), local_nodes(0), use_gpu=False).num_workers, argv, out)
     return torch.load(out, weights_only=False)

@@ -42,7 +42,11 @@ def test_run_survives_losing_a_node_and_resumes_on_a_new_one(cluster, tmp_path):
     snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once Ray has registered a checkpoint
     while not snapshot.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    assert snapshot.exists(), "no checkpoint registered before the node was removed"
+    if not snapshot.exists():
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail("no checkpoint registered before the node was removed\n"
+                    + describe(subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
     cluster.remove_node(nodes[0], allow_graceful=False)
     cluster.add_node(num_cpus=1)  # the autoscaler's replacement
     out, err = proc.communicate(timeout=400)

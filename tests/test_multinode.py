@@ -25,7 +25,9 @@ def cluster():
 
 
 def _driver(cluster, storage, name, *args):
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_")}
+    # the in-process cluster takes this process's RAY_AUTH_* settings (a test before it may have set them), so
+    # its driver needs the same; every other RAY_ variable is left out
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_") or k.startswith("RAY_AUTH_")}
     env.update(RAY_ADDRESS=cluster.address, WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "distgan.train", "--num-workers", "2", "--batch-size", "32", "--epochs", "1",
            "--placement-strategy", "STRICT_SPREAD", "--eval-every", "0", "--storage-path", str(storage),

@@ -187,10 +187,13 @@ def _refuse_repeated_keys(top: yaml.MappingNode, path: str) -> None:
         seen[name] = (key, line)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
-    """Typed flag > YAML file > dataclass default. Raises ConfigError (argparse errors exit 2 by themselves)."""
+def parse_args(argv: Optional[list[str]] = None, validate: bool = True) -> TrainConfig:
+    """Typed flag > YAML file > dataclass default. Raises ConfigError (argparse errors exit 2 by themselves).
+    validate=False returns the config unchecked (the tuner checks it once the search space is applied)."""
     typed = vars(build_parser().parse_args(argv))
     from_file = load_yaml(typed["config"]) if typed.get("config") else {}
+    if not validate:
+        return TrainConfig(**{**from_file, **typed})
     try:
         return TrainConfig(**{**from_file, **typed}).validate()
     except ConfigError as e:

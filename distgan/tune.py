@@ -35,6 +35,7 @@ one W&B group, the search's name, unless --wandb-group is given.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -123,23 +124,46 @@ def parse_space(spec: dict[str, Any], where: str) -> tuple[dict[str, tuple[str, 
     return space, recipes
 
 
-def check_space(base: TrainConfig, space: dict[str, tuple[str, list]], recipes: dict[str, dict]) -> None:
+# check_space validates every combination of the probed values up to this many, and beyond it each probed
+# value with the other fields at their first
+MAX_CHECKED_COMBINATIONS = 4096
+
+
+def _combinations(space: dict[str, tuple[str, list]]) -> list[dict[str, Any]]:
+    probes = {key: (values if kind != "randint" else [values[0], values[1] - 1])
+              for key, (kind, values) in space.items()}
+    if math.prod(len(v) for v in probes.values()) <= MAX_CHECKED_COMBINATIONS:
+        return [dict(zip(probes, combo)) for combo in itertools.product(*probes.values())]
+    first = {key: values[0] for key, values in probes.items()}
+    return [{**first, key: value} for key, values in probes.items() for value in values]
+
+
+def check_space(base: TrainConfig, space: dict[str, tuple[str, list]], recipes: dict[str, dict],
+                base_error: Optional[ConfigError] = None) -> None:
     """Every value the search can reach (each listed value; both ends of a range) makes a valid config with
-    the base and each recipe, checked on the driver: a bad value fails here, not in a trial an hour later."""
+    the base and each recipe, checked on the driver: a bad value fails here, not in a trial an hour later.
+    Fields are checked together, so a base flag that needs a searched value (--augment-p with a grid over
+    --augment) is valid when every trial's value allows it. `base_error` is the base's own validation error, if
+    any: raised as it is when a trial would meet it too (the flag itself is wrong, not the space)."""
+    first_bad, only_base_error = None, True
     for recipe, overrides in (recipes or {"": {}}).items():
-        for key, (kind, values) in space.items():
-            probes = values if kind != "randint" else [values[0], values[1] - 1]
-            for value in probes:
-                try:
-                    replace(base, **{**overrides, key: value}).validate()
-                except ConfigError as e:
-                    raise ConfigError(f"search space: {key}={value!r}{f' (recipe {recipe})' if recipe else ''}: "
-                                      f"{e}") from None
-        if overrides:
+        for combo in _combinations(space):
             try:
-                replace(base, **overrides).validate()
+                replace(base, **{**overrides, **combo}).validate()
+                only_base_error = False
             except ConfigError as e:
-                raise ConfigError(f"search space: recipe {recipe}: {e}") from None
+                same = base_error is not None and e.field == base_error.field and str(base_error).startswith(str(e))
+                only_base_error &= same
+                first_bad = first_bad or (recipe, combo, e)
+    if first_bad is None:
+        return
+    if base_error is not None and only_base_error:  # no trial escapes it: the flag itself is wrong
+        raise base_error
+    recipe, combo, e = first_bad
+    named = {e.field: combo[e.field]} if e.field in combo else combo
+    where = " ".join(filter(None, [", ".join(f"{k}={v!r}" for k, v in named.items()),
+                                   f"(recipe {recipe})" if recipe else ""]))
+    raise ConfigError(f"search space: {where or f'recipe {recipe}'}: {e}")
 
 
 def param_space(space: dict[str, tuple[str, list]], recipes: dict[str, dict]) -> dict[str, Any]:
@@ -317,7 +341,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
         raise ConfigError("--grace-evals must be >= 1 and --reduction-factor > 1")
     if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
         raise ConfigError(f"--max-concurrent-trials: must be at least 1, got {args.max_concurrent_trials}")
-    cfg = parse_args(rest)
+    try:
+        cfg, base_error = parse_args(rest), None
+    except ConfigError as e:  # perhaps a flag that needs a searched value; check_space decides
+        cfg, base_error = parse_args(rest, validate=False), e
     if cfg.eval_every <= 0:
         raise ConfigError("--eval-every: the tuner compares trials by FID at evaluations; it must be positive")
     from distgan.metrics import metrics_supported
@@ -328,7 +355,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
     # reports (and checkpoints) at evaluations only: each carries an FID, and ASHA counts evaluations
     cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
                   wandb_group=cfg.wandb_group or cfg.name)
-    check_space(cfg, space, recipes)
+    check_space(cfg, space, recipes, base_error)
     return args, cfg, space, recipes
 
 

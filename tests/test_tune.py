@@ -56,6 +56,25 @@ def test_every_reachable_value_is_validated_on_the_driver(tmp_path):
         check_space(base, *parse_space({"batch_size": [64, 63], "recipes": {"w4": {"num_workers": 4}}}, "f"))
 
 
+def test_base_flag_needing_a_searched_value_is_checked_with_that_value(tmp_path):
+    common = ["--storage-path", str(tmp_path), "--name", "s"]
+    _, cfg, space, _ = parse(["--grid", "augment", "translation,cutout", "ada", "--augment-p", "0.25", *common])
+    assert cfg.augment == "off" and cfg.augment_p == 0.25 and space["augment"] == ("grid", ["translation,cutout", "ada"])
+    # a value of the grid the flag does not fit is named, with the flag's own complaint
+    with pytest.raises(ConfigError, match=r"search space: augment='off': --augment-p: needs --augment"):
+        parse(["--grid", "augment", "off", "ada", "--augment-p", "0.25", *common])
+    # a flag wrong whatever the space holds is reported as the flag's own error
+    with pytest.raises(ConfigError, match=r"^--lr-g: must be in \(0, 1\)"):
+        parse(["--grid", "augment", "off", "ada", "--lr-g", "2", *common])
+
+
+def test_fields_of_the_space_are_checked_together(tmp_path):
+    base = TrainConfig(storage_path=str(tmp_path), name="s").validate()
+    check_space(base, *parse_space({"augment": ["ada", "cutout"], "augment_p": [0.0, 0.5]}, "f"))
+    with pytest.raises(ConfigError, match=r"search space: augment_p=1.5: --augment-p: must be in \[0, 1\]"):
+        check_space(base, *parse_space({"augment": ["ada"], "augment_p": [0.5, 1.5]}, "f"))
+
+
 def test_tuner_reports_at_evaluations_only_and_groups_wandb_by_search(tmp_path):
     args, cfg, space, _ = parse(["--grid", "augment", "off", "ada", "--storage-path", str(tmp_path), "--name", "s",
                                  "--eval-every", "2", "--checkpoint-every-minutes", "5"])

@@ -59,7 +59,8 @@ def test_every_reachable_value_is_validated_on_the_driver(tmp_path):
 def test_base_flag_needing_a_searched_value_is_checked_with_that_value(tmp_path):
     common = ["--storage-path", str(tmp_path), "--name", "s"]
     _, cfg, space, _ = parse(["--grid", "augment", "translation,cutout", "ada", "--augment-p", "0.25", *common])
-    assert cfg.augment == "off" and cfg.augment_p == 0.25 and space["augment"] == ("grid", ["translation,cutout", "ada"])
+    assert (cfg.augment, cfg.augment_p) == ("off", 0.25)
+    assert space["augment"] == ("grid", ["translation,cutout", "ada"])
     # a value of the grid the flag does not fit is named, with the flag's own complaint
     with pytest.raises(ConfigError, match=r"search space: augment='off': --augment-p: needs --augment"):
         parse(["--grid", "augment", "off", "ada", "--augment-p", "0.25", *common])

@@ -202,6 +202,15 @@ def checkpoint_order(name: str) -> tuple[int, int, int]:
     return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
 
 
+def checkpoint_names(run: str) -> list[str]:
+    """The checkpoint directory names in a run directory (a local path or a URI), oldest first (checkpoint_order);
+    [] when the run directory does not exist. Unreachable or malformed storage raises OSError or ValueError."""
+    from pyarrow.fs import FileType
+
+    return sorted((e.base_name for e in storage.entries(run)
+                   if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=checkpoint_order)
+
+
 def newest_checkpoint(names: list[str]) -> Optional[str]:
     """The newest checkpoint directory name among `names` (checkpoint_order), None when there is none."""
     found = [n for n in names if CHECKPOINT_NAME.fullmatch(n)]
@@ -259,39 +268,8 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
 
 
-# ------------------------------------------------------------------ the driver's look at a run before it resumes
+# ------------------------------------------------------------------------------ what a resumed run must keep
 
 # Fields that fix what the saved data position (epoch, g_steps_into_epoch) means: the sampler's order depends on
 # the seed and the world size, and the offset into it on the per-worker batch and D steps per G step.
 POSITION_FIELDS = ("seed", "batch_size", "n_critic", "num_workers")
-
-
-def newest_checkpoint_state(storage_path: str, name: str, log=print) -> Optional[tuple[str, dict[str, Any]]]:
-    """(directory, state) of the run's newest readable checkpoint (by write time), for local paths and URIs
-    alike, or None when the run has none. The driver reads it to refuse an incompatible resubmission before
-    Ray starts; unreadable ones are skipped here (the workers report them when they fall back)."""
-    import io
-
-    import pyarrow.fs
-
-    run = storage.join(storage_path, name)
-    try:
-        fs, _ = storage.open_location(run)
-        entries = storage.entries(run)
-    except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
-        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({first_line(e)})")
-        return None
-    dirs = [e for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
-    files = {d.path: fs.get_file_info(f"{d.path}/{STATE_FILE}") for d in dirs}
-    written = [d for d in dirs if files[d.path].type == pyarrow.fs.FileType.File]
-    for d in sorted(written, key=lambda d: (files[d.path].mtime_ns or 0, d.base_name), reverse=True):
-        try:
-            with fs.open_input_file(f"{d.path}/{STATE_FILE}") as fh:
-                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
-        except Exception:  # a torn or foreign file: the workers' own fall-back reports it
-            continue
-        if isinstance(state, dict) and isinstance(state.get("config"), dict):
-            state = upgrade(state)
-            if "g_steps_into_epoch" in state:
-                return d.path, state
-    return None

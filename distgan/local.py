@@ -111,19 +111,19 @@ def run(cfg) -> dict[str, Any]:
     """Checks the run as distgan.train does before any worker starts, trains, and returns a summary. Raises
     ConfigError for user-fixable problems."""
     from distgan import storage, worker
-    from distgan.checkpoint import newest_checkpoint, newest_checkpoint_state
+    from distgan.checkpoint import newest_checkpoint
     from distgan.cluster import local_nodes, size_workers
     from distgan.config import ConfigError, check_execution, check_schedule
     from distgan.data import build_dataset, check_data_root
     from distgan.metrics import metrics_supported
-    from distgan.runs import check_resume
+    from distgan.runs import check_resume, newest_valid_checkpoint
     from distgan.train import StopOnInterrupt
 
     if cfg.use_gpu:
         raise ConfigError("--use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs", field="use_gpu")
     check_data_root(cfg)
     check_schedule(cfg, len(build_dataset(cfg, "train")))
-    found = newest_checkpoint_state(cfg.storage_path, cfg.name)
+    found = newest_valid_checkpoint(cfg.storage_path, cfg.name)
     check_resume(cfg, found)
     cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=found)
     check_execution(cfg, False)

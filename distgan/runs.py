@@ -246,14 +246,10 @@ def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
 def _read_run(run: str, record_path: str, log) -> Optional[tuple[list[str], Optional[dict]]]:
     """The run's checkpoint directory names, oldest first, and Ray's record of the run (None when it is missing
     or torn); None when the run directory cannot be read."""
-    from pyarrow.fs import FileType
-
-    from distgan.sample import CHECKPOINT_NAME, checkpoint_order
+    from distgan.checkpoint import checkpoint_names
 
     try:
-        names = sorted((e.base_name for e in storage.entries(run)
-                        if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)),
-                       key=checkpoint_order)
+        names = checkpoint_names(run)
         raw = storage.read_bytes(record_path)
     except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
         log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({storage.first_line(e)})")
@@ -265,6 +261,23 @@ def _read_run(run: str, record_path: str, log) -> Optional[tuple[list[str], Opti
         except ValueError:
             log(f"WARNING: {record_path} is not JSON (torn); rebuilt from the run directory")
     return names, snapshot if isinstance(snapshot, dict) else None
+
+
+def newest_valid_checkpoint(storage_path: str, name: str, log=print) -> Optional[tuple[str, dict]]:
+    """(location, state) of the run's newest checkpoint (checkpoint_order) that validates, the one its workers
+    resume from, for local paths and URIs alike; None for a new run, a run with no valid checkpoint, or storage
+    that cannot be listed (warned: the workers report it). For distgan.local, which keeps no Ray record; the Ray
+    driver's reconcile_run finds the same checkpoint and mends Ray's record too."""
+    from distgan.checkpoint import checkpoint_names
+
+    run = storage.join(storage_path, name)
+    try:
+        names = checkpoint_names(run)
+    except (OSError, ValueError) as e:
+        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({storage.first_line(e)})")
+        return None
+    target, state, _ = _newest_valid(run, names, log)
+    return (storage.join(run, target), state) if target else None
 
 
 def _newest_valid(run: str, names: list[str], log) -> tuple[Optional[str], Optional[dict], list[str]]:

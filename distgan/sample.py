@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from distgan import storage
-from distgan.checkpoint import CHECKPOINT_NAME, STATE_FILE, CheckpointError, checkpoint_order, fetch_state, load_into
+from distgan.checkpoint import STATE_FILE, CheckpointError, checkpoint_names, checkpoint_order, fetch_state, load_into
 from distgan.config import config_from_dict
 from distgan.models import Generator
 from distgan.plots import save_grid
@@ -86,8 +86,7 @@ def choose_checkpoint(location: str) -> Choice:
         raise CheckpointError(f"{location}: no such checkpoint or run directory")
     if info.type != FileType.Directory:
         raise CheckpointError(f"{location}: not a directory (expected a checkpoint or a run directory)")
-    names = sorted((e.base_name for e in storage.entries(location)
-                    if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=checkpoint_order)
+    names = checkpoint_names(location)
     if not names:
         raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
                               f"checkpoint or a run directory)")

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from distgan import cluster, runs, storage, train
-from distgan.checkpoint import newest_checkpoint_state
 from distgan.config import RAY_JOB_CONFIG_ENV, ConfigError, TrainConfig
 
 # ------------------------------------------------------------------ the runtime env inside `ray job submit`
@@ -71,7 +70,7 @@ def _cfg(tmp_path, **overrides) -> TrainConfig:
 
 def _check(tmp_path, storage_path=None, **overrides):
     cfg = _cfg(tmp_path, **overrides)
-    runs.check_resume(cfg, newest_checkpoint_state(storage_path or cfg.storage_path, cfg.name))
+    runs.check_resume(cfg, runs.newest_valid_checkpoint(storage_path or cfg.storage_path, cfg.name))
 
 
 @pytest.mark.parametrize("flag,field,saved,now", [
@@ -117,16 +116,16 @@ def test_channels_compare_by_their_effective_value(tmp_path):
 
 
 def test_the_newest_checkpoint_decides_and_unreadable_ones_are_skipped(tmp_path):
-    _checkpoint(tmp_path / "x", 40, g_steps_into_epoch=0, batch_size=32)
-    time.sleep(0.01)
-    # written later by a resumed attempt that fell back to step 20: its step is lower, it is still the newest
+    _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=0, batch_size=32)
+    # a resumed attempt's checkpoint at the same step comes after the original (what the workers resume from)
     _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5, suffix="_resume00000020")
-    time.sleep(0.01)
     torn = tmp_path / "x" / "checkpoint_00000050"
     torn.mkdir()
     (torn / "state.pt").write_bytes(b"PK\x03\x04 torn")
-    where, state = newest_checkpoint_state(str(tmp_path), "x")
+    notes = []
+    where, state = runs.newest_valid_checkpoint(str(tmp_path), "x", log=notes.append)
     assert where.endswith("checkpoint_00000030_resume00000020") and state["g_steps_into_epoch"] == 5
+    assert len(notes) == 1 and "skipping checkpoint" in notes[0] and "checkpoint_00000050" in notes[0]
     with pytest.raises(ConfigError, match="^--batch-size: .*batch_size=64; this run has 32"):
         _check(tmp_path, batch_size=32)
 
@@ -134,18 +133,18 @@ def test_the_newest_checkpoint_decides_and_unreadable_ones_are_skipped(tmp_path)
 def test_the_checkpoint_is_read_through_a_uri_as_well(tmp_path):
     _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5)
     uri = f"file://{tmp_path}"
-    where, _ = newest_checkpoint_state(uri, "x")
+    where, _ = runs.newest_valid_checkpoint(uri, "x")
     assert where.endswith("x/checkpoint_00000030")
     with pytest.raises(ConfigError, match="^--seed: "):
         _check(tmp_path, storage_path=uri, seed=5)
 
 
 def test_a_new_run_or_unreachable_storage_is_not_refused(tmp_path):
-    assert newest_checkpoint_state(str(tmp_path), "never-ran") is None
+    assert runs.newest_valid_checkpoint(str(tmp_path), "never-ran") is None
     (tmp_path / "x").mkdir()
-    assert newest_checkpoint_state(str(tmp_path), "x") is None
+    assert runs.newest_valid_checkpoint(str(tmp_path), "x") is None
     notes = []
-    assert newest_checkpoint_state("nosuchscheme://bucket/p", "x", log=notes.append) is None
+    assert runs.newest_valid_checkpoint("nosuchscheme://bucket/p", "x", log=notes.append) is None
     assert notes and "cannot list" in notes[0]
 
 

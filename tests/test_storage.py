@@ -227,15 +227,14 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
 
 def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_changed_model(bucket, tmp_path):
     """What a resubmission with an s3:// --storage-path does before Ray starts (distgan.runs.check_resume)."""
-    from distgan.checkpoint import newest_checkpoint_state
     from distgan.config import ConfigError
-    from distgan.runs import check_resume
+    from distgan.runs import check_resume, newest_valid_checkpoint
 
     for step in (3, 5):
         local = make_checkpoint(tmp_path / f"c{step}", step=step)
         upload(local / "state.pt", f"s3://{bucket}/runs/r/checkpoint_{step:08d}/state.pt")
         time.sleep(1.1)  # S3 modification times have a resolution of a second
-    where, state = newest_checkpoint_state(f"s3://{bucket}/runs", "r")
+    where, state = newest_valid_checkpoint(f"s3://{bucket}/runs", "r")
     assert where.endswith("runs/r/checkpoint_00000005") and state["step"] == 5
     cfg = TrainConfig(**{**state["config"], "storage_path": f"s3://{bucket}/runs", "name": "r"})
     check_resume(cfg, (where, state))  # the same flags resume

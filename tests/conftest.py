@@ -32,6 +32,8 @@ os.environ.setdefault("DISTGAN_CACHE_DIR", __import__("tempfile").mkdtemp(prefix
 requires_gpu = __import__("pytest").mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -188,3 +190,29 @@ def assert_bitwise_equal(a, b, path="state"):
 
 # the parts of a checkpoint that must match bitwise between a resumed and an uninterrupted run
 TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "g_steps_into_epoch")
+
+
+@contextlib.contextmanager
+def one_rank_group(tmp_path: Path, backend: str = "gloo"):
+    """A real one-process torch.distributed group (file rendezvous under tmp_path), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def gloo_world(tmp_path):
+    with one_rank_group(tmp_path) as group:
+        yield group
+
+
+@pytest.fixture
+def nccl_world(tmp_path):
+    torch.cuda.set_device(0)
+    with one_rank_group(tmp_path, "nccl") as group:
+        yield group

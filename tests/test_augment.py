@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import _spawn, make_cfg, small_dataset
+from test_trainer import make_cfg, small_dataset, spawn_and_load
 from torch import nn
 
 from distgan.augment import ADA_INTERVAL, SEED_OFFSET, Augment, augment, build_augment, cutout, translation
@@ -200,9 +200,7 @@ def _ada_worker(rank, tmp):
 
 @pytest.fixture(scope="module")
 def ada_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ada")
-    _spawn(_ada_worker, tmp, timeout_s=300)
-    return [torch.load(tmp / f"ada{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_and_load(_ada_worker, tmp_path_factory.mktemp("ada"), "ada")
 
 
 def test_every_rank_draws_its_own_augmentations_from_its_seeded_stream(ada_runs):

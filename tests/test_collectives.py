@@ -59,17 +59,6 @@ def test_real_nccl_collectives_take_the_tensors_the_helper_places(tmp_path):
 # The synchronised BN's collectives under a real (one-process) gloo group: results come back where the input was.
 
 
-@pytest.fixture
-def gloo_world(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def test_all_gather_stats_and_all_reduce_sum_under_gloo(gloo_world):
     from kernels.collectives import all_gather_stats, all_reduce_sum
 

@@ -141,16 +141,6 @@ DCGAN_SHAPES = [(64, 12544), (64, 128, 7, 7), (64, 64, 14, 14)]  # the generator
 GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture
-def nccl_world(tmp_path):
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def _assert_close(actual, expected, dtype, what):
     tol = GPU_TOL[dtype]
     scale = max(1.0, expected.abs().max().item())
@@ -190,15 +180,6 @@ def test_sync_under_nccl_matches_the_float64_reference(nccl_world, dtype, impl):
 
 # -------------------------------------------------------------------------------------------------
 # The eager path's arithmetic: fp32 for fp32 / bf16 input, and no host sync in the usual case.
-
-
-@pytest.fixture
-def gloo_world(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -5,7 +5,6 @@ that outlasts the collective timeout, RNG streams restored across device kinds."
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import time
 import traceback
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import TensorDataset
 
@@ -40,8 +38,10 @@ def make_cfg(tmp, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides}).validate()
 
 
-def _spawn(fn, *args, world=2, timeout_s=60):
-    spawn(fn, world, *args, timeout_s=timeout_s)
+def spawn_and_load(fn, tmp: Path, stem: str, world: int = 2) -> list:
+    """fn(rank, tmp) in `world` gloo processes; what each rank saved to tmp/<stem><rank>.pt."""
+    spawn(fn, world, tmp, timeout_s=300)
+    return [torch.load(tmp / f"{stem}{r}.pt", weights_only=False) for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------------- round trip
@@ -80,7 +80,7 @@ def _round_trip_worker(rank, tmp):
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round_trip")
-    _spawn(_round_trip_worker, tmp, timeout_s=300)
+    spawn(_round_trip_worker, 2, tmp, timeout_s=300)
     return {name: torch.load(tmp / f"{name}.pt", weights_only=True) for name in ROUND_TRIPS}
 
 
@@ -137,9 +137,7 @@ def _behaviour_worker(rank, tmp):
 
 @pytest.fixture(scope="module")
 def behaviours(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("behaviour")
-    _spawn(_behaviour_worker, tmp, timeout_s=300)
-    return [torch.load(tmp / f"behaviour{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_and_load(_behaviour_worker, tmp_path_factory.mktemp("behaviour"), "behaviour")
 
 
 def test_every_rank_draws_its_own_dropout_and_noise(behaviours):
@@ -188,7 +186,7 @@ def _slow_rank0_worker(rank, tmp):
 
 
 def test_rank0_only_work_longer_than_the_collective_timeout_does_not_kill_the_run(tmp_path):
-    _spawn(_slow_rank0_worker, tmp_path, timeout_s=3)
+    spawn(_slow_rank0_worker, 2, tmp_path, timeout_s=3)
     assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()
 
 
@@ -348,25 +346,6 @@ def test_a_training_step_syncs_with_the_host_once_at_its_end(tmp_path):
 # ----------------------------------------------------------------------------------------------- one GPU, NCCL
 
 
-def _one_rank_group(tmp_path, backend):
-    dist.init_process_group(backend, init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture
-def nccl_group(tmp_path):
-    yield from _one_rank_group(tmp_path, "nccl")
-
-
-@pytest.fixture
-def gloo_group(tmp_path):
-    yield from _one_rank_group(tmp_path, "gloo")
-
-
 def _checkpoint_and_resume_exactly(tmp_path, device: torch.device, kernels: str, precision: str) -> None:
     # 64 images at batch 16: 4 steps an epoch. Checkpoints at 3 (every 3 steps) and 6 (the end); epoch
     # checkpoints every 2 epochs would first come at step 8. The epoch end at step 4 evaluates without one.
@@ -389,7 +368,7 @@ def _checkpoint_and_resume_exactly(tmp_path, device: torch.device, kernels: str,
         assert_bitwise_equal(got[key], want[key], key)
 
 
-def test_trainer_in_a_one_rank_group_checkpoints_and_resumes_exactly(tmp_path, gloo_group):
+def test_trainer_in_a_one_rank_group_checkpoints_and_resumes_exactly(tmp_path, gloo_world):
     # the GPU test's schedule and resume on CPU, so that its logic is known to hold before a GPU runs it
     _checkpoint_and_resume_exactly(tmp_path, torch.device("cpu"), "eager", "fp32")
 
@@ -398,7 +377,7 @@ def test_trainer_in_a_one_rank_group_checkpoints_and_resumes_exactly(tmp_path, g
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["triton", "eager"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_trainer_on_one_gpu_under_nccl_checkpoints_and_resumes_exactly(tmp_path, nccl_group, monkeypatch, kernels,
+def test_trainer_on_one_gpu_under_nccl_checkpoints_and_resumes_exactly(tmp_path, nccl_world, monkeypatch, kernels,
                                                                        precision):
     # Two runs of the same steps are bitwise equal only if every kernel is deterministic: cuDNN may pick
     # convolution backward algorithms that accumulate with atomics (and benchmark mode picks by timing), so
@@ -412,7 +391,7 @@ def test_trainer_on_one_gpu_under_nccl_checkpoints_and_resumes_exactly(tmp_path,
 
 @requires_gpu
 @pytest.mark.gpu
-def test_a_training_step_syncs_with_the_host_once_on_gpu(tmp_path, nccl_group):
+def test_a_training_step_syncs_with_the_host_once_on_gpu(tmp_path, nccl_world):
     cfg = make_cfg(tmp_path, num_workers=1, batch_size=16, max_steps=4, eval_every=0, kernels="triton",
                    precision="bf16")
     t = Trainer(cfg, torch.device("cuda", 0), dataset=small_dataset())

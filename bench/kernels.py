@@ -45,6 +45,7 @@ from _cases import (  # noqa: E402
     MODEL_GPU,
     PRESETS,
     PROVIDERS,
+    STEP,
     build_cases,
     is_g64,
     unavailable,
@@ -72,7 +73,10 @@ def parse_args(argv=None):
                     gpu_check="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: the preset's")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None, help="default: the preset's")
-    p.add_argument("--ops", nargs="+", choices=[BN, BCE, DLOSS], default=None, help="default: all")
+    p.add_argument("--ops", nargs="+", choices=[BN, BCE, DLOSS, STEP], default=None,
+                   help=f"default: all; {STEP}: distgan's whole step (CPU only)")
+    p.add_argument("--step-batches", nargs="+", type=int, default=None, metavar="BATCH",
+                   help=f"batch sizes of the {STEP} count (CPU only); default: the preset's")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop measuring new cases after this many seconds (the rest are listed as not run)")
     add_output_args(p, "kernels-<cpu|gpu>[-<preset>]")
@@ -89,6 +93,8 @@ def select_preset(args) -> tuple[str, object]:
         changes["providers"] = tuple(args.providers)
     if args.dtypes:
         changes["dtypes"] = tuple(args.dtypes)
+    if args.step_batches:
+        changes["step_batches"] = tuple(args.step_batches)
     if args.no_compile_report:
         changes["compile_report"] = False
     return name, dataclasses.replace(preset, **changes)
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     log(f"bench/kernels.py: {len(cases)} cases x {preset.providers} on {device} ({preset_name})")
     records, missing, copy_gbps = measure(cases, preset, preset_name, device, args.time_budget_s)
-    if device.type == "cpu" and args.ops is None:
+    if device.type == "cpu" and (args.ops is None or STEP in args.ops):
         for batch in preset.step_batches:
             for provider in ("eager", "triton"):
                 recs, reason = step_records(batch, provider, log)

@@ -188,6 +188,16 @@ def assert_bitwise_equal(a, b, path="state"):
         assert a == b, path
 
 
+def assert_close_to_reference(actual, expected, tol: float, what: str = "") -> None:
+    """A kernel's output against its float64 reference: no NaN (the outputs are poisoned with NaN before a kernel
+    writes them, so a NaN is an element never written), then rtol = tol and atol = tol x the largest |expected|."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
+
+
 # the parts of a checkpoint that must match bitwise between a resumed and an uninterrupted run
 TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "g_steps_into_epoch")
 

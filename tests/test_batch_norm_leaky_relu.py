@@ -18,6 +18,8 @@ import kernels
 from kernels import reference
 from kernels.batch_norm_leaky_relu_plan import DeviceLimits, limits_override
 
+from conftest import assert_close_to_reference
+
 BN = importlib.import_module("kernels.batch_norm_leaky_relu")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # rtol, and atol relative to the largest |expected|
@@ -54,12 +56,7 @@ def path(request):
 
 
 def assert_close(actual, expected, dtype, what=""):
-    tol = TOL[dtype]
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
-    )
+    assert_close_to_reference(actual, expected, TOL[dtype], what)
 
 
 def make_inputs(shape, dtype, affine=True, offset=0.0, seed=0):

@@ -26,6 +26,19 @@ def _pair(dims, c, **kw):
     return nn.Sequential(bn, nn.LeakyReLU(slope)), fused
 
 
+def _train_both(ref, fused, shape, steps: int) -> None:
+    """`steps` training-mode forwards and backwards of both on the same fresh inputs (shifted each step, so
+    the running statistics move); outputs and input gradients must agree at every step."""
+    for step in range(steps):
+        x = torch.randn(shape) + step
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape)
+        yr, yf = ref(xr), fused(xf)
+        yr.backward(g), yf.backward(g)
+        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "dims, shape, kw",
     [
@@ -39,14 +52,7 @@ def _pair(dims, c, **kw):
 )
 def test_module_matches_batchnorm_then_leakyrelu(dims, shape, kw):
     ref, fused = _pair(dims, shape[1], **kw)
-    for step in range(3):
-        x = torch.randn(shape) + step
-        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(shape)
-        yr, yf = ref(xr), fused(xf)
-        yr.backward(g), yf.backward(g)
-        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    _train_both(ref, fused, shape, steps=3)
     for (name, a), b in zip(fused.state_dict().items(), ref[0].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     if fused.weight is not None:
@@ -99,14 +105,7 @@ def test_nn_batchnorm_calls_match_batchnorm_then_leakyrelu(args, kw, impl):
                 bn.bias.normal_()
     fused.load_state_dict(bn.state_dict())
     ref = nn.Sequential(bn, nn.LeakyReLU(0.1))
-    for step in range(2):
-        x = torch.randn(4, 5, 3, 3) + step
-        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(x.shape)
-        yr, yf = ref(xr), fused(xf)
-        yr.backward(g), yf.backward(g)
-        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    _train_both(ref, fused, (4, 5, 3, 3), steps=2)
     for name, p in bn.named_parameters():
         torch.testing.assert_close(getattr(fused, name).grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, a), b in zip(fused.state_dict().items(), bn.state_dict().values()):

@@ -77,7 +77,7 @@ PRESETS = {
     # CI-sized: every shape class is present; the interpreter counts the batch-64 generator layers and
     # shapes up to 2**16 elements directly, and models the rest from proxies of the same launch plan. The whole
     # step is counted at batch 64 only: at batch 256 the interpreter runs ~4,500 programs of the split path
-    # (over 20 minutes on a loaded 2-core CPU); the full preset counts both.
+    # (minutes on a quiet 2-core CPU, many more on a loaded one); the full preset and --step-batches add it.
     "quick": Preset((64, 128, 256), LARGE_BN_SHAPES, BCE_SIZES, (64,), ("fp32", "bf16"), PROVIDERS,
                     "g64", 1 << 16, 1 << 16, True, (64,)),
     # bench/gpu_check.sh's share of its 8 minutes: every provider, mode and dtype on the generator's layers

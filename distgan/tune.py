@@ -18,7 +18,7 @@ Search space: a YAML file (`--space`) and/or flags, over TrainConfig fields (fla
       default: {}
       slow-ema: {ema_decay: 0.9995}
 Flags: --grid FIELD V [V ...], --choice FIELD V [V ...], --uniform/--loguniform/--randint FIELD LO HI. Any
-`distgan.train` flag after these sets the base config of every trial.
+`distgan.train` flag after these sets the base config of every trial, checked with the searched values.
 
 ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020) stops trials whose FID
 at an evaluation is worse than the better 1/reduction-factor of the trials that reached the same evaluation.

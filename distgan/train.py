@@ -86,6 +86,10 @@ class StopOnInterrupt:
         self.clear()
 
 
+def _stop_now(signum, frame) -> None:
+    raise StopNow(signum)
+
+
 def fit_in_thread(trainer):
     """`trainer.fit()` off the main thread. Ray Train's fit() installs its own SIGINT handler (abort the run)
     only when called on the main thread; running it on another keeps StopOnInterrupt's graceful stop."""
@@ -186,6 +190,9 @@ def _run_claimed(cfg: TrainConfig) -> dict:
 
     t_submit = time.perf_counter()
     ray = cluster.connect_ray(cfg)
+    # ray.init has just put its own SIGTERM handler in place (a stack dump, then abort, exit 134). Until the
+    # workers train there is nothing to checkpoint, so a SIGTERM now stops at once, like a second Ctrl-C
+    signal.signal(signal.SIGTERM, _stop_now)
     if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
         cluster.check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0),
                                  cluster.autoscaler_gpu_node_types())

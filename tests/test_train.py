@@ -242,6 +242,40 @@ def test_sigterm_to_the_driver_checkpoints_like_the_first_ctrl_c_and_exits_143(r
     assert not (tmp_path / "term" / "driver_claim.json").exists()
 
 
+# the driver as `python -m distgan.train`, held where it waits for the workers' placement (an autoscaler adding
+# nodes can hold it there for minutes): Ray is connected, no worker has started
+_HELD_AT_PLACEMENT = """
+import sys, time
+import distgan.cluster, distgan.train
+def hold(cfg, use_gpu):
+    print("waiting for placement", flush=True)
+    time.sleep(120)
+distgan.cluster.wait_for_placement = hold
+sys.exit(distgan.train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_training_starts_stops_at_once_without_rays_stack_dump(ray_cluster, tmp_path):
+    import os
+    import signal
+
+    args = ["--max-steps", 20, "--storage-path", tmp_path, "--name", "early-term"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", _HELD_AT_PLACEMENT, *map(str, args)],
+                                  env=ray_cluster.client_env(WANDB_MODE="disabled"), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _wait_for(lambda: "waiting for placement" in log.read_text() or driver.poll() is not None, 120,
+                  "the driver to connect to Ray")
+        os.kill(driver.pid, signal.SIGTERM)
+        driver.wait(timeout=60)
+    text = log.read_text()
+    assert driver.returncode == 143, text[-3000:]
+    assert "*** SIGTERM received" not in text  # Ray's own handler: a stack dump and exit 134
+    assert "interrupted at once; the last checkpoint is kept; to resume: python -m distgan.train" in text
+    assert not (tmp_path / "early-term" / "driver_claim.json").exists()
+
+
 def test_ray_job_stop_checkpoints_before_the_job_ends(ray_cluster, tmp_path):
     """`ray job stop` sends SIGTERM to the job's processes, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by
     default): the job's runtime env raises it to leave time for the checkpoint (docs/fault-tolerance.md)."""

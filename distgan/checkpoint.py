@@ -144,7 +144,7 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
 
 
 def fetch_state(location: str | os.PathLike) -> dict[str, Any]:
-    """load_state for a checkpoint directory given as a local path or a URI (s3://, gs://): a URI's state.pt is
+    """load_state for a checkpoint directory given as a local path or a URI (s3://): a URI's state.pt is
     downloaded to a temporary directory first, and errors name the URI. Unreachable storage raises OSError."""
     if not storage.is_uri(location):
         return load_state(location)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
@@ -113,16 +114,25 @@ def default_text(f: dataclasses.Field) -> str:
 
 
 class _OneLineErrors(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # `--epoch` must not quietly mean `--epochs`
+        # argparse takes `-1e-3` for a flag (its pattern knows -1 and -.5, not exponents), so `--lr-g -1e-3`
+        # would say "expected one argument" instead of what is wrong with the value
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
     def error(self, message: str):
         # one line naming the flag, not the 30-line usage block
         self.exit(2, f"error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_DESCRIPTION = "Train the DCGAN with Ray Train + PyTorch DDP."
+
+
+def build_parser(prog: str = "python -m distgan.train", description: str = TRAIN_DESCRIPTION
+                 ) -> argparse.ArgumentParser:
     """One flag per TrainConfig field. Flags not typed are absent from the parsed namespace (SUPPRESS), so
     parse_args knows what was typed, rather than guessing from values equal to their defaults."""
-    parser = _OneLineErrors(prog="python -m distgan.train", argument_default=argparse.SUPPRESS,
-                            description="Train the DCGAN with Ray Train + PyTorch DDP.")
+    parser = _OneLineErrors(prog=prog, argument_default=argparse.SUPPRESS, description=description)
     groups = {}
     for title, description, names in HELP_GROUPS:
         group = parser.add_argument_group(title, description)
@@ -153,7 +163,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid YAML ({first_line(e)})", field="config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option: value", field="config")
-    _refuse_repeated_keys(top, path)
+    if top is not None:  # None: a file of comments only, which sets nothing
+        _refuse_repeated_keys(top, path)
     by_name = {f.name: f for f in fields(TrainConfig)}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(by_name))
@@ -187,10 +198,12 @@ def _refuse_repeated_keys(top: yaml.MappingNode, path: str) -> None:
         seen[name] = (key, line)
 
 
-def parse_args(argv: Optional[list[str]] = None, validate: bool = True) -> TrainConfig:
+def parse_args(argv: Optional[list[str]] = None, validate: bool = True,
+               parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
     """Typed flag > YAML file > dataclass default. Raises ConfigError (argparse errors exit 2 by themselves).
-    validate=False returns the config unchecked (the tuner checks it once the search space is applied)."""
-    typed = vars(build_parser().parse_args(argv))
+    validate=False returns the config unchecked (the tuner checks it once the search space is applied);
+    `parser` is build_parser()'s, under another command's name."""
+    typed = vars((parser or build_parser()).parse_args(argv))
     from_file = load_yaml(typed["config"]) if typed.get("config") else {}
     if not validate:
         return TrainConfig(**{**from_file, **typed})

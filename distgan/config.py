@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from distgan import storage
 from distgan.storage import join
 
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder")
@@ -277,10 +278,10 @@ class TrainConfig:
             raise bad("name", f"{self.name!r} must be letters, digits, '.', '_' or '-' (no path separators)")
 
     def _validate_storage_path(self, bad) -> None:
-        if "://" in self.storage_path:
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s]+", self.storage_path) \
-                    or self.storage_path.rstrip("/").endswith("://"):
-                raise bad("storage_path", f"{self.storage_path!r} is not a URI like s3://bucket/prefix")
+        problem = storage.location_problem(self.storage_path)
+        if problem:
+            raise bad("storage_path", f"{self.storage_path!r} {problem}")
+        if storage.is_uri(self.storage_path):
             return
         if not Path(self.storage_path).expanduser().is_absolute() and inside_ray_job():
             # `ray job submit --working-dir .` runs the driver in a temporary copy of the directory: a run

@@ -138,11 +138,13 @@ def run(cfg) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from distgan.cli import parse_args
+    from distgan.cli import build_parser, parse_args
     from distgan.config import ConfigError
 
+    parser = build_parser("python -m distgan.local", "Train the DCGAN as distgan.train does, in --num-workers "
+                          "gloo processes on this machine, without Ray (CPU only; for development and studies).")
     try:
-        summary = run(parse_args(sys.argv[1:] if argv is None else argv))
+        summary = run(parse_args(sys.argv[1:] if argv is None else argv, parser=parser))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

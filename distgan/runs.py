@@ -63,6 +63,7 @@ class RunClaim:
                      "command": shlex.join(["python", "-m", "distgan.train", *sys.argv[1:]])}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._made: Optional[Path | bool] = None
 
     def _read(self) -> Optional[dict]:
         """The claim in the run directory: None when there is none, {} when it is torn or not a claim (a claim
@@ -79,6 +80,9 @@ class RunClaim:
     def _write(self, exclusive: bool = False) -> None:
         data = json.dumps({**self.mine, "heartbeat": time.time()}).encode()
         if exclusive and not storage.is_uri(self.path):
+            if self._made is None:  # the outermost directory this claim creates, removed with it while empty
+                made = [p for p in (Path(self.run), *Path(self.run).parents) if not p.exists()]
+                self._made = made[-1] if made else False
             Path(self.run).mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # FileExistsError: taken
             with os.fdopen(fd, "wb") as fh:
@@ -158,12 +162,22 @@ class RunClaim:
                 pass
 
     def release(self) -> None:
+        """Removes the claim, and the directories acquire created if nothing else was written in them (a run
+        refused before training leaves no empty run directory behind)."""
         self._stop.set()
         try:
             if (self._read() or {}).get("token") == self.mine["token"]:
                 storage.delete(self.path)
         except OSError:
             pass
+        if self._made:
+            for directory in (Path(self.run), *Path(self.run).parents):
+                try:
+                    directory.rmdir()  # only an empty directory: anything written since is kept
+                except OSError:
+                    break
+                if directory == self._made:
+                    break
 
     def __enter__(self) -> "RunClaim":
         return self.acquire()

@@ -76,6 +76,9 @@ def choose_checkpoint(location: str) -> Choice:
     for a path that does not exist or holds no checkpoint, OSError when the storage cannot be reached."""
     from pyarrow.fs import FileType
 
+    problem = storage.location_problem(location)
+    if problem:
+        raise CheckpointError(f"{location!r} {problem}")
     if not storage.is_uri(location):  # local paths are shown resolved
         location = storage.open_location(location)[1].rstrip("/") or "/"
     if storage.is_file(storage.join(location, STATE_FILE)):

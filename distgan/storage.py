@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,34 @@ def first_line(e: BaseException, with_type: bool = False) -> str:
 def is_uri(location: Any) -> bool:
     """A URI is a string with a scheme (s3://bucket/key); a Path is always local."""
     return isinstance(location, str) and "://" in location
+
+
+# The object-store scheme every read, write, listing and upload here is tested against (a local S3-protocol
+# server). Others that pyarrow knows (gs://, hdfs://, abfs://) would reach this module untested, and gs:// without
+# credentials waits minutes for a metadata server before failing.
+URI_SCHEMES = ("s3",)
+# Schemes that, typed with one slash or none (`s3:/bucket`), would silently become a local directory.
+_LOOKS_LIKE_URI = re.compile(r"(s3[an]?|gs|gcs|hdfs|abfss?|az|file|https?|ftp|sftp|minio):(?!//)", re.IGNORECASE)
+
+
+def location_problem(location: str) -> Optional[str]:
+    """Why `location` cannot be a run's storage (a phrase to follow the location in an error), or None.
+    Local and NFS paths and s3:// URIs are accepted; so is any S3-protocol store through s3:// (MinIO, Ceph,
+    Google Cloud Storage's XML API with HMAC keys: `s3://bucket/prefix?endpoint_override=storage.googleapis.com`)."""
+    text = str(location)
+    if "://" not in text:
+        typo = _LOOKS_LIKE_URI.match(text)
+        if typo:
+            return f"looks like a URI with a slash missing ({typo.group(1)}://...), not a local path"
+        return None
+    scheme, _, rest = text.partition("://")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme) or not rest.strip("/") or re.search(r"\s", text):
+        return "is not a URI like s3://bucket/prefix"
+    if scheme.lower() not in URI_SCHEMES:
+        return (f"uses {scheme}://, which distgan does not read or write; use a local or NFS path, or s3:// for "
+                f"AWS S3 and S3-protocol stores (MinIO, Ceph, Google Cloud Storage's XML API: "
+                f"s3://bucket/prefix?endpoint_override=storage.googleapis.com with HMAC keys as AWS credentials)")
+    return None
 
 
 def _split(location: str | os.PathLike) -> tuple[str, str]:

@@ -86,6 +86,8 @@ def test_name_defaults_to_a_timestamp_and_storage_path_becomes_absolute():
     (["--epochs", "0"], "--epochs"),
     (["--lr-d", "nan-ish"], "--lr-d"),
     (["--batch-size", "4096"], "--batch-size 4096 x --n-critic 1 needs more images"),
+    (["--lr-g", "-1e-3"], "--lr-g: must be in (0, 1), got -0.001"),  # not argparse's "expected one argument"
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a later --epoch-* flag stays apart
 ])
 def test_cli_bad_input_exits_nonzero_before_ray_with_one_line_and_no_traceback(argv, needle, tmp_path):
     # Ray cannot be imported in this process: an error that needed Ray first would be a traceback instead
@@ -96,6 +98,32 @@ def test_cli_bad_input_exits_nonzero_before_ray_with_one_line_and_no_traceback(a
     err = proc.stderr.strip()
     assert needle in err and "Traceback" not in err, err
     assert len(err.splitlines()) <= 3  # argparse prints usage + one error line
+
+
+@pytest.mark.parametrize("path,needle", [
+    ("s3:/bucket/x", "looks like a URI with a slash missing (s3://...)"),  # would be a local ./s3:/bucket/x
+    ("S3:bucket", "looks like a URI with a slash missing (S3://...)"),
+    ("gs://bucket/x", "uses gs://, which distgan does not read or write"),  # pyarrow would wait on GCS credentials
+    ("ftp://host/x", "uses ftp://"),
+    ("s3://", "is not a URI like s3://bucket/prefix"),
+    ("s3:// bucket", "is not a URI like s3://bucket/prefix"),
+])
+def test_a_storage_path_distgan_cannot_use_is_refused_before_anything_is_written(path, needle, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"--storage-path: {path!r} {needle}")):
+        parse_args(["--storage-path", path])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_config_file_of_comments_only_sets_nothing(tmp_path):
+    for text in ("", "# every option commented out\n# epochs: 5\n"):
+        f = tmp_path / "c.yaml"
+        f.write_text(text)
+        assert parse_args(["--config", str(f), "--storage-path", str(tmp_path)]).epochs == TrainConfig().epochs
+    f.write_text("- epochs\n- 5\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of option: value"):
+        parse_args(["--config", str(f)])
 
 
 # ------------------------------------------------------------------ precedence: typed flag > YAML > default

@@ -288,6 +288,25 @@ def test_a_second_driver_on_a_live_run_is_refused_naming_the_run_and_the_holder(
         runs.RunClaim(TrainConfig(storage_path=str(tmp_path), name="y").validate()).acquire()
 
 
+def test_a_run_refused_after_its_claim_leaves_no_empty_directory_and_keeps_an_existing_one(tmp_path, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(train.cluster, "local_gpu_count", lambda: 0)  # what this check needs: a machine without
+    fresh = tmp_path / "new" / "runs"  # neither directory exists yet
+    assert train.main(["--storage-path", str(fresh), "--name", "x", "--use-gpu"]) == 2
+    assert "--use-gpu: this machine has no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # a run directory that was there before is left as it was, claim gone, contents kept
+    kept = tmp_path / "old" / "x"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    for where in ("old", "empty"):
+        assert train.main(["--storage-path", str(tmp_path / where), "--name", "x", "--use-gpu"]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "empty" / "x").is_dir()
+
+
 @pytest.mark.parametrize("holder", ["dead-pid", "pid-reused", "silent-host", "torn"])
 def test_a_dead_drivers_claim_does_not_block_a_resume(tmp_path, holder):
     import socket

@@ -136,6 +136,16 @@ def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, cwd, capsys, case):
     assert not (tmp_path / "runs" / "r" / "samples").exists()
 
 
+@pytest.mark.parametrize("location,needle", [
+    ("gs://bucket/runs/r", "uses gs://, which distgan does not read or write"),
+    ("s3:/bucket/runs/r", "looks like a URI with a slash missing (s3://...)"),
+])
+def test_a_location_distgan_cannot_read_is_refused_without_touching_storage(cwd, capsys, location, needle):
+    assert main(["--checkpoint", location]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --checkpoint: {location!r} {needle}"), err
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
     missing = tmp_path / "nope"
     proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--checkpoint", str(missing)], cwd=tmp_path,

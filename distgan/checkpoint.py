@@ -125,10 +125,16 @@ def load_state(directory: str | os.PathLike, where: Optional[str] = None) -> dic
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{name}: refused: holds objects other than plain tensors/containers "
-                              f"({first_line(e)})") from None
+        # torch's first paragraph advises weights_only=False, the one thing not to do with this file; what the
+        # file holds is in the paragraphs after it, then a pointer to torch's docs
+        detail = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(e))[1:]
+                  if p.strip() and not p.strip().startswith("Check the documentation")]
+        raise CheckpointError(f"{name}: refused: holds objects other than plain tensors/containers"
+                              f"{' (' + ' '.join(detail) + ')' if detail else ''}") from None
     except Exception as e:  # a torn file fails anywhere in the unpickler (EOFError, struct.error, ...)
-        raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({first_line(e, with_type=True)})") from None
+        reason = re.match(r".+?\.(?=\s|$)", first_line(e))  # the first sentence; torch adds advice after it
+        raise CheckpointError(f"{name}: unreadable, truncated or corrupt ({type(e).__name__}: "
+                              f"{reason.group(0) if reason else first_line(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{name}: not a distgan checkpoint (top level is {type(state).__name__})")
     state = upgrade(state)

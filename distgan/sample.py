@@ -165,10 +165,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory (holds state.pt) or a run directory; local path or URI")
-    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=64,
+                   help="how many images to draw (default: 64)")
     p.add_argument("--output", default=None, help="path or URI ending in .png or .npz (default: "
                    "<run dir>/samples/sample-<checkpoint>-seed<seed>.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise vectors: the same seed and checkpoint draw the same images (default: 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator, not its EMA")
     args = p.parse_args(argv)
     if args.num_samples <= 0:

@@ -341,8 +341,9 @@ def check_schedule(cfg: TrainConfig, num_images: int) -> int:
     """Checks the schedule against the training split's size; returns the G steps per epoch."""
     steps_per_epoch = num_images // cfg.batch_size // cfg.n_critic
     if steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs more images than the "
-                          f"training split has ({num_images})", field="batch_size")
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs "
+                          f"{cfg.batch_size * cfg.n_critic} images per generator step, and the training split has "
+                          f"{num_images}", field="batch_size")
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None and cfg.max_steps > total:
         # the run would silently stop at the end of --epochs, short of the steps asked for

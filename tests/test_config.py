@@ -85,7 +85,7 @@ def test_name_defaults_to_a_timestamp_and_storage_path_becomes_absolute():
     (["--batch-size", "63", "--num-workers", "2"], "--batch-size"),  # under auto, Ray's resources size the workers
     (["--epochs", "0"], "--epochs"),
     (["--lr-d", "nan-ish"], "--lr-d"),
-    (["--batch-size", "4096"], "--batch-size 4096 x --n-critic 1 needs more images"),
+    (["--batch-size", "4096"], "--batch-size 4096 x --n-critic 1 needs 4096 images per generator step, and the training split has 4000"),
     (["--lr-g", "-1e-3"], "--lr-g: must be in (0, 1), got -0.001"),  # not argparse's "expected one argument"
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a later --epoch-* flag stays apart
 ])
@@ -327,7 +327,7 @@ def test_max_steps_beyond_what_the_epochs_allow_is_refused(tmp_path):
         check_schedule(cfg, 4000)
     cfg = TrainConfig(storage_path=str(tmp_path), epochs=2, max_steps=124).validate()
     assert check_schedule(cfg, 4000) == 62
-    with pytest.raises(ConfigError, match="^--batch-size 64 x --n-critic 2 needs more images"):
+    with pytest.raises(ConfigError, match="^--batch-size 64 x --n-critic 2 needs 128 images per generator step, and the training split has 100$"):
         check_schedule(TrainConfig(storage_path=str(tmp_path), n_critic=2).validate(), 100)
 
 

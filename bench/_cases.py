@@ -28,6 +28,10 @@ MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BN, BCE, DLOSS = "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss"
 STEP = "training_step"  # distgan's whole GAN step (G and D forward and backward, both losses), counted on a CPU
+STEP_PROVIDERS = ("eager", "triton")  # the step's kernels= choices (torch.compile is not one of them)
+# The generator's first BatchNorm normalizes its linear layer's output over the batch alone, and BatchNorm in
+# training needs more than one value per channel: a step at batch 1 raises inside the model.
+STEP_MIN_BATCH = 2
 
 # The GPU the CPU-only figures are modelled on. 3.35 TB/s is H100 SXM5's HBM3 peak; a large
 # device-to-device copy reaches about 90 % of it, so the model charges every provider's bytes at that.

@@ -1,4 +1,5 @@
-"""The options every benchmark shares (its preset, where it writes). A run writes a new dated file under
+"""The options every benchmark shares (its preset, where it writes) and the argparse types that check numbers and
+paths as they are parsed, so a bad value stops a run before it starts. A run writes a new dated file under
 bench/results/runs/ (git-ignored) unless given a path.
 
 The committed results (bench/results/<what>_<where>_<yyyy-mm>.json, .md) are what the docs cite; a run
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,13 +22,79 @@ RUNS = RESULTS / "runs"  # .gitignore: /bench/results/runs/
 
 
 def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
-    """--output PATH, --out DIR and --name STEM, the same in every benchmark."""
-    p.add_argument("--output", type=Path, default=None,
-                   help="write exactly this JSON file (and its .md beside it), replacing it if it exists; "
-                        "the way to refresh a committed result")
-    p.add_argument("--out", type=Path, default=RUNS,
-                   help="otherwise: directory for a new <name>-<YYYYmmdd-HHMMSS>.json + .md (never overwritten)")
-    p.add_argument("--name", default=None, help=f"file stem under --out; default {what}")
+    """--output FILE, --out DIR and --name STEM, the same in every benchmark. The paths are checked as they are
+    parsed (`output_file`, `output_dir`): a run that could not write its result fails before it starts."""
+    p.add_argument("--output", type=output_file, default=None, metavar="FILE.json",
+                   help="write exactly FILE.json (and its FILE.md report, where the benchmark writes one), "
+                        "replacing them: the way to refresh a committed result (--out and --name are then unused)")
+    p.add_argument("--out", type=output_dir, default=RUNS, metavar="DIR",
+                   help="without --output: the directory of a new dated <name>-<YYYYmmdd-HHMMSS>.json and .md, "
+                        f"never overwriting a file (default: {RUNS.relative_to(REPO)}/, git-ignored)")
+    p.add_argument("--name", default=None, metavar="STEM", help=f"without --output: the dated file's stem (default: "
+                                                                f"{what})")
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why files cannot be written in `directory` (made first if missing), or None. Probed by writing a file where
+    the first write would go, not with os.access: root passes os.access on /proc and read-only mounts."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        if existing == directory:
+            return f"{directory} is not writable ({e.strerror})"
+        return f"{directory} does not exist and cannot be made in {existing} ({e.strerror})"
+    return None
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a result file to write: its directory exists or can be made, and is writable."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file's path")
+    problem = directory_problem(path.parent)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """argparse type of a directory to write results in: it exists or can be made, and is writable."""
+    path = Path(text).expanduser()
+    problem = directory_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return path
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def add_preset_args(p: argparse.ArgumentParser, quick: str, gpu_check: str) -> None:

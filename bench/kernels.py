@@ -46,6 +46,8 @@ from _cases import (  # noqa: E402
     PRESETS,
     PROVIDERS,
     STEP,
+    STEP_MIN_BATCH,
+    STEP_PROVIDERS,
     build_cases,
     is_g64,
     unavailable,
@@ -53,7 +55,14 @@ from _cases import (  # noqa: E402
 )
 from _counting import METHODS, cpu_records, static_compile_report, step_records, validate_proxies  # noqa: E402
 from _report import checks, log_wandb, render_markdown  # noqa: E402
-from _results import add_output_args, add_preset_args, preset_name, write_result  # noqa: E402
+from _results import (  # noqa: E402
+    add_output_args,
+    add_preset_args,
+    int_at_least,
+    positive_float,
+    preset_name,
+    write_result,
+)
 from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quantiles, gpu_records  # noqa: E402
 
 import kernels  # noqa: E402
@@ -65,24 +74,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_preset_args(p, quick="CI-sized run (every shape class, fewer counted directly)",
                     gpu_check="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: the preset's")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None, help="default: the preset's")
     p.add_argument("--ops", nargs="+", choices=[BN, BCE, DLOSS, STEP], default=None,
-                   help=f"default: all; {STEP}: distgan's whole step (CPU only)")
-    p.add_argument("--step-batches", nargs="+", type=int, default=None, metavar="BATCH",
-                   help=f"batch sizes of the {STEP} count (CPU only); default: the preset's")
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="stop measuring new cases after this many seconds (the rest are listed as not run)")
+                   help=f"default: all; {STEP}: distgan's whole step, counted on a CPU with the "
+                        f"{' and '.join(STEP_PROVIDERS)} kernels of --providers")
+    p.add_argument("--step-batches", nargs="+", type=int_at_least(STEP_MIN_BATCH), default=None, metavar="BATCH",
+                   help=f"batch sizes of the {STEP} count, each at least {STEP_MIN_BATCH} (BatchNorm in training "
+                        "needs two values a channel); default: the preset's")
+    p.add_argument("--time-budget-s", type=positive_float, default=None, metavar="SECONDS",
+                   help="stop measuring new cases after this many seconds (the rest are listed as not run); "
+                        "default: no limit")
     add_output_args(p, "kernels-<cpu|gpu>[-<preset>]")
     p.add_argument("--no-compile-report", action="store_true", help="skip the static sm_80/sm_90 report")
     p.add_argument("--wandb", action="store_true", help="also log the records as a wandb.Table")
-    return p.parse_args(argv)
+    return p
 
 
 def select_preset(args) -> tuple[str, object]:
@@ -98,6 +108,57 @@ def select_preset(args) -> tuple[str, object]:
     if args.no_compile_report:
         changes["compile_report"] = False
     return name, dataclasses.replace(preset, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run measures: the cases x the preset's providers, the training-step count, the compile report."""
+
+    preset_name: str
+    preset: object
+    device: torch.device
+    cases: list
+    step_batches: tuple  # empty: no training-step count
+    step_providers: tuple
+    step_skipped: str | None  # why the training step, asked for by --ops, is not counted
+
+    def describe(self) -> str:
+        parts = [f"{len(self.cases)} cases x {', '.join(self.preset.providers)}"] if self.cases else []
+        if self.step_batches:
+            parts.append(f"{STEP} at batch {', '.join(map(str, self.step_batches))} x "
+                         f"{', '.join(self.step_providers)}")
+        if self.preset.compile_report:
+            parts.append("the static compile report")
+        skipped = f"; no {STEP}: {self.step_skipped}" if self.step_skipped else ""
+        return f"{' + '.join(parts)} on {self.device} ({self.preset_name} preset){skipped}"
+
+
+def plan_run(args, device: torch.device) -> Plan:
+    name, preset = select_preset(args)
+    cases = [c for c in build_cases(preset) if args.ops is None or c.op in args.ops]
+    batches, providers, skipped = (), (), None
+    if args.ops is None or STEP in args.ops:
+        providers = tuple(p for p in STEP_PROVIDERS if p in preset.providers)
+        if device.type != "cpu":
+            skipped = f"it is counted on a CPU only (this run times on {device.type})"
+        elif not providers:
+            skipped = f"it runs with the {' or '.join(STEP_PROVIDERS)} kernels, and --providers has neither"
+        elif not preset.step_batches:
+            skipped = f"the {name} preset counts none (give --step-batches)"
+        else:
+            batches = preset.step_batches
+        if args.ops is None and not args.step_batches:
+            skipped = None  # not asked for by name: no count is no news
+    return Plan(name, preset, device, cases, batches, providers if batches else (), skipped)
+
+
+def check_plan(parser: argparse.ArgumentParser, args, plan: Plan) -> None:
+    """Flags that would measure nothing, or be ignored, are refused before anything runs (argparse's exit 2)."""
+    if args.step_batches and args.ops is not None and STEP not in args.ops:
+        parser.error(f"--step-batches sizes the {STEP} count, which --ops leaves out")
+    if plan.step_skipped and (args.step_batches or not plan.cases):
+        parser.error(f"{'--step-batches' if args.step_batches else '--ops ' + STEP}: nothing to count: "
+                     f"{plan.step_skipped}")
 
 
 def skip_compile_on_cpu(case, preset, preset_name: str) -> str | None:
@@ -172,21 +233,22 @@ def build_result(argv, preset_name, device, records, missing, copy_gbps, report)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    preset_name, preset = select_preset(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cases = [c for c in build_cases(preset) if args.ops is None or c.op in args.ops]
+    plan = plan_run(args, device)
+    check_plan(parser, args, plan)
+    preset_name, preset, cases = plan.preset_name, plan.preset, plan.cases
     t_start = time.perf_counter()
-    log(f"bench/kernels.py: {len(cases)} cases x {preset.providers} on {device} ({preset_name})")
+    log(f"bench/kernels.py: {plan.describe()}")
     records, missing, copy_gbps = measure(cases, preset, preset_name, device, args.time_budget_s)
-    if device.type == "cpu" and (args.ops is None or STEP in args.ops):
-        for batch in preset.step_batches:
-            for provider in ("eager", "triton"):
-                recs, reason = step_records(batch, provider, log)
-                records += recs
-                if reason:
-                    missing.append({"op": "training_step", "shape": [batch], "dtype": "fp32", "provider": provider,
-                                    "reason": reason})
+    for batch in plan.step_batches:
+        for provider in plan.step_providers:
+            recs, reason = step_records(batch, provider, log)
+            records += recs
+            if reason:
+                missing.append({"op": STEP, "shape": [batch], "dtype": "fp32", "provider": provider,
+                                "reason": reason})
     report = []
     if preset.compile_report:
         report, report_err = static_compile_report(log)

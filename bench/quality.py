@@ -23,10 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _results import add_output_args, write_result  # noqa: E402
+from _results import add_output_args, int_at_least, write_result  # noqa: E402
 
 from distgan import seeds  # noqa: E402
-from distgan.config import TrainConfig  # noqa: E402
+from distgan.config import MIN_EVAL_SAMPLES, TrainConfig  # noqa: E402
 from distgan.data import build_dataset  # noqa: E402
 from distgan.metrics import QualityEvaluator, reference_images  # noqa: E402
 from distgan.models import build_models  # noqa: E402
@@ -72,10 +72,11 @@ def last_evaluation(run_dir: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="a distgan run directory to compare against")
-    p.add_argument("--steps", type=int, help="G steps (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_at_least(1), help="G steps (default: the run's)")
+    # BatchNorm in training needs two values a channel; FID and KID two generated images (a covariance)
+    p.add_argument("--batch-size", type=int_at_least(2), default=64)
+    p.add_argument("--eval-samples", type=int_at_least(MIN_EVAL_SAMPLES), default=1000)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     add_output_args(p, "quality")
     args = p.parse_args(argv)
     distgan = last_evaluation(args.run) if args.run else None

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _results import output_file  # noqa: E402
 
 from distgan import tune  # noqa: E402
 
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--from-search", nargs="+", type=Path, default=None, metavar="RESULTS_JSON",
                         help="convert finished distgan.tune searches (records in one file) instead of running one")
     parser.add_argument("--note", default=None, help="what, where and under which conditions (kept in the file)")
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", type=output_file, default=None, metavar="FILE.json",
+                        help="write the records here (default: a new bench/results/runs/recipe-<date>.json)")
     parser.add_argument("--plot", nargs="+", type=Path, default=None, metavar="JSON",
                         help="only draw the picture of these result files (next to the first, .png)")
     parser.add_argument("--seconds-per-step", type=float, default=None, help="for --plot's top axis")

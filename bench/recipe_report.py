@@ -19,6 +19,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _results import output_file  # noqa: E402
+
 HALF_BUDGET_STEP = 1240  # 20 epochs of the 4,000 training digits at batch 64: the default run's midpoint
 
 
@@ -69,7 +73,8 @@ def table(files: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path, help="recipe result files (JSON with `records`)")
-    p.add_argument("--output", type=Path, default=None, help="write the table here (else print it)")
+    p.add_argument("--output", type=output_file, default=None, metavar="FILE.md",
+                   help="write the table here (else print it)")
     args = p.parse_args(argv)
     text = table([f.resolve() for f in args.files])
     if args.output:

@@ -56,7 +56,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import _results  # noqa: E402
 import torch  # noqa: E402
-from _results import add_output_args, add_preset_args, write_result  # noqa: E402
+from _results import add_output_args, add_preset_args, int_at_least, positive_float, write_result  # noqa: E402
 
 from distgan import hardware, provenance, seeds  # noqa: E402
 from distgan.storage import read_metrics  # noqa: E402
@@ -479,19 +479,19 @@ def render_markdown(result) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_preset_args(p, quick="a few minutes on a 2-core CPU", gpu_check="bench/gpu_check.sh's preset (one repeat)")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
+    p.add_argument("--workers", type=int_at_least(1), nargs="+", default=None,
                    help="Ray worker counts; default 2 on CPU, 1 on a GPU machine")
     p.add_argument("--kernels", nargs="+", choices=("eager", "triton"), default=None,
                    help="kernel paths to compare; default eager on CPU (triton is n/a there), eager and triton on GPU")
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--configs", nargs="+", choices=("plain", "ray"), default=["plain", "ray"])
-    p.add_argument("--repeats", type=int, default=None, help="default: the preset's")
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start no new run after this many seconds (the rest are listed as not run)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                   help=f"default: {' '.join(PRECISIONS)}")
+    p.add_argument("--configs", nargs="+", choices=("plain", "ray"), default=["plain", "ray"],
+                   help="default: plain ray")
+    p.add_argument("--repeats", type=int_at_least(1), default=None, help="default: the preset's")
+    p.add_argument("--time-budget-s", type=positive_float, default=None, metavar="SECONDS",
+                   help="start no new run after this many seconds (the rest are listed as not run); default: no limit")
     p.add_argument("--join-cluster", action="store_true",
                    help="distgan runs join the cluster in RAY_ADDRESS instead of starting their own Ray instance "
                         "(quicker; start-up times then say nothing of a fresh machine)")

@@ -11,14 +11,14 @@ CPUs (GPUs with --use-gpu) hold, one trial at a time on a 2-core machine.
 
 Search space: a YAML file (`--space`) and/or flags, over TrainConfig fields (flag names, - or _):
     lr_g: {loguniform: [1.0e-4, 3.0e-3]}    # also uniform: [lo, hi], randint: [lo, hi] (hi excluded)
-    augment: {choice: [off, ada]}            # one value drawn per sample
+    augment: {choice: ["off", ada]}          # one value drawn per sample; quote off/on/yes/no (YAML booleans)
     seed: [0, 1]                             # a list = a grid: every value, times --num-samples
     ema_decay: 0.999                         # a scalar: fixed for the whole search
     recipes:                                 # named override sets, a grid over the names
       default: {}
       slow-ema: {ema_decay: 0.9995}
-Flags: --grid FIELD V [V ...], --choice FIELD V [V ...], --uniform/--loguniform/--randint FIELD LO HI. Any
-`distgan.train` flag after these sets the base config of every trial, checked with the searched values.
+Flags: --grid FIELD V [V ...], --choice FIELD V [V ...], --uniform/--loguniform/--randint FIELD LO HI. Every
+other flag is a `distgan.train` flag: the base config of every trial, checked with the searched values.
 
 ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020) stops trials whose FID
 at an evaluation is worse than the better 1/reduction-factor of the trials that reached the same evaluation.
@@ -40,6 +40,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import fields, replace
 from typing import Any, Optional
@@ -60,6 +61,9 @@ RECIPES_KEY = "recipes"
 # what the tuner decides for every trial: where the run lives, and reports only at evaluations
 TUNER_FIELDS = ("name", "storage_path", "config", "checkpoint_every", "checkpoint_every_steps",
                 "checkpoint_every_minutes", "wandb_group", "eval_every")
+# Of those, the ones taken as the user gives them: no searched value changes them, and their checks read no other
+# field, so an error in one is that flag's own whatever the space holds
+AS_GIVEN = ("name", "storage_path", "wandb_group")
 RESULTS_FILE = "results.json"
 # A trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; Tune needs a trial to
 # ask for something, and a local instance gets this many logical CPUs extra so that the drivers ask for no core.
@@ -285,11 +289,33 @@ def write_results(storage_path: str, search: str, record: dict[str, Any]) -> str
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
+def space_example() -> str:
+    """The YAML example of this module's docstring (the indented lines under "Search space:"): --help shows it, and
+    the tests load it through --space, so the example users copy is one the loader takes."""
+    lines = __doc__.split("\nSearch space:", 1)[1].splitlines()[1:]
+    return textwrap.dedent("\n".join(itertools.takewhile(lambda line: line.startswith("    "), lines)))
+
+
+def _epilog() -> str:
+    shown = {f.name: f.metadata.get("shown", f.default) for f in fields(TrainConfig)}
+    return "\n".join([
+        "The search space as YAML (--space FILE; the flags above add to it), over TrainConfig fields (flag names,",
+        "- or _):",
+        textwrap.indent(space_example(), "    "),
+        "",
+        "Every `python -m distgan.train` flag is accepted too (see its --help): the base config of every trial,",
+        "checked with the searched values. Two of them place the search:",
+        "  --name NAME          the search's name: its directory <storage path>/NAME/ (a new one) and its trials'",
+        f"                       W&B group (default: {shown['name']})",
+        "  --storage-path PATH  where that directory goes: a local or NFS path, or s3://bucket/prefix",
+        f"                       (default: {shown['storage_path']})",
+    ])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distgan.tune", description=__doc__.split("\n\n")[0],
-                                epilog="Every other flag is a `python -m distgan.train` flag (see its --help): the "
-                                       "base config of every trial; --name names the search.")
-    p.add_argument("--space", default=None, help="YAML file of the search space (see the module's docstring)")
+                                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default=None, metavar="FILE", help="YAML file of the search space (its form: below)")
     for kind in ("grid", "choice"):
         p.add_argument(f"--{kind}", action="append", nargs="+", default=[], metavar="FIELD VALUE",
                        help=f"{kind} over a field's values (repeatable)")
@@ -309,9 +335,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def base_config(train_argv: list[str]) -> tuple[TrainConfig, Optional[ConfigError]]:
+    """The base TrainConfig of every trial from `distgan.train` flags, and its validation error if any: perhaps a
+    flag that needs a searched value, which check_space decides. A bad --name, --storage-path or --wandb-group
+    raises ConfigError here, as that flag's own error: no searched value can change them."""
+    try:
+        return parse_args(train_argv), None
+    except ConfigError as e:
+        if e.field in AS_GIVEN:
+            raise
+        base_error = e
+    cfg = parse_args(train_argv, validate=False)
+    # validate() stopped at base_error's field, before these: they are checked on their own (every other field at
+    # its default), which also fills in the default name and the absolute storage path the search runs under
+    given = replace(TrainConfig(), **{name: getattr(cfg, name) for name in AS_GIVEN}).validate()
+    return replace(cfg, name=given.name, storage_path=given.storage_path), base_error
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]:
-    """(tuner options, base TrainConfig, space, recipes). Raises ConfigError (argparse exits 2 by itself)."""
+    """(tuner options, base TrainConfig, space, recipes). Raises ConfigError (argparse exits 2 by itself). The tuner's
+    options and the base config are checked before the space, so an error in them is not blamed on a searched
+    value."""
     args, rest = build_parser().parse_known_args(argv)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be at least 1, got {args.num_samples}")
+    if args.grace_evals < 1:
+        raise ConfigError(f"--grace-evals: must be at least 1, got {args.grace_evals}")
+    if not (math.isfinite(args.reduction_factor) and args.reduction_factor > 1):
+        raise ConfigError(f"--reduction-factor: must be a number above 1 (ASHA keeps the best 1/this), got "
+                          f"{args.reduction_factor:g}")
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise ConfigError(f"--max-concurrent-trials: must be at least 1, got {args.max_concurrent_trials}")
+    cfg, base_error = base_config(rest)
+    if cfg.eval_every <= 0:
+        raise ConfigError("--eval-every: the tuner compares trials by FID at evaluations; it must be positive")
+    from distgan.metrics import metrics_supported
+
+    ok, why = metrics_supported(cfg)
+    if not ok:
+        raise ConfigError(f"--dataset: the tuner ranks trials by FID, which {why}")
+    space, recipes = search_space(args)
+    # reports (and checkpoints) at evaluations only: each carries an FID, and ASHA counts evaluations
+    cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
+                  wandb_group=cfg.wandb_group or cfg.name)
+    check_space(cfg, space, recipes, base_error)
+    return args, cfg, space, recipes
+
+
+def search_space(args: argparse.Namespace) -> tuple[dict[str, tuple[str, list]], dict[str, dict]]:
+    """(space, recipes) of --space FILE and the --grid/--choice/... flags. Raises ConfigError."""
     spec: dict[str, Any] = {}
     if args.space:
         try:
@@ -335,28 +407,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
             space.update(parsed)
     if not space and not recipes:
         raise ConfigError("empty search space: give --space FILE or --grid/--choice/--uniform/--loguniform/--randint")
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples: must be at least 1, got {args.num_samples}")
-    if args.grace_evals < 1 or args.reduction_factor <= 1:
-        raise ConfigError("--grace-evals must be >= 1 and --reduction-factor > 1")
-    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
-        raise ConfigError(f"--max-concurrent-trials: must be at least 1, got {args.max_concurrent_trials}")
-    try:
-        cfg, base_error = parse_args(rest), None
-    except ConfigError as e:  # perhaps a flag that needs a searched value; check_space decides
-        cfg, base_error = parse_args(rest, validate=False), e
-    if cfg.eval_every <= 0:
-        raise ConfigError("--eval-every: the tuner compares trials by FID at evaluations; it must be positive")
-    from distgan.metrics import metrics_supported
-
-    ok, why = metrics_supported(cfg)
-    if not ok:
-        raise ConfigError(f"--dataset: the tuner ranks trials by FID, which {why}")
-    # reports (and checkpoints) at evaluations only: each carries an FID, and ASHA counts evaluations
-    cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
-                  wandb_group=cfg.wandb_group or cfg.name)
-    check_space(cfg, space, recipes, base_error)
-    return args, cfg, space, recipes
+    return space, recipes
 
 
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:

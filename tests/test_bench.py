@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -169,6 +170,65 @@ def test_benches_take_the_eager_providers_from_kernels_reference():
     assert torch.equal(bce(logits), reference.bce_with_logits(logits, 1.0, "mean"))
     assert torch.equal(dloss(logits), reference.discriminator_loss(logits, 4)[0])
     assert _cases.reference is reference
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "training_step", "--step-batches", "-4"], "argument --step-batches: must be at least 2, got -4"),
+    (["--ops", "training_step", "--step-batches", "0"], "argument --step-batches: must be at least 2, got 0"),
+    (["--step-batches", "1"], "argument --step-batches: must be at least 2, got 1"),
+    (["--step-batches", "four"], "argument --step-batches: expected an integer, got 'four'"),
+    (["--time-budget-s", "0"], "argument --time-budget-s: must be a positive number, got 0"),
+    (["--time-budget-s", "nan"], "argument --time-budget-s: must be a positive number, got nan"),
+    (["--ops", "bce_with_logits", "--step-batches", "8"], "--step-batches sizes the training_step count, which --ops"),
+    (["--ops", "training_step", "--providers", "compile"], "--ops training_step: nothing to count: it runs with the"),
+    (["--ops", "training_step", "--gpu-check"], "--ops training_step: nothing to count: the gpu-check preset counts"),
+])
+def test_kernels_refuses_bad_flags_before_running_anything(argv, message, capsys, tmp_path):
+    km = _load_bench("kernels")
+    with pytest.raises(SystemExit) as e:
+        km.main([*argv, "--no-compile-report", "--out", str(tmp_path)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f": error: {message}" in last, last
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_training_step_needs_the_batch_the_flag_asks_for():
+    # the flag's lower bound is what the model needs: one image a batch fails inside BatchNorm, two count
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        _counting.step_records(_cases.STEP_MIN_BATCH - 1, "eager", lambda msg: None)
+    records, reason = _counting.step_records(_cases.STEP_MIN_BATCH, "eager", lambda msg: None)
+    assert reason is None and {r["metric"] for r in records} == {"bytes", "launches", "step_model_us"}
+
+
+def test_kernels_says_what_it_will_count_for_the_training_step():
+    km = _load_bench("kernels")
+    parser, cpu = km.build_parser(), torch.device("cpu")
+    step_only = km.plan_run(parser.parse_args(["--smoke", "--ops", "training_step"]), cpu)
+    assert step_only.cases == [] and step_only.step_batches == (4,)
+    assert step_only.describe() == "training_step at batch 4 x eager, triton on cpu (smoke preset)"
+    eager = km.plan_run(parser.parse_args(["--smoke", "--ops", "training_step", "--providers", "eager",
+                                           "--step-batches", "2", "8"]), cpu)
+    assert eager.describe() == "training_step at batch 2, 8 x eager on cpu (smoke preset)"
+    mixed = km.plan_run(parser.parse_args(["--smoke", "--ops", "bce_with_logits", "training_step"]),
+                        torch.device("cuda"))
+    assert mixed.step_batches == () and {c.op for c in mixed.cases} == {"bce_with_logits"}
+    assert mixed.describe() == (f"{len(mixed.cases)} cases x eager, triton on cuda (smoke preset); no training_step: "
+                                "it is counted on a CPU only (this run times on cuda)")
+    full = km.plan_run(parser.parse_args([]), cpu)
+    assert full.describe().startswith(f"{len(full.cases)} cases x eager, compile, triton + training_step at batch "
+                                      "64, 256 x eager, triton + the static compile report on cpu (full preset)")
+
+
+@pytest.mark.parametrize("script", ["kernels", "train"])
+def test_bench_help_states_each_default_once_and_tells_output_from_out(script, capsys):
+    module = _load_bench(script)
+    with pytest.raises(SystemExit):
+        (module.main if script == "kernels" else module.parse_args)(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert not re.search(r"default:[^()]*\(default:", help_text), help_text
+    assert "--output FILE.json write exactly FILE.json" in help_text
+    assert "--out DIR without --output: the directory of a new dated" in help_text
 
 
 def test_proxy_shapes_keep_the_launch_plan_and_the_spatial_extent():
@@ -343,6 +403,7 @@ def test_bench_kernels_smoke_writes_a_new_ignored_run_and_leaves_committed_resul
         md = new[1].read_text()
         assert "| op | shape | dtype | mode |" in md and "modelled" in md
         assert "bytes eager" in proc.stdout and "launches triton" in proc.stdout and "whole training step" in md
+        assert "cases x eager, triton + training_step at batch 4 x eager, triton on cpu (smoke preset)" in proc.stderr
         # eager BN+LReLU forward at the one directly counted shape is native_batch_norm + leaky_relu
         recs = [r for r in result["records"] if r["op"] == "batch_norm_leaky_relu" and r["provider"] == "eager"
                 and r["metric"] == "launches" and r["mode"] == "forward"]
@@ -373,6 +434,42 @@ def test_results_go_to_a_new_dated_file_unless_a_path_is_named(tmp_path):
     path = _results.write_result({"records": []}, "# md\n", "ignored-stem", output=named)
     assert path == named and json.loads(named.read_text()) == {"records": []}
     assert named.with_suffix(".md").read_text() == "# md\n"
+
+
+def test_an_unwritable_result_path_is_refused_as_it_is_parsed_and_a_writable_one_is_left_untouched(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert _results.directory_problem(a_file) == f"{a_file} is not a directory"
+    assert _results.directory_problem(Path("/proc/nope")) == \
+        "/proc/nope does not exist and cannot be made in /proc (No such file or directory)"
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
+        _results.output_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match=f"cannot write {a_file}/x.json: {a_file} is not a dir"):
+        _results.output_file(str(a_file / "x.json"))
+    # a directory still to be made is fine, and checking it makes nothing
+    assert _results.output_file(str(tmp_path / "new" / "x.json")) == tmp_path / "new" / "x.json"
+    assert _results.output_dir(str(tmp_path / "runs")) == tmp_path / "runs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+_WRITERS = {  # each bench script that writes results, with arguments that would otherwise start its run
+    "kernels": ["--smoke", "--ops", "training_step", "--providers", "eager", "--no-compile-report"],
+    "train": ["--smoke"], "quality": ["--steps", "1"], "default_run": [], "metric_scale": [],
+    "recipe": ["--from-search", "x.json"], "recipe_report": ["x.json"],
+}
+
+
+@pytest.mark.parametrize("script, flag", [(script, flag) for script in _WRITERS for flag in ("--output", "--out")
+                                          if flag == "--output" or script not in ("recipe", "recipe_report")])
+def test_every_bench_refuses_an_unwritable_output_before_it_runs(script, flag, tmp_path, capsys):
+    module = _load_bench(script)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as e:
+        (module.parse_args if script == "train" else module.main)(
+            [*_WRITERS[script], flag, str(a_file / ("x.json" if flag == "--output" else "dir"))])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f": error: argument {flag}: " in last and f"{a_file} is not a directory" in last
 
 
 def test_the_default_writer_leaves_committed_results_alone_and_its_files_are_ignored():

@@ -13,7 +13,17 @@ import pandas as pd
 import pytest
 
 from distgan.config import ConfigError, TrainConfig
-from distgan.tune import check_space, format_table, main, param_space, parse, parse_space, result_rows
+from distgan.tune import (
+    build_parser,
+    check_space,
+    format_table,
+    main,
+    param_space,
+    parse,
+    parse_space,
+    result_rows,
+    space_example,
+)
 
 from conftest import FAST_POLL, REPO, describe
 
@@ -88,11 +98,55 @@ def test_tuner_reports_at_evaluations_only_and_groups_wandb_by_search(tmp_path):
     ([], "error: empty search space"),
     (["--grid", "seed", "0", "--eval-every", "0"], "error: --eval-every: the tuner compares trials by FID"),
     (["--grid", "seed", "0", "--space", "/nonexistent.yaml"], "error: --space: cannot read /nonexistent.yaml"),
+    (["--grid", "seed", "0", "--grace-evals", "0"], "error: --grace-evals: must be at least 1, got 0"),
+    (["--grid", "seed", "0", "--reduction-factor", "1"],
+     "error: --reduction-factor: must be a number above 1 (ASHA keeps the best 1/this), got 1"),
 ])
 def test_cli_refuses_bad_input_in_one_line_before_ray(tmp_path, capsys, argv, message):
     assert main([*argv, "--storage-path", str(tmp_path), "--name", "s"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "seed", "0", "1", "--name", "a/b"], "error: --name: 'a/b' must be letters, digits"),
+    # a searched value the base flags would fail with, or a bad value in the space itself, is not blamed instead
+    (["--grid", "augment", "off", "ada", "--augment-p", "0.5", "--name", "a/b"], "error: --name: 'a/b' must be"),
+    (["--grid", "lr_g", "2", "--name", "a/b"], "error: --name: 'a/b' must be"),
+    (["--grid", "seed", "0", "1", "--storage-path", "s3://"], "error: --storage-path: 's3://' "),
+    (["--grid", "augment", "off", "ada", "--augment-p", "0.5", "--storage-path", "s3://"],
+     "error: --storage-path: 's3://' "),
+    (["--grid", "seed", "0", "1", "--wandb-group", "a/b"], "error: --wandb-group: 'a/b' must be"),
+])
+def test_a_bad_name_or_storage_path_is_reported_as_itself_before_the_space(argv, message, capsys):
+    # --eval-every 0 is refused too, after these: nothing here can reach Ray
+    assert main([*argv, "--eval-every", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_a_base_flag_left_to_the_space_still_gets_a_checked_name_and_storage_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, cfg, _, _ = parse(["--grid", "augment", "translation,cutout", "ada", "--augment-p", "0.25",
+                          "--storage-path", "runs"])
+    assert cfg.name.startswith("distgan-") and cfg.wandb_group == cfg.name
+    assert cfg.storage_path == str(tmp_path / "runs")
+
+
+def test_the_documented_yaml_space_loads_through_space_and_is_in_the_help(tmp_path):
+    example = space_example()
+    assert "augment:" in example and "recipes:" in example  # the whole example, not a stray line of it
+    path = tmp_path / "space.yaml"
+    path.write_text(example)
+    _, _, space, recipes = parse(["--space", str(path), "--storage-path", str(tmp_path), "--name", "s"])
+    assert space == {"lr_g": ("loguniform", [1e-4, 3e-3]), "augment": ("choice", ["off", "ada"]),
+                     "seed": ("grid", [0, 1]), "ema_decay": ("fixed", [0.999])}
+    assert recipes == {"default": {}, "slow-ema": {"ema_decay": 0.9995}}
+    help_text = build_parser().format_help()
+    assert all(line in help_text for line in example.splitlines())
+    assert "docstring" not in help_text
+    assert "Every `python -m distgan.train` flag is accepted" in help_text
+    assert "  --name NAME " in help_text and "  --storage-path PATH " in help_text
 
 
 def _result(params, reports, error=None):

@@ -13,8 +13,9 @@ import argparse
 import datetime
 import json
 import math
-import tempfile
 from pathlib import Path
+
+from distgan.storage import directory_problem
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -32,24 +33,6 @@ def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
                         f"never overwriting a file (default: {RUNS.relative_to(REPO)}/, git-ignored)")
     p.add_argument("--name", default=None, metavar="STEM", help=f"without --output: the dated file's stem (default: "
                                                                 f"{what})")
-
-
-def directory_problem(directory: Path) -> str | None:
-    """Why files cannot be written in `directory` (made first if missing), or None. Probed by writing a file where
-    the first write would go, not with os.access: root passes os.access on /proc and read-only mounts."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        if existing == directory:
-            return f"{directory} is not writable ({e.strerror})"
-        return f"{directory} does not exist and cannot be made in {existing} ({e.strerror})"
-    return None
 
 
 def output_file(text: str) -> Path:

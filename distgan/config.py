@@ -291,11 +291,9 @@ class TrainConfig:
                                       f"resubmission could not resume; pass an absolute path every node can "
                                       f"reach (NFS) or a URI (s3://bucket/prefix)")
         self.storage_path = str(Path(self.storage_path).expanduser().resolve())
-        parent = Path(self.storage_path)
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise bad("storage_path", f"{self.storage_path} is not writable")
+        problem = storage.directory_problem(Path(self.storage_path))
+        if problem:
+            raise bad("storage_path", problem)
 
 
 def default_run_name() -> str:

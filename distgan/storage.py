@@ -73,6 +73,24 @@ def location_problem(location: str) -> Optional[str]:
     return None
 
 
+def directory_problem(directory: Path) -> Optional[str]:
+    """Why files cannot be written in `directory` (made first if missing), or None. Probed by writing a file where
+    the first write would go, not with os.access: root passes os.access on /proc and read-only mounts."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        if existing == directory:
+            return f"{directory} is not writable ({e.strerror})"
+        return f"{directory} does not exist and cannot be made in {existing} ({e.strerror})"
+    return None
+
+
 def _split(location: str | os.PathLike) -> tuple[str, str]:
     """(path part, "?query" or "")."""
     base, sep, query = str(location).partition("?") if is_uri(location) else (str(location), "", "")

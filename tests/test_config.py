@@ -85,7 +85,8 @@ def test_name_defaults_to_a_timestamp_and_storage_path_becomes_absolute():
     (["--batch-size", "63", "--num-workers", "2"], "--batch-size"),  # under auto, Ray's resources size the workers
     (["--epochs", "0"], "--epochs"),
     (["--lr-d", "nan-ish"], "--lr-d"),
-    (["--batch-size", "4096"], "--batch-size 4096 x --n-critic 1 needs 4096 images per generator step, and the training split has 4000"),
+    (["--batch-size", "4096"],
+     "--batch-size 4096 x --n-critic 1 needs 4096 images per generator step, and the training split has 4000"),
     (["--lr-g", "-1e-3"], "--lr-g: must be in (0, 1), got -0.001"),  # not argparse's "expected one argument"
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a later --epoch-* flag stays apart
 ])
@@ -114,6 +115,18 @@ def test_a_storage_path_distgan_cannot_use_is_refused_before_anything_is_written
     with pytest.raises(ConfigError, match=re.escape(f"--storage-path: {path!r} {needle}")):
         parse_args(["--storage-path", path])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_storage_path_that_cannot_be_written_is_refused(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=f"^--storage-path: {a_file} is not a directory$"):
+        parse_args(["--storage-path", str(a_file / "runs")])
+    # root passes os.access on /proc; a write there still fails
+    with pytest.raises(ConfigError, match="^--storage-path: /proc/nope does not exist and cannot be made in /proc"):
+        parse_args(["--storage-path", "/proc/nope"])
+    assert parse_args(["--storage-path", str(tmp_path / "new" / "runs")]).storage_path == str(tmp_path / "new/runs")
+    assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
 def test_a_config_file_of_comments_only_sets_nothing(tmp_path):
@@ -327,7 +340,8 @@ def test_max_steps_beyond_what_the_epochs_allow_is_refused(tmp_path):
         check_schedule(cfg, 4000)
     cfg = TrainConfig(storage_path=str(tmp_path), epochs=2, max_steps=124).validate()
     assert check_schedule(cfg, 4000) == 62
-    with pytest.raises(ConfigError, match="^--batch-size 64 x --n-critic 2 needs 128 images per generator step, and the training split has 100$"):
+    with pytest.raises(ConfigError, match="^--batch-size 64 x --n-critic 2 needs 128 images per generator step, "
+                                          "and the training split has 100$"):
         check_schedule(TrainConfig(storage_path=str(tmp_path), n_critic=2).validate(), 100)
 
 

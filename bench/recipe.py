@@ -28,7 +28,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from _results import output_file  # noqa: E402
 
-from distgan import tune  # noqa: E402
+from distgan import search_space, tune  # noqa: E402
 
 # Candidate defaults; each is a set of TrainConfig overrides on top of the seed's recipe.
 RECIPES = {
@@ -59,7 +59,7 @@ def search_argv(recipes: list[str], seeds: list[int], epochs: int, eval_every: i
                  space_file: Path) -> list[str]:
     """`python -m distgan.tune` arguments for the recipes x seeds grid; writes the space to `space_file`."""
     space_file.write_text(yaml.safe_dump({"recipes": {r: RECIPES[r] for r in recipes}, "seed": list(seeds)}))
-    base = [f"--{k.replace('_', '-')}={v}" for k, v in SEED_RECIPE.items() if k not in tune.TUNER_FIELDS]
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in SEED_RECIPE.items() if k not in search_space.TUNER_FIELDS]
     return ["--space", str(space_file), "--scheduler", "fifo", *base, f"--epochs={epochs}",
             f"--eval-every={eval_every}", "--storage-path", storage, "--name", name]
 
@@ -72,7 +72,7 @@ def records_from_search(search: dict) -> list[dict]:
         if not trial["points"]:
             continue
         overrides = {k: v for k, v in trial["overrides"].items() if k != "seed"}
-        recipe = trial["params"].get(tune.RECIPES_KEY) or ", ".join(f"{k}={v}" for k, v in overrides.items())
+        recipe = trial["params"].get(search_space.RECIPES_KEY) or ", ".join(f"{k}={v}" for k, v in overrides.items())
         records.append({"recipe": recipe or "base", "seed": trial["overrides"].get("seed", search["base"]["seed"]),
                         "overrides": overrides, "precision": trial.get("precision"),
                         "epochs": overrides.get("epochs", search["base"]["epochs"]), "wall_s": trial["seconds"],

@@ -13,6 +13,8 @@ import argparse
 import datetime
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 from distgan.storage import directory_problem
@@ -35,14 +37,22 @@ def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
                                                                 f"{what})")
 
 
+def origin(script: str, argv: list[str] | None) -> dict[str, str]:
+    """The fields every result file opens with: "created" (UTC, ISO 8601) and the "command" that wrote it
+    (`script` run with `argv`, sys.argv's when None)."""
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}
+
+
 def output_file(text: str) -> Path:
     """argparse type of a result file to write: its directory exists or can be made, and is writable."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file's path")
-    problem = directory_problem(path.parent)
-    if problem:
-        raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
+    try:
+        output_dir(str(path.parent))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {e}") from None
     return path
 
 

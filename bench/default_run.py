@@ -14,7 +14,6 @@ machine, versions and commit; without --output, a new dated file under bench/res
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import statistics
 import subprocess
@@ -94,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     start_line = next((line[line.index("distgan:"):] for line in proc.stdout.splitlines()
                        if "distgan:" in line and " worker(s) on " in line), None)
     result = {
-        "command": shlex.join(["python", "bench/default_run.py", *(argv if argv is not None else sys.argv[1:])]),
+        **_results.origin("bench/default_run.py", argv),
         "train_command": shlex.join(["python", "-m", "distgan.train", *train_args]),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **before, "start_line": start_line, "summary": summarise(rows, started, ended),
     }
     _results.publish(result, markdown(result), "default-run", args)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -59,6 +58,7 @@ from _results import (  # noqa: E402
     add_output_args,
     add_preset_args,
     int_at_least,
+    origin,
     positive_float,
     preset_name,
     write_result,
@@ -215,8 +215,7 @@ def build_result(argv, preset_name, device, records, missing, copy_gbps, report)
     gpu = device.type == "cuda"
     return {
         "schema": 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **origin("bench/kernels.py", argv),
         "preset": preset_name,
         "device": device.type,
         **provenance.collect(),  # machine, versions, git

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import statistics
@@ -599,8 +598,7 @@ def main(argv=None) -> int:
     ratio = base.get("distgan_default_over_plain_fp32")
     result = {
         "schema": 2,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **_results.origin("bench/train.py", argv),
         "preset": preset_name,
         "preset_values": asdict(preset),
         "device": "cuda" if GPU else "cpu",

@@ -14,6 +14,7 @@ The first Ctrl-C stops every worker after a checkpoint at the next step; a secon
 from __future__ import annotations
 
 import datetime
+import functools
 import signal
 import sys
 import tempfile
@@ -97,7 +98,8 @@ def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool) -> None:
         if rank == 0 and state is not None:
             save_checkpoint(state, storage.join(worker.run_dir(cfg), checkpoint_dir_name(trainer.step, tag)))
 
-    progress = worker.Progress(trainer, tqdm) if rank == 0 else None
+    every_s = worker.progress_every_s()  # tqdm's own minimum interval between redraws
+    progress = worker.Progress(trainer, functools.partial(tqdm, mininterval=every_s)) if rank == 0 else None
     try:
         result = trainer.fit(report, should_stop=worker.StopRequest(cfg, rank), on_step=progress)
     finally:

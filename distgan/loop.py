@@ -11,6 +11,7 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -97,7 +98,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:  # drawn by the driver, not by a worker's stdout
         from ray.experimental.tqdm_ray import tqdm
 
-        progress = worker.Progress(trainer, tqdm)
+        every_s = float(loop_config.get("progress_every_s", tqdm.DEFAULT_FLUSH_INTERVAL_SECONDS))
+        progress = worker.Progress(trainer, functools.partial(tqdm, flush_interval_s=every_s))
     try:
         result = trainer.fit(report, should_stop=worker.StopRequest(cfg, rank), on_step=progress if rank == 0 else None)
     finally:

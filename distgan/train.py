@@ -136,7 +136,8 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
     max_failures = cfg.max_failures if cfg.max_failures is not None else cluster.default_max_failures()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "env": cluster._forwarded_env(), "score_fid": score_fid},
+        train_loop_config={"cfg": cfg.to_dict(), "env": cluster._forwarded_env(), "score_fid": score_fid,
+                           "progress_every_s": worker.progress_every_s()},
         scaling_config=cluster.scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.collective_timeout_s),
         run_config=RunConfig(

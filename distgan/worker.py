@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -99,6 +100,16 @@ def pop_stop_note(cfg) -> Optional[str]:
         return None
     storage.delete(note)
     return json.loads(data.decode())["reason"]
+
+
+# Seconds between progress-bar updates. A terminal redraws one line in place; a log (`ray job submit`, a
+# redirect, a scheduler's output file) keeps every update, so it gets one now and then.
+PROGRESS_EVERY_S = {"terminal": 1.0, "log": 30.0}
+
+
+def progress_every_s(stream=None) -> float:
+    """PROGRESS_EVERY_S for `stream` (the driver's stderr by default), where the bar is drawn."""
+    return PROGRESS_EVERY_S["terminal" if (stream or sys.stderr).isatty() else "log"]
 
 
 class Progress:

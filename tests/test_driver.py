@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distgan import cluster, runs, storage, train
+from distgan import cluster, runs, storage, train, worker
 from distgan.config import RAY_JOB_CONFIG_ENV, ConfigError, TrainConfig
 
 # ------------------------------------------------------------------ the runtime env inside `ray job submit`
@@ -487,3 +487,18 @@ def test_every_checkpoint_score_survives_the_records_json_and_unscored_ones_rank
     assert all(manager._get_checkpoint_score(r) < manager._get_checkpoint_score(new)
                for r in manager._checkpoint_results)
     assert manager.best_checkpoint_result.metrics[RANK_METRIC] == 30.5
+
+
+def test_the_progress_bar_updates_a_log_now_and_then_and_a_terminal_every_second(tmp_path):
+    """A terminal redraws the bar in place; a log (`ray job submit`, a redirect) keeps every update."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert worker.progress_every_s(Terminal()) == 1.0
+    assert worker.progress_every_s(io.StringIO()) == 30.0
+    cfg = TrainConfig(storage_path=str(tmp_path), name="p", num_workers=2, cpus_per_worker=1).validate()
+    loop_config = train.build_trainer(cfg, use_gpu=False, score_fid=False).train_loop_config
+    assert loop_config["progress_every_s"] == worker.progress_every_s()  # what rank 0's tqdm_ray is given

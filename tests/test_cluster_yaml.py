@@ -37,7 +37,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 DASHBOARD_PORT = 8265
-SHARED_STORAGE = re.compile(r"^(s3|gs|abfss?)://[^/\s]+/\S*$|^/mnt/\S+$")  # object store or a mounted FS
+SHARED_STORAGE = re.compile(r"^s3://[^/\s]+/\S*$|^/mnt/\S+$")  # an object store distgan reads, or a mounted FS
 
 
 class ClusterConfigError(Exception):
@@ -182,7 +182,7 @@ def distgan_problems(cfg: dict) -> list[str]:
     # -- shared storage for multi-node checkpoints
     storage = str(meta.get("storage_path", ""))
     if not SHARED_STORAGE.match(storage):
-        problems.append(f"metadata.distgan.storage_path {storage!r} is not shared storage (s3://, gs://, "
+        problems.append(f"metadata.distgan.storage_path {storage!r} is not shared storage (s3:// "
                         "or an NFS/EFS mount under /mnt)")
 
     # -- the cluster's Ray must match the client's Ray

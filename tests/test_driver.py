@@ -207,7 +207,7 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     ("s3://bucket/prefix/", "s3://bucket/prefix/x/checkpoint_00000006"),
     ("s3://bucket/p?endpoint_override=localhost:9000&scheme=http",
      "s3://bucket/p/x/checkpoint_00000006?endpoint_override=localhost:9000&scheme=http"),
-    ("gs://b", "gs://b/x/checkpoint_00000006"),
+    ("s3://b", "s3://b/x/checkpoint_00000006"),
 ])
 def test_run_paths_under_a_uri(storage_path, expected):
     cfg = TrainConfig(storage_path=storage_path, name="x").validate()

@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -294,6 +295,24 @@ def search_space(args: argparse.Namespace) -> tuple[dict[str, tuple[str, list]],
     return space, recipes
 
 
+class StopLikeCtrlC:
+    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler) handled as Ctrl-C: during the search Tune's own
+    SIGINT handler stops it and keeps what the trials reported; before or after it, KeyboardInterrupt. ray.init
+    puts a handler of its own in place first (a stack dump, then abort), which this replaces. `signum`: the
+    signal received, 0 before any."""
+
+    def __init__(self):
+        self.signum = 0
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        handler(signal.SIGINT, frame)
+
+
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
     from distgan import storage
     from distgan.cluster import _forwarded_env, connect_ray, size_workers
@@ -304,6 +323,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         raise ConfigError(f"--name: {storage.join(cfg.storage_path, search)} already exists; a search starts fresh, "
                           f"give a new --name", field="name")
     ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
+    stop = StopLikeCtrlC()
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -341,7 +361,8 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
     rows = result_rows(results, base, recipes, search)
     record = {"search": search, "command": "python -m distgan.tune " + " ".join(sys.argv[1:]),
               "scheduler": args.scheduler, "num_samples": args.num_samples, "space": space_text(space, recipes),
-              "recipes": recipes, "base": base, "wall_s": round(wall, 1), "provenance": collect(), "trials": rows}
+              "recipes": recipes, "base": base, "wall_s": round(wall, 1), "provenance": collect(), "trials": rows,
+              "stopped_by": signal.Signals(stop.signum).name if stop.signum else None}
     record["location"] = write_results(cfg.storage_path, search, record)
     return record
 
@@ -354,8 +375,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # before the search started or after it ended: nothing of it to keep
+        print(f"distgan.tune: interrupted ({e or 'SIGINT'}); no results were written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
     print(format_table(record["trials"]))
     print(f"\nresults: {record['location']}")
+    if record["stopped_by"]:
+        print(f"distgan.tune: stopped by {record['stopped_by']}: the table holds what each trial reported until "
+              f"then; a search starts fresh, so run it again under a new --name", file=sys.stderr)
+        return 128 + signal.Signals[record["stopped_by"]]
     return 0 if all(not r["status"].startswith("error") for r in record["trials"]) else 1
 
 

@@ -295,22 +295,25 @@ def search_space(args: argparse.Namespace) -> tuple[dict[str, tuple[str, list]],
     return space, recipes
 
 
-class StopLikeCtrlC:
-    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler) handled as Ctrl-C: during the search Tune's own
-    SIGINT handler stops it and keeps what the trials reported; before or after it, KeyboardInterrupt. ray.init
-    puts a handler of its own in place first (a stack dump, then abort), which this replaces. `signum`: the
-    signal received, 0 before any."""
+class StopSearch:
+    """Ctrl-C or SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler) stops the search the way Ray Tune's own
+    Ctrl-C does, keeping what the trials reported, and is remembered for the exit status; a second one, or one
+    before the search starts, raises KeyboardInterrupt. Tune's SIGINT handler would not say a stop happened, so it
+    is turned off and its SIGUSR1 handler (the same stop) is called instead. ray.init puts a SIGTERM handler of its
+    own in place first (a stack dump, then abort), which this replaces. `signum`: the first signal, 0 before any."""
 
     def __init__(self):
         self.signum = 0
-        signal.signal(signal.SIGTERM, self._handle)
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when the search starts
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if self.signum or not callable(tune_stop):
             raise KeyboardInterrupt(signal.Signals(signum).name)
-        handler(signal.SIGINT, frame)
+        self.signum = signum
+        tune_stop(signal.SIGUSR1, frame)
 
 
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
@@ -323,7 +326,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         raise ConfigError(f"--name: {storage.join(cfg.storage_path, search)} already exists; a search starts fresh, "
                           f"give a new --name", field="name")
     ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
-    stop = StopLikeCtrlC()
+    stop = StopSearch()
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -375,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # before the search started or after it ended: nothing of it to keep
+    except KeyboardInterrupt as e:  # before the search started, or a second signal: stopped at once
         print(f"distgan.tune: interrupted ({e or 'SIGINT'}); no results were written", file=sys.stderr)
         return 128 + (signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
     print(format_table(record["trials"]))

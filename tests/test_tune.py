@@ -153,11 +153,16 @@ def test_three_trial_asha_search_stops_a_poor_trial_and_writes_its_table(ray_clu
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_search_like_ctrl_c_and_keeps_what_the_trials_reported(ray_cluster, tmp_path):
-    """`kill`, `timeout` and schedulers send SIGTERM; ray.init's own handler would dump a stack and abort."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_search_keeps_what_the_trials_reported_and_says_so(ray_cluster, tmp_path,
+                                                                                      signame):
+    """Ctrl-C, or SIGTERM from `kill`, `timeout` and schedulers (ray.init's own SIGTERM handler would dump a stack
+    and abort): Tune stops the search, and the exit status says it was stopped."""
     import os
     import signal
     import time
+
+    signum = signal.Signals[signame]
 
     env = ray_cluster.client_env(**{"WANDB_MODE": "disabled", **FAST_POLL})
     log = tmp_path / "tune.log"
@@ -169,12 +174,12 @@ def test_sigterm_stops_the_search_like_ctrl_c_and_keeps_what_the_trials_reported
         deadline = time.time() + 300
         while "img/s" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)  # a trial is training
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signum)
         proc.wait(timeout=180)
     text = log.read_text()
-    assert proc.returncode == 143, text[-3000:]
+    assert proc.returncode == 128 + signum, text[-3000:]
     assert "*** SIGTERM received" not in text
-    assert "distgan.tune: stopped by SIGTERM: the table holds what each trial reported" in text
+    assert f"distgan.tune: stopped by {signame}: the table holds what each trial reported" in text
     record = json.loads((tmp_path / "runs" / "search" / "results.json").read_text())
     # the running trial is in the table; the one still waiting never started (one trial at a time here)
-    assert record["stopped_by"] == "SIGTERM" and [t["params"] for t in record["trials"]][:1] == [{"seed": 0}]
+    assert record["stopped_by"] == signame and [t["params"] for t in record["trials"]][:1] == [{"seed": 0}]

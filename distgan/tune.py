@@ -383,11 +383,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 128 + (signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
     print(format_table(record["trials"]))
     print(f"\nresults: {record['location']}")
-    if record["stopped_by"]:
-        print(f"distgan.tune: stopped by {record['stopped_by']}: the table holds what each trial reported until "
-              f"then; a search starts fresh, so run it again under a new --name", file=sys.stderr)
-        return 128 + signal.Signals[record["stopped_by"]]
-    return 0 if all(not r["status"].startswith("error") for r in record["trials"]) else 1
+    stopped_by = record["stopped_by"]
+    if not stopped_by:
+        return 0 if all(not r["status"].startswith("error") for r in record["trials"]) else 1
+    print(f"distgan.tune: stopped by {stopped_by}: the table holds what each trial reported until then; a search "
+          f"starts fresh, so run it again under a new --name", file=sys.stderr)
+    return 128 + signal.Signals[stopped_by]
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def _flag_type(f: dataclasses.Field):
 
 # --help groups, in order; a field in none of them (config, verbose) is listed with the general options
 HELP_GROUPS = (
-    ("data", "what the GAN learns from", ("dataset", "data_root", "download", "image_size", "channels")),
+    ("data", "what the GAN learns from", ("dataset", "data_root", "download", "image_size", "channels",
+                                               "alpha_background")),
     ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
     ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",

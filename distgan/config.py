@@ -47,6 +47,16 @@ WANDB_NAME_MAX = 128
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+def _is_colour(value: str) -> bool:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        return False
+    return True
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it as one line and exits 2.
 
@@ -72,6 +82,8 @@ class TrainConfig:
     download: bool = _opt(False, f"let torchvision download {'/'.join(DOWNLOADABLE)}")
     image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
     channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10 and folder, else 1")
+    alpha_background: str = _opt("white", "colour that transparent pixels of folder images are composited over "
+                                          "(a colour name or #rrggbb)")
     # --- schedule
     epochs: int = _opt(38, "passes over the training split")
     max_steps: Optional[int] = _opt(None, "stop after this many G steps", "none (all --epochs)")
@@ -184,6 +196,9 @@ class TrainConfig:
             raise bad("image_size", f"{self.image_size} not supported; choose one of {IMAGE_SIZES}")
         if self.channels not in (None, 1, 3):
             raise bad("channels", f"must be 1 or 3, got {self.channels}")
+        if not _is_colour(self.alpha_background):
+            raise bad("alpha_background", f"{self.alpha_background!r} is not a colour; give a name (white, black) "
+                                          f"or #rrggbb")
         for name in AUTO_FIELDS:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise bad(name, f"must be a positive integer or auto, got {getattr(self, name)!r}")

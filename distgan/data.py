@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 from pathlib import Path
 
@@ -80,9 +81,34 @@ def to_model_range(images_uint8: np.ndarray | torch.Tensor, image_size: int = 28
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
-def load_image(path: str | os.PathLike):
-    """One image file as ImageFolder's loader: a PIL image of 8 bits a sample, any mode PIL converts from.
+# Transparent pixels are composited over this colour (any colour PIL names: "white", "black", "#808080"):
+# a transparent pixel stores a colour the image does not show, and training on it would teach what is hidden.
+# White is where such images are usually shown (web pages, product shots, icons); --alpha-background changes it.
+ALPHA_BACKGROUND = "white"
+# Pillow modes that carry an alpha channel; P, L, RGB and I;16 images carry transparency in info["transparency"]
+# instead (a PNG tRNS chunk: a palette's alpha values or one colour key), and are composited the same way.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
+
+def _flatten_transparency(im, background: str):
+    """`im` composited over `background` when it carries transparency, else `im` unchanged. Grey images stay
+    grey ("L") when the background is grey; everything else becomes "RGB"."""
+    from PIL import Image, ImageColor
+
+    if im.mode not in ALPHA_MODES and "transparency" not in im.info:
+        return im
+    grey = im.mode in ("LA", "La", "L") or (im.mode == "P" and im.palette is not None and im.palette.mode == "L")
+    colour = ImageColor.getrgb(background)[:3]
+    base = Image.new("RGBA", im.size, colour + (255,))
+    flat = Image.alpha_composite(base, im.convert("RGBA")).convert("RGB")
+    return flat.convert("L") if grey and len(set(colour)) == 1 else flat
+
+
+def load_image(path: str | os.PathLike, background: str = ALPHA_BACKGROUND):
+    """One image file as ImageFolder's loader: a PIL image of 8 bits a sample and no alpha, any mode PIL reads.
+
+    Transparency (an alpha channel, a palette's alpha, a tRNS colour key) is composited over `background`
+    (ALPHA_BACKGROUND by default): what the image shows, not the colours its transparent pixels store.
     16-bit grayscale ("I;16*", and "I" holding values in [0, 65535], what Pillow gives some 16-bit PNGs and
     TIFFs) is scaled to [0, 255] by v * 255 / 65535, rounded: the full 16-bit range maps onto the full 8-bit
     one. Raises DataError naming the file for a mode with no faithful 8-bit form (32-bit float "F", "I" values
@@ -96,7 +122,7 @@ def load_image(path: str | os.PathLike):
         raise DataError(f"--data-root: image {path} has mode F (32-bit float samples), which has no fixed range "
                         f"to scale to 8 bits; convert it to 8 or 16 bits")
     if im.mode not in WIDE_MODES:
-        return im
+        return _flatten_transparency(im, background)
     values = np.asarray(im).astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > WIDE_MODES[im.mode]):
         raise DataError(f"--data-root: image {path} has mode {im.mode} with values in [{values.min()}, "
@@ -150,6 +176,12 @@ def check_data_root(cfg: TrainConfig) -> None:
         build_dataset(cfg, "train")  # torchvision checks its files; errors are re-raised naming the root
 
 
+def check_data(cfg: TrainConfig) -> dict[str, object]:
+    """The driver's checks of the data (check_data_root), then what the run trains on (dataset_fingerprint)."""
+    check_data_root(cfg)
+    return dataset_fingerprint(cfg)
+
+
 def _download_hint(cfg: TrainConfig) -> str:
     """Only for datasets torchvision can fetch, and only when --download is not already on."""
     if cfg.dataset in DOWNLOADABLE and not cfg.download:
@@ -199,6 +231,38 @@ def verify_image_folder(root: Path) -> int:
     return count
 
 
+def folder_fingerprint(root: str | os.PathLike) -> str:
+    """sha256 (hex) of the relative path, size (bytes) and modification time (ns) of every image ImageFolder reads
+    under root/<class>/, in order: it changes when a file is added, removed, renamed, rewritten or touched, and
+    costs one stat a file, no decoding."""
+    root = Path(root).expanduser()
+    digest = hashlib.sha256()
+    for cls in sorted(d for d in root.iterdir() if d.is_dir()):
+        for path in _images_under(cls):
+            st = path.stat()
+            digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(cfg: TrainConfig, train: Dataset | None = None) -> dict[str, object]:
+    """What a run trains on, as checkpoints record it: {"fingerprint": sha256 hex, "images": training images}.
+
+    An image folder: its files' paths, sizes and times (folder_fingerprint). The embedded digits: the training
+    split's pixels and labels. A torchvision dataset (a fixed release): its name and training labels, in order.
+    `train` is build_dataset(cfg, "train") when the caller has it already."""
+    train = train if train is not None else build_dataset(cfg, "train")
+    if cfg.dataset == "folder":
+        return {"fingerprint": folder_fingerprint(cfg.data_root), "images": len(train)}
+    digest = hashlib.sha256(cfg.dataset.encode())
+    if cfg.dataset == "mnist5k":
+        images, labels = mnist5k("train")
+        digest.update(images.tobytes())
+    else:
+        labels = np.asarray(train.targets)
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return {"fingerprint": digest.hexdigest(), "images": len(train)}
+
+
 def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
     """The dataset a worker trains on (split="train") or evaluates against (split="test")."""
     if cfg.dataset == "mnist5k":
@@ -218,7 +282,8 @@ def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
         if cfg.dataset == "cifar10":
             return datasets.CIFAR10(root, train=train, download=cfg.download, transform=tf)
         if cfg.dataset == "folder":
-            return datasets.ImageFolder(root, transform=tf, loader=load_image)
+            return datasets.ImageFolder(root, transform=tf,
+                                        loader=functools.partial(load_image, background=cfg.alpha_background))
     except (RuntimeError, OSError, FileNotFoundError) as e:
         raise DataError(f"--data-root: {cfg.dataset} not readable under {root}: {first_line(e)}"
                         f"{_download_hint(cfg)}") from None

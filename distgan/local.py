@@ -116,17 +116,18 @@ def run(cfg) -> dict[str, Any]:
     from distgan.checkpoint import newest_checkpoint
     from distgan.cluster import local_nodes, size_workers
     from distgan.config import ConfigError, check_execution, check_schedule
-    from distgan.data import build_dataset, check_data_root
+    from distgan.data import check_data
     from distgan.metrics import metrics_supported
-    from distgan.runs import check_resume, newest_valid_checkpoint
+    from distgan.runs import check_resume, check_same_data, newest_valid_checkpoint
     from distgan.train import StopOnInterrupt
 
     if cfg.use_gpu:
         raise ConfigError("--use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs", field="use_gpu")
-    check_data_root(cfg)
-    check_schedule(cfg, len(build_dataset(cfg, "train")))
+    data = check_data(cfg)
+    check_schedule(cfg, data["images"])
     found = newest_valid_checkpoint(cfg.storage_path, cfg.name)
     check_resume(cfg, found)
+    check_same_data(cfg, found, data)
     cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=found)
     check_execution(cfg, False)
     worker.pop_stop_note(cfg)  # a note left by an earlier run is stale now

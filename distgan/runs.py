@@ -215,6 +215,32 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
                               f"or use a new --name", field=key)
 
 
+def check_same_data(cfg: TrainConfig, found: Optional[tuple[str, dict]], data: dict, log=print) -> None:
+    """Refuses to resume mid-epoch on other data than the newest checkpoint trained on (its data position would
+    index another set of images); at an epoch boundary the run goes on with the data as it is, with a note.
+    `data` is distgan.data.dataset_fingerprint's; a checkpoint that does not record its data is not checked."""
+    if found is None or not found[1].get("data"):
+        return
+    where, state = found
+    saved = state["data"]
+    if saved["fingerprint"] == data["fingerprint"]:
+        return
+    flag = "--data-root" if cfg.data_root else "--dataset"
+    source = cfg.data_root or cfg.dataset
+    if saved["images"] != data["images"]:
+        what = f"{saved['images']} training images then, {data['images']} now"
+    else:
+        what = f"{data['images']} training images then and now, but other files or contents"
+    g_steps_into_epoch = state.get("g_steps_into_epoch", 0)
+    if g_steps_into_epoch:
+        raise ConfigError(f"{flag}: run {cfg.name} was checkpointed mid-epoch (epoch {state.get('epoch')}, G step "
+                          f"{g_steps_into_epoch}; {where}) on other data than {source} holds now ({what}), so its "
+                          f"data position means nothing here; restore the data it trained on, or use a new --name",
+                          field="data_root" if cfg.data_root else "dataset")
+    log(f"note: run {cfg.name}: the data in {source} changed since {where} ({what}); that checkpoint ends an "
+        f"epoch, so training goes on with the data as it is now")
+
+
 def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
     """Makes Ray's record of the run (checkpoint_manager_snapshot.json) agree with the run directory before Ray
     reads it; returns (location, state) of the checkpoint the run resumes from, or None for a new run.

@@ -161,23 +161,24 @@ def run(cfg: TrainConfig) -> dict:
     schedule, the run's newest checkpoint against these flags, and, for a local run, the hardware."""
     cluster.check_ray_address()
     # torch is imported from here on, not before: a bad flag is reported in a second
-    from distgan.data import build_dataset, check_data_root
+    from distgan.data import check_data
 
-    check_data_root(cfg)
-    check_schedule(cfg, len(build_dataset(cfg, "train")))
+    data = check_data(cfg)
+    check_schedule(cfg, data["images"])
     claim = runs.RunClaim(cfg).acquire()
     try:
-        return _run_claimed(cfg)
+        return _run_claimed(cfg, data)
     finally:
         claim.release()
 
 
-def _run_claimed(cfg: TrainConfig) -> dict:
-    """run(), from the moment this driver holds the run directory."""
+def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
+    """run(), from the moment this driver holds the run directory; `data` is check_data's."""
     from distgan.loop import RANK_METRIC
 
     found = runs.reconcile_run(cfg)
     runs.check_resume(cfg, found)
+    runs.check_same_data(cfg, found, data)
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if not joining:  # a local run's cluster is this machine
         gpus = cluster.local_gpu_count()

@@ -34,7 +34,7 @@ from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
 from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
 from distgan.config import TrainConfig
-from distgan.data import build_dataset
+from distgan.data import build_dataset, dataset_fingerprint
 from distgan.evaluation import RANK0_WORK_TIMEOUT, quality_line, run_on_rank0, sample_and_score, start_services
 from distgan.faults import check_replicas, inject_test_faults
 from distgan.models import build_models
@@ -111,6 +111,8 @@ class Trainer:
         self.g, self.d = wrap(g), wrap(d)
 
         self.dataset = dataset if dataset is not None else build_dataset(cfg, "train")
+        # what this run trains on, recorded in every checkpoint (a resume on other data is checked against it)
+        self.data = dataset_fingerprint(cfg, self.dataset) if dataset is None else None
         self.sampler, self.loader = build_loader(self.dataset, cfg, self.world, self.rank, self.device)
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg, self.world)
         self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * self.steps_per_epoch)
@@ -190,6 +192,8 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.data is not None:
+            state["data"] = self.data
         if self.augment is not None:  # p is the same on every rank; each rank's generator is its own
             state["augment"] = self._all_gather_objects(self.augment.state_dict())
         return state

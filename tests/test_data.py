@@ -218,3 +218,94 @@ def test_every_dataset_distgan_builds_loads_in_spawn_and_forkserver_workers(tmp_
         got = [x for x, _ in loader]
         assert len(got) == len(want) == 9
         assert all(torch.equal(a, b) for a, b in zip(got, want)), method
+
+
+# ------------------------------------------------------------------ transparency: what the image shows
+
+
+def _transparent_images(tmp_path):
+    """One file per Pillow form of transparency; each hides red (or grey 200) under alpha 0 in its left half
+    and shows opaque blue (or grey 50) in its right half."""
+    hidden, shown = (255, 0, 0), (0, 0, 255)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = hidden + (0,)
+    rgba[:, 4:] = shown + (255,)
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[:, :4], la[:, 4:] = (200, 0), (50, 255)
+    files = {"rgba.png": Image.fromarray(rgba, "RGBA"), "la.png": Image.fromarray(la, "LA")}
+    pal = Image.fromarray(rgba, "RGBA").convert("P")  # a palette with per-entry alpha (tRNS)
+    files["p.png"] = pal
+    key = Image.fromarray(rgba[..., :3], "RGB")
+    files["rgb_key.png"] = key  # written with a tRNS colour key: the hidden red is transparent
+    for name, im in files.items():
+        kwargs = {"transparency": hidden} if name == "rgb_key.png" else {}
+        im.save(tmp_path / name, **kwargs)
+    return files
+
+
+@pytest.mark.parametrize("background, expected", [("white", 255), ("black", 0)])
+def test_transparent_pixels_show_the_background_not_the_colour_they_hide(tmp_path, background, expected):
+    from distgan.data import load_image
+
+    for name in _transparent_images(tmp_path):
+        with Image.open(tmp_path / name) as raw:
+            assert raw.mode in ("RGBA", "LA", "P", "RGB") and (raw.mode != "RGB" or "transparency" in raw.info)
+        im = load_image(tmp_path / name, background=background)
+        px = np.asarray(im.convert("RGB"))
+        assert "A" not in im.mode and "transparency" not in im.info, name
+        assert (px[:, :4] == expected).all(), (name, px[0, 0])  # the background, never the hidden red/grey
+        assert (px[:, 4:] == px[0, 4]).all() and tuple(px[0, 4]) in ((0, 0, 255), (50, 50, 50)), name
+
+
+def test_folder_dataset_composites_transparency_over_alpha_background(tmp_path):
+    (tmp_path / "a").mkdir()
+    _transparent_images(tmp_path / "a")
+    for background, corner in (("white", [1.0, 1.0, 1.0]), ("#000000", [-1.0, -1.0, -1.0])):
+        cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), alpha_background=background).validate()
+        check_data_root(cfg)
+        for x, _ in build_dataset(cfg):
+            assert x[:, 0, 0].tolist() == corner  # was [1, -1, -1]: the red a transparent pixel stored
+
+
+def test_alpha_background_must_name_a_colour():
+    from distgan.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--alpha-background: 'whiteish' is not a colour"):
+        TrainConfig(alpha_background="whiteish").validate()
+
+
+# ------------------------------------------------------------------ fingerprints: what a run trains on
+
+
+def test_folder_fingerprint_changes_with_any_file_and_only_then(tmp_path):
+    import os
+
+    from distgan.data import dataset_fingerprint
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path)).validate()
+    first = dataset_fingerprint(cfg)
+    assert first["images"] == 6 and first == dataset_fingerprint(cfg)
+    (tmp_path / "a" / "notes.txt").write_text("still not an image")  # what the workers never read
+    assert dataset_fingerprint(cfg) == first
+    seen = {first["fingerprint"]}
+    for change in (lambda: os.utime(tmp_path / "a" / "0.png", ns=(1, 1)),                      # touched
+                   lambda: (tmp_path / "b" / "2.png").rename(tmp_path / "b" / "9.png"),         # renamed
+                   lambda: (tmp_path / "b" / "1.png").unlink()):                                # removed
+        change()
+        now = dataset_fingerprint(cfg)
+        assert now["fingerprint"] not in seen
+        seen.add(now["fingerprint"])
+    assert now["images"] == 5
+
+
+def test_embedded_digits_fingerprint_is_fixed_and_differs_from_a_folders(tmp_path):
+    from distgan.data import dataset_fingerprint
+
+    cfg = TrainConfig().validate()
+    fp = dataset_fingerprint(cfg)
+    assert fp == dataset_fingerprint(cfg) and fp["images"] == 4000 and len(fp["fingerprint"]) == 64

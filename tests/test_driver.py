@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_inside_a_job_without_the_variable_in_its_runtime_env_the_driver_still_f
 
 
 def _checkpoint(run_dir: Path, step: int, g_steps_into_epoch: int, world_size: int = 2, suffix: str = "",
-                **cfg) -> Path:
+                data: dict | None = None, **cfg) -> Path:
     config = TrainConfig(name=run_dir.name, storage_path=str(run_dir.parent), num_workers=world_size, **cfg)
     d = run_dir / f"checkpoint_{step:08d}{suffix}"
     d.mkdir(parents=True)
@@ -59,7 +60,7 @@ def _checkpoint(run_dir: Path, step: int, g_steps_into_epoch: int, world_size: i
     torch.save({"format": 2, "config": config.to_dict(), "step": step, "epoch": 1,
                 "g_steps_into_epoch": g_steps_into_epoch, "world_size": world_size, "generator": {"w": torch.zeros(2)},
                 "discriminator": {}, "opt_g": {}, "opt_d": {}, "fixed_noise": torch.zeros(1), "rng": [],
-                "lr_scale": 1.0, "rollbacks": 0},
+                "lr_scale": 1.0, "rollbacks": 0, **({"data": data} if data else {})},
                d / "state.pt")
     return d
 
@@ -160,6 +161,63 @@ def test_an_incompatible_resubmission_exits_2_before_ray_starts(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: --batch-size: run x was checkpointed mid-epoch")
     assert "batch_size=64" in err and "this run has 32" in err and len(err.splitlines()) == 1
+
+
+def _image_folder(root: Path, per_class: int = 6) -> Path:
+    from PIL import Image
+
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 20 * i + c, np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("g_steps_into_epoch", [0, 3])
+def test_a_resume_on_changed_data_is_refused_mid_epoch_and_noted_at_an_epoch_boundary(
+        tmp_path, monkeypatch, capsys, g_steps_into_epoch):
+    from distgan.data import dataset_fingerprint
+
+    images = _image_folder(tmp_path / "images")
+    flags = dict(dataset="folder", data_root=str(images), batch_size=4)
+    trained_on = dataset_fingerprint(TrainConfig(**flags).validate())
+    _checkpoint(tmp_path / "runs" / "x", 6, g_steps_into_epoch=g_steps_into_epoch, data=trained_on, **flags)
+    for i in range(2):  # what a user's cleanup does between two submissions
+        (images / "a" / f"{i}.png").unlink()
+        (images / "b" / f"{i}.png").unlink()
+
+    def stop_at_ray(cfg, *a, **k):
+        raise cluster.LaunchError("stopped where Ray would start")
+
+    monkeypatch.setattr(cluster, "connect_ray", stop_at_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = train.main(["--storage-path", str(tmp_path / "runs"), "--name", "x", "--dataset", "folder", "--data-root",
+                     str(images), "--batch-size", "4", "--num-workers", "2"])
+    out, err = capsys.readouterr()
+    if g_steps_into_epoch:
+        assert rc == 2 and err.startswith(f"error: --data-root: run x was checkpointed mid-epoch (epoch 1, G step 3; ")
+        assert f"on other data than {images} holds now (12 training images then, 8 now)" in err
+        assert len(err.strip().splitlines()) == 1
+    else:
+        assert err.strip() == "error: stopped where Ray would start"  # it went on, up to starting Ray
+        assert f"note: run x: the data in {images} changed since" in out and "(12 training images then, 8 now)" in out
+
+
+def test_a_resume_on_the_same_data_or_from_a_checkpoint_without_a_fingerprint_is_not_refused(tmp_path):
+    from distgan.data import dataset_fingerprint
+
+    images = _image_folder(tmp_path / "images")
+    cfg = TrainConfig(dataset="folder", data_root=str(images), storage_path=str(tmp_path), name="x").validate()
+    now = dataset_fingerprint(cfg)
+    notes = []
+    for data in (None, now):
+        shutil.rmtree(tmp_path / "x", ignore_errors=True)
+        _checkpoint(tmp_path / "x", 6, g_steps_into_epoch=3, data=data, dataset="folder", data_root=str(images))
+        runs.check_same_data(cfg, runs.newest_valid_checkpoint(str(tmp_path), "x"), now, log=notes.append)
+    (images / "a" / "0.png").write_bytes((images / "a" / "1.png").read_bytes())  # same count, other contents
+    with pytest.raises(ConfigError, match="12 training images then and now, but other files or contents"):
+        runs.check_same_data(cfg, runs.newest_valid_checkpoint(str(tmp_path), "x"), dataset_fingerprint(cfg))
+    assert notes == []
 
 
 def test_a_local_run_asking_for_a_gpu_the_machine_lacks_exits_2_before_ray_starts(tmp_path, monkeypatch, capsys):

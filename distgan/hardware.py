@@ -268,12 +268,17 @@ def probe_precisions(cfg, device, per_worker_batch: int, candidates: Sequence[st
     return {c: [per_worker_batch * cfg.n_critic / t for t in ts] for c, ts in times.items()}
 
 
-def cache_path() -> Path:
-    """$DISTGAN_CACHE_DIR/precision.json, else the user's cache directory (platformdirs: $XDG_CACHE_HOME/distgan
-    or ~/.cache/distgan on Linux, ~/Library/Caches/distgan on macOS)."""
+def cache_dir() -> Path:
+    """$DISTGAN_CACHE_DIR, else the user's cache directory (platformdirs: $XDG_CACHE_HOME/distgan or
+    ~/.cache/distgan on Linux, ~/Library/Caches/distgan on macOS)."""
     import platformdirs
 
-    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("distgan")) / CACHE_FILE
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("distgan"))
+
+
+def cache_path() -> Path:
+    """cache_dir()/precision.json: this machine's precision measurements."""
+    return cache_dir() / CACHE_FILE
 
 
 def probe_key(cfg, device_type: str, per_worker_batch: int, processor: str, threads: int) -> str:

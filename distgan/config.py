@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 from distgan import storage
 from distgan.storage import join
 
-DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder")
+DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder", "prepared")
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")  # what torchvision can fetch; mnist5k is embedded
 IMAGE_SIZES = (28, 32, 64)
 KERNEL_IMPLS = ("auto", "triton", "eager")
@@ -81,7 +81,7 @@ class TrainConfig:
     data_root: Optional[str] = _opt(None, "dataset directory (not for mnist5k)", "none")
     download: bool = _opt(False, f"let torchvision download {'/'.join(DOWNLOADABLE)}")
     image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
-    channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10 and folder, else 1")
+    channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10, folder and prepared, else 1")
     alpha_background: str = _opt("white", "colour that transparent pixels of folder images are composited over "
                                           "(a colour name or #rrggbb)")
     # --- schedule
@@ -166,7 +166,7 @@ class TrainConfig:
     def image_channels(self) -> int:
         if self.channels is not None:
             return self.channels
-        return 3 if self.dataset in ("cifar10", "folder") else 1
+        return 3 if self.dataset in ("cifar10", "folder", "prepared") else 1
 
     @property
     def run_dir(self) -> str:
@@ -280,6 +280,13 @@ class TrainConfig:
                 raise bad("channels", "mnist5k is grayscale: channels must be 1")
         elif self.data_root is None:
             raise bad("data_root", f"dataset {self.dataset!r} needs --data-root DIR")
+        elif storage.is_uri(self.data_root):  # a prepared dataset in a bucket (python -m distgan.prepare)
+            if self.dataset != "prepared":
+                raise bad("data_root", f"{self.data_root!r}: only a prepared dataset (--dataset prepared) is read "
+                                       f"from a URI; give {self.dataset} a local directory")
+            problem = storage.location_problem(self.data_root)
+            if problem:
+                raise bad("data_root", f"{self.data_root!r} {problem}")
         else:
             # Ray Train runs every worker in a working directory of its own: a relative root would be looked up
             # there, so it is resolved here, against the directory the user typed it in

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from distgan.config import DOWNLOADABLE, ConfigError, TrainConfig
 from distgan.storage import first_line
@@ -137,27 +137,32 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def image_transform(image_size: int, channels: int):
+    """PIL image -> PIL image of `channels` (grayscale or RGB), resized (shorter side) and centre-cropped to
+    image_size: the pixels training sees from a file, and what distgan.prepare stores."""
+    from torchvision import transforms
+
+    mode = transforms.Grayscale(1) if channels == 1 else transforms.Lambda(to_rgb)
+    return transforms.Compose([mode, transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+
+
 def _transform(image_size: int, channels: int):
     from torchvision import transforms
 
-    steps = []
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    else:
-        steps.append(transforms.Lambda(to_rgb))
-    steps += [
-        transforms.Resize(image_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5] * channels, [0.5] * channels),
-    ]
-    return transforms.Compose(steps)
+    return transforms.Compose([image_transform(image_size, channels), transforms.ToTensor(),
+                               transforms.Normalize([0.5] * channels, [0.5] * channels)])
 
 
 def check_data_root(cfg: TrainConfig) -> None:
-    """Driver-side checks, before any worker starts: the root exists, is non-empty, files decode."""
+    """Driver-side checks, before any worker starts: the root exists, is non-empty, files decode (a prepared
+    dataset: its manifest and checksums, distgan.prepared.check_prepared)."""
     if cfg.dataset == "mnist5k":
         _mnist5k_arrays()
+        return
+    if reads_prepared(cfg):
+        from distgan.prepared import check_prepared
+
+        check_prepared(cfg.data_root, cfg.image_size, cfg.image_channels)
         return
     root = Path(cfg.data_root).expanduser()
     if not root.exists():
@@ -250,6 +255,11 @@ def dataset_fingerprint(cfg: TrainConfig, train: Dataset | None = None) -> dict[
     An image folder: its files' paths, sizes and times (folder_fingerprint). The embedded digits: the training
     split's pixels and labels. A torchvision dataset (a fixed release): its name and training labels, in order.
     `train` is build_dataset(cfg, "train") when the caller has it already."""
+    if reads_prepared(cfg):  # the manifest's: its shards' checksums, no image read
+        from distgan.prepared import read_manifest
+
+        manifest = getattr(train, "manifest", None) or read_manifest(cfg.data_root)
+        return {"fingerprint": manifest["fingerprint"], "images": manifest["count"]}
     train = train if train is not None else build_dataset(cfg, "train")
     if cfg.dataset == "folder":
         return {"fingerprint": folder_fingerprint(cfg.data_root), "images": len(train)}
@@ -263,11 +273,26 @@ def dataset_fingerprint(cfg: TrainConfig, train: Dataset | None = None) -> dict[
     return {"fingerprint": digest.hexdigest(), "images": len(train)}
 
 
+def reads_prepared(cfg: TrainConfig) -> bool:
+    """--dataset prepared, or a folder --data-root that holds a prepared dataset's manifest."""
+    from distgan.prepared import is_prepared
+
+    return cfg.dataset == "prepared" or (cfg.dataset == "folder" and is_prepared(cfg.data_root))
+
+
 def build_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
-    """The dataset a worker trains on (split="train") or evaluates against (split="test")."""
+    """The dataset a worker trains on (split="train") or evaluates against (split="test"). The embedded digits
+    and prepared datasets are one uint8 tensor (distgan.prepared.InMemoryImages; a prepared dataset has one
+    split); the embedded digits at another size than 28 are resized once (to_model_range) and rounded to 8 bits."""
+    from distgan.prepared import InMemoryImages, prepared_dataset, to_uint8
+
     if cfg.dataset == "mnist5k":
         images, labels = mnist5k(split)
-        return TensorDataset(to_model_range(images, cfg.image_size), torch.from_numpy(labels))
+        x = torch.from_numpy(images).unsqueeze(1)
+        return InMemoryImages(x if cfg.image_size == 28 else to_uint8(to_model_range(x, cfg.image_size)),
+                              torch.from_numpy(labels))
+    if reads_prepared(cfg):
+        return prepared_dataset(cfg.data_root)
 
     from torchvision import datasets
 

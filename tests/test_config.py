@@ -393,7 +393,7 @@ def test_help_states_the_true_defaults():
     text = " ".join(build_parser().format_help().split())
     assert "(default: 0 for a local run, 2 when joining a cluster (RAY_ADDRESS))" in text
     assert "(default: use GPUs when the cluster has them)" in text
-    assert "(default: from the dataset: 3 for cifar10 and folder, else 1)" in text
+    assert "(default: from the dataset: 3 for cifar10, folder and prepared, else 1)" in text
     assert "(default: WANDB_MODE, else online when WANDB_API_KEY is set, else offline)" in text
     assert "(default: None)" not in text and "==SUPPRESS==" not in text
 

@@ -40,7 +40,8 @@ def plain_loop(cfg: TrainConfig, steps: int, eval_samples: int) -> dict[str, flo
     torch.manual_seed(cfg.seed)
     g, d = build_models(cfg)
     opt_g, opt_d = make_optimizers(g, d, cfg)
-    images = build_dataset(cfg, "train").tensors[0]
+    train = build_dataset(cfg, "train")
+    images = train.batch(torch.arange(len(train)))[0]  # every image in [-1, 1]
     gen = torch.Generator().manual_seed(cfg.seed)
     done, t0 = 0, time.perf_counter()
     while done < steps:

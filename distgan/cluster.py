@@ -8,10 +8,13 @@ distgan.local use these.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import shutil
+import signal
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,8 +35,29 @@ FORWARDED_ENV_PREFIXES = ("DISTGAN_TEST_", "WANDB_MODE", "WANDB_DIR", "WANDB_PRO
 RUNTIME_ENV_VARS = ("TRITON_INTERPRET",)
 
 
+# The signals that stop a run gracefully (distgan.train's StopOnInterrupt). `timeout`, `kill -- -PGID`, a closing
+# terminal (SIGHUP), SLURM and systemd send them to every process of the job, not only to the driver: a local Ray
+# instance's processes would die at once and leave the driver nothing to stop gracefully. So they are blocked in
+# every process of the local instance (a blocked signal stays pending; the mask is inherited across fork and
+# exec, as Ray's own block of SIGINT is), and reach the driver alone. SIGKILL cannot be blocked, so the
+# instance still dies with a driver that is killed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The session directory (/tmp/ray/session_*) of the local instance this process started; removed when it stops.
+_local_session: Optional[Path] = None
+
+
 class LaunchError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """STOP_SIGNALS blocked in this thread, so in the processes it starts and in the threads they start."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -118,10 +142,29 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
             env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers or 1) + extra_cpus,
-                 runtime_env=runtime_env,
-                 include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
+        global _local_session
+        with _stop_signals_blocked():
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers or 1) + extra_cpus,
+                     runtime_env=runtime_env,
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
+        _local_session = Path(ray._private.worker._global_node.get_session_dir_path())
     return ray
+
+
+def disconnect_ray() -> None:
+    """ray.shutdown(); for a local instance this process started, its processes stop with it and its session
+    directory (logs, sockets, spilled objects) is removed, so runs leave nothing of Ray behind."""
+    import ray
+
+    global _local_session
+    ray.shutdown()
+    session, _local_session = _local_session, None
+    if session is None:
+        return
+    for link in session.parent.iterdir():  # session_latest and Ray's other links into the session
+        if link.is_symlink() and session.name in Path(os.readlink(link)).parts:
+            link.unlink(missing_ok=True)
+    shutil.rmtree(session, ignore_errors=True)
 
 
 # A driver finds its cluster at a GCS address, host:port; Ray's Jobs docs export the dashboard's http:// address

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import shlex
 import signal
 import sys
 import tempfile
@@ -160,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: training failed: {first_line(e, with_type=True)}", file=sys.stderr)
         return 1
     print(f"run directory  : {summary['run_dir']}\nlast checkpoint: {summary['checkpoint']}\n"
-          f"draw samples   : python -m distgan.sample --checkpoint {summary['run_dir']}")
+          f"draw samples   : {shlex.join(['python', '-m', 'distgan.sample', '--checkpoint', summary['run_dir']])}")
     if summary["stopped"]:
         print(f"error: training stopped: {summary['stopped']}", file=sys.stderr)
         return 1

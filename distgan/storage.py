@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"  # distgan.train's summary of a finished (or stopped) submission
 
 
 def first_line(e: BaseException, with_type: bool = False) -> str:

@@ -41,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -250,8 +251,9 @@ class Tracker:
             _warn(f"W&B off ({'; '.join(failures)}); local metrics.jsonl and PNGs are still written")
             return
         if failures:
+            sync = shlex.join(["wandb", "sync", str(Path(self.run.dir).parent)])
             _warn(f"W&B {mode} mode ({source}) unavailable ({'; '.join(failures)}); logging offline "
-                  f"to {self.run.dir}: upload later with `wandb sync {Path(self.run.dir).parent}`")
+                  f"to {self.run.dir}: upload later with `{sync}`")
         self._wandb_floor = int(getattr(self.run, "starting_step", 0) or 0)
         if self.mode == "online":
             print(f"W&B run: {self.run.url}", flush=True)
@@ -346,7 +348,7 @@ class Tracker:
         worker.join(FINISH_TIMEOUT_S)
         if worker.is_alive():
             _warn(f"W&B still uploading after {FINISH_TIMEOUT_S:.0f}s; not waiting. The run files are in "
-                  f"{run.dir}: `wandb sync {Path(run.dir).parent}` uploads what is missing")
+                  f"{run.dir}: `{shlex.join(['wandb', 'sync', str(Path(run.dir).parent)])}` uploads what is missing")
 
     # ------------------------------------------------------------------ local artifacts
     def _append(self, row: dict[str, Any]) -> None:

@@ -38,11 +38,13 @@ class StopNow(KeyboardInterrupt):
 
 
 class StopOnInterrupt:
-    """The first Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, SLURM, systemd) asks
-    the workers to stop at the next step boundary and write a checkpoint (a note in the run directory that rank
-    0 polls); a second one stops at once (StopNow). `signum` is the first signal's number, 0 before any."""
+    """The first Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, SLURM, systemd) or SIGHUP
+    (the terminal or SSH session closed) asks the workers to stop at the next step boundary and write a checkpoint
+    (a note in the run directory that rank 0 polls); a second one stops at once (StopNow). `signum` is the first
+    signal's number, 0 before any. A signal sent to every process of the job reaches the driver alone: a local
+    Ray instance's processes block these signals (distgan.cluster.STOP_SIGNALS)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = cluster.STOP_SIGNALS
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.signum, self.previous = cfg, 0, {}
@@ -60,11 +62,9 @@ class StopOnInterrupt:
         try:
             worker.request_stop(self.cfg)
         except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
-            print(f"\n{what}: cannot leave the stop request in the run directory ({e}); {again} to stop at once",
-                  file=sys.stderr, flush=True)
+            say(f"\n{what}: cannot leave the stop request in the run directory ({e}); {again} to stop at once")
             return
-        print(f"\n{what}: the workers stop at the next step and write a checkpoint; {again} to stop at once",
-              file=sys.stderr, flush=True)
+        say(f"\n{what}: the workers stop at the next step and write a checkpoint; {again} to stop at once")
 
     def clear(self) -> None:
         """Removes a request left by an earlier submission (or this one, once served)."""
@@ -84,6 +84,15 @@ class StopOnInterrupt:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.clear()
+
+
+def say(text: str, stream=None) -> None:
+    """print() to stderr (or `stream`) that outlives its terminal: after SIGHUP the terminal may be gone, and a
+    write to it fails (EIO), which must not end the graceful stop or lose the exit code."""
+    try:
+        print(text, file=stream or sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _stop_now(signum, frame) -> None:
@@ -172,29 +181,15 @@ def run(cfg: TrainConfig) -> dict:
         claim.release()
 
 
-def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
-    """run(), from the moment this driver holds the run directory; `data` is check_data's."""
-    from distgan.loop import RANK_METRIC
-
-    found = runs.reconcile_run(cfg)
-    runs.check_resume(cfg, found)
-    runs.check_same_data(cfg, found, data)
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    if not joining:  # a local run's cluster is this machine
-        gpus = cluster.local_gpu_count()
-        if cfg.use_gpu and gpus == 0:
-            raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
-                              "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
-        check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
-        cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus),
-                                   cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, found)
+def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]):
+    """From a connected Ray to the end of training: the cluster's checks, the workers' placement, fit(). Returns
+    (cfg with the workers sized, Ray Train's Result, use_gpu, score_fid, the StopOnInterrupt)."""
     from distgan.metrics import metrics_supported
 
-    t_submit = time.perf_counter()
-    ray = cluster.connect_ray(cfg)
     # ray.init has just put its own SIGTERM handler in place (a stack dump, then abort, exit 134). Until the
-    # workers train there is nothing to checkpoint, so a SIGTERM now stops at once, like a second Ctrl-C
-    signal.signal(signal.SIGTERM, _stop_now)
+    # workers train there is nothing to checkpoint, so a stop signal now stops at once, like a second Ctrl-C
+    for sig in StopOnInterrupt.SIGNALS[1:]:
+        signal.signal(sig, _stop_now)
     if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
         cluster.check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0),
                                  cluster.autoscaler_gpu_node_types())
@@ -212,8 +207,36 @@ def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
     worker.pop_stop_note(cfg)  # a note left by an earlier submission is stale now
     with StopOnInterrupt(cfg) as interrupt:
         result = fit_in_thread(trainer)
+    return cfg, result, use_gpu, score_fid, interrupt
+
+
+def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
+    """run(), from the moment this driver holds the run directory; `data` is check_data's."""
+    from distgan.loop import RANK_METRIC
+
+    found = runs.reconcile_run(cfg)
+    runs.check_resume(cfg, found)
+    runs.check_same_data(cfg, found, data)
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:  # a local run's cluster is this machine
+        gpus = cluster.local_gpu_count()
+        if cfg.use_gpu and gpus == 0:
+            raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
+                              "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
+        check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
+        cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus),
+                                   cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, found)
+    t_submit = time.perf_counter()
+    ray = cluster.connect_ray(cfg)
+    try:
+        cfg, result, use_gpu, score_fid, interrupt = _fit(cfg, ray, joining, found)
+    except KeyboardInterrupt:  # a second signal: main stops Ray within a bounded time (_exit_now)
+        raise
+    except BaseException:
+        cluster.disconnect_ray()
+        raise
     wall = time.perf_counter() - t_submit
-    ray.shutdown()  # flushes the workers' last lines now, so nothing prints after the summary
+    cluster.disconnect_ray()  # flushes the workers' last lines now, so nothing prints after the summary
     metrics = result.metrics or {}
     best = None
     if score_fid and result.best_checkpoints:
@@ -248,9 +271,7 @@ def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
 def _exit_now(code: int) -> None:
     """Exit without waiting for the training thread, which is blocked inside Ray: stop Ray (a local instance's
     processes with it) within a bounded time, then leave."""
-    import ray
-
-    stopper = threading.Thread(target=ray.shutdown, daemon=True)
+    stopper = threading.Thread(target=cluster.disconnect_ray, daemon=True)
     stopper.start()
     stopper.join(timeout=15)
     sys.stdout.flush()
@@ -269,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         where = f": {resume_command(cfg, argv)}" if cfg is not None else ""
-        print(f"interrupted at once; the last checkpoint is kept; to resume{where}", file=sys.stderr, flush=True)
+        say(f"interrupted at once; the last checkpoint is kept; to resume{where}")
         _exit_now(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # Ray's TrainingFailedError and friends: one line, then where to look
         from distgan.checkpoint import CheckpointError
@@ -281,22 +302,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         print(f"error: {kind} failed: {type(cause).__name__}: {msg}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2, default=str))
+    return report(summary, cfg, argv)
+
+
+def report(summary: dict, cfg: TrainConfig, argv: list[str]) -> int:
+    """Writes the summary to the run directory (SUMMARY_FILE, JSON), prints the lines a person reads, and returns
+    the exit status: 0, 1 when training stopped on an error, 128 + the signal when a signal stopped it."""
+    location = storage.join(summary["run_dir"], storage.SUMMARY_FILE)
+    try:
+        storage.write_bytes(location, json.dumps(summary, indent=2, default=str).encode())
+    except OSError as e:
+        say(f"warning: cannot write the run's summary to {location}: {storage.first_line(e)}")
     best = f" (FID {summary['best_fid']:.2f})" if summary["best_fid"] is not None else " (no evaluation ran)"
-    print(f"\nrun directory  : {summary['run_dir']}\nsample grids   : {summary['samples']}\n"
-          f"last checkpoint: {summary['checkpoint']}\nbest checkpoint: {summary['best_checkpoint'] or '-'}{best}\n"
-          f"draw samples   : python -m distgan.sample --checkpoint {summary['run_dir']}")
+    lines = [f"\nrun directory  : {summary['run_dir']}", f"sample grids   : {summary['samples']}",
+             f"last checkpoint: {summary['checkpoint']}",
+             f"best checkpoint: {summary['best_checkpoint'] or '-'}{best}",
+             f"draw samples   : {shlex.join(['python', '-m', 'distgan.sample', '--checkpoint', summary['run_dir']])}"]
     final = summary["final"]
     if "fid" in final:
-        print(f"quality (EMA G, {summary['final'].get('step')} steps, vs the held-out digits): "
-              f"FID {final['fid']:.2f}  KID {final['kid']:.4f}  classifier score {final['classifier_score']:.2f}  "
-              f"coverage {final['coverage']:.3f}")
+        lines.append(f"quality (EMA G, {summary['final'].get('step')} steps, vs the held-out digits): "
+                     f"FID {final['fid']:.2f}  KID {final['kid']:.4f}  classifier score "
+                     f"{final['classifier_score']:.2f}  coverage {final['coverage']:.3f}")
+    say("\n".join(lines), sys.stdout)
     if summary.get("stopped"):
-        print(f"error: training stopped: {summary['stopped']}", file=sys.stderr)
+        say(f"error: training stopped: {summary['stopped']}")
         return 1
     if summary["interrupted"]:
-        print(f"interrupted: checkpoint {summary['checkpoint']} written at step {final.get('step')}; to resume: "
-              f"{resume_command(cfg, argv)}", file=sys.stderr)
+        say(f"interrupted: checkpoint {summary['checkpoint']} written at step {final.get('step')}; to resume: "
+            f"{resume_command(cfg, argv)}")
         return 128 + signal.Signals[summary["signal"]]
     return 0
 

@@ -296,16 +296,17 @@ def search_space(args: argparse.Namespace) -> tuple[dict[str, tuple[str, list]],
 
 
 class StopSearch:
-    """Ctrl-C or SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler) stops the search the way Ray Tune's own
-    Ctrl-C does, keeping what the trials reported, and is remembered for the exit status; a second one, or one
-    before the search starts, raises KeyboardInterrupt. Tune's SIGINT handler would not say a stop happened, so it
-    is turned off and its SIGUSR1 handler (the same stop) is called instead. ray.init puts a SIGTERM handler of its
-    own in place first (a stack dump, then abort), which this replaces. `signum`: the first signal, 0 before any."""
+    """Ctrl-C, SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler) or SIGHUP (the terminal closed) stops the
+    search the way Ray Tune's own Ctrl-C does, keeping what the trials reported, and is remembered for the exit
+    status; a second one, or one before the search starts, raises KeyboardInterrupt. Tune's SIGINT handler would
+    not say a stop happened, so it is turned off and its SIGUSR1 handler (the same stop) is called instead.
+    ray.init puts a SIGTERM handler of its own in place first (a stack dump, then abort), which this replaces.
+    `signum`: the first signal, 0 before any."""
 
     def __init__(self):
         self.signum = 0
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when the search starts
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -318,7 +319,7 @@ class StopSearch:
 
 def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) -> dict[str, Any]:
     from distgan import storage
-    from distgan.cluster import _forwarded_env, connect_ray, size_workers
+    from distgan.cluster import _forwarded_env, connect_ray, disconnect_ray, size_workers
     from distgan.provenance import collect
 
     search = cfg.name
@@ -360,7 +361,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
                                                  verbose=1 if cfg.verbose else 0))
     results = tuner.fit()
     wall = time.perf_counter() - t0
-    ray.shutdown()
+    disconnect_ray()
     rows = result_rows(results, base, recipes, search)
     record = {"search": search, "command": "python -m distgan.tune " + " ".join(sys.argv[1:]),
               "scheduler": args.scheduler, "num_samples": args.num_samples, "space": space_text(space, recipes),
@@ -380,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # before the search started, or a second signal: stopped at once
         print(f"distgan.tune: interrupted ({e or 'SIGINT'}); no results were written", file=sys.stderr)
-        return 128 + (signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
+        return 128 + (signal.Signals[str(e)] if str(e) in ("SIGTERM", "SIGHUP") else signal.SIGINT)
     print(format_table(record["trials"]))
     print(f"\nresults: {record['location']}")
     stopped_by = record["stopped_by"]

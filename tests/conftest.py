@@ -126,15 +126,14 @@ def run_train(cluster, *args, env=None, timeout=300, cwd=None):
 
 
 def summary_of(proc) -> dict:
-    """The JSON summary `distgan.train` prints on success."""
-    out = proc.stdout
-    start = out.index("{\n")
-    depth = 0
-    for i, ch in enumerate(out[start:], start):
-        depth += ch == "{"
-        depth -= ch == "}"
-        if depth == 0:
-            return json.loads(out[start:i + 1])
+    """The summary `distgan.train` writes to its run directory (storage.SUMMARY_FILE), found through the run
+    directory it prints."""
+    from distgan import storage
+
+    for line in proc.stdout.splitlines():
+        if line.startswith("run directory  : "):
+            data = storage.read_bytes(storage.join(line.split(": ", 1)[1], storage.SUMMARY_FILE))
+            return json.loads(data)
     raise ValueError("no summary in output")
 
 

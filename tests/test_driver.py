@@ -195,7 +195,7 @@ def test_a_resume_on_changed_data_is_refused_mid_epoch_and_noted_at_an_epoch_bou
                      str(images), "--batch-size", "4", "--num-workers", "2"])
     out, err = capsys.readouterr()
     if g_steps_into_epoch:
-        assert rc == 2 and err.startswith(f"error: --data-root: run x was checkpointed mid-epoch (epoch 1, G step 3; ")
+        assert rc == 2 and err.startswith("error: --data-root: run x was checkpointed mid-epoch (epoch 1, G step 3; ")
         assert f"on other data than {images} holds now (12 training images then, 8 now)" in err
         assert len(err.strip().splitlines()) == 1
     else:

@@ -212,10 +212,10 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def _stopped_checkpoint(text: str) -> tuple[Path, int]:
     import re
 
-    found = re.search(r"interrupted: checkpoint (\S+) written at step (\d+); to resume: python -m distgan.train ", text)
+    found = re.search(r"interrupted: checkpoint (.+?) written at step (\d+); to resume: python -m distgan.train ", text)
     assert found, text[-3000:]
     checkpoint, step = Path(found.group(1)), int(found.group(2))
-    assert 0 < step < 300 and checkpoint.name == f"checkpoint_{step:08d}" and load_state(checkpoint)["step"] == step
+    assert 0 < step and checkpoint.name == f"checkpoint_{step:08d}" and load_state(checkpoint)["step"] == step
     return checkpoint, step
 
 
@@ -357,3 +357,51 @@ def test_turning_evaluation_on_keeps_the_evaluated_checkpoints_and_the_run_resum
     assert summary_of(third)["final"]["step"] == 12
     record = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
     assert all(isinstance(r["metrics"]["fid_rank"], float) for r in record["checkpoint_results"])
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_nothing_of_ray(tmp_path, signame,
+                                                                                            code):
+    """`timeout`, `kill -- -PGID`, SLURM and systemd signal every process of the job, and a closing terminal sends
+    SIGHUP to its foreground group: the local Ray instance's processes get the signal as well as the driver. The
+    run still stops at the next step with a checkpoint, and its Ray session directory is gone afterwards. The
+    storage path holds a space and a non-ASCII letter: every command the run prints pastes into a shell."""
+    import os
+    import signal
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    import shlex
+
+    storage_path = tmp_path / "my runs" / "ü dir"
+    args = ["--batch-size", 32, "--epochs", 40, "--eval-every", 0, "--checkpoint-every-minutes", 0,
+            "--num-workers", 2, "--storage-path", storage_path, "--name", "group"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(WANDB_MODE="disabled", RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
+    log = tmp_path / "driver.log"
+    try:
+        with open(log, "w") as out:
+            driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
+                                      stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            _wait_for(lambda: "img/s" in log.read_text() or driver.poll() is not None, 240, "training to start")
+            assert any(ray_tmp.glob("ray/session_*")), "the run's local Ray instance lives under RAY_TMPDIR"
+            os.killpg(driver.pid, getattr(signal, signame))  # the driver, Ray's processes and the workers
+            driver.wait(timeout=120)
+        text = log.read_text()
+        assert driver.returncode == code, text[-3000:]
+        assert f"{signame}: the workers stop at the next step and write a checkpoint" in text, text[-3000:]
+        _, step = _stopped_checkpoint(text)
+        # the terminal gets the summary's lines; the whole summary is a file in the run directory
+        assert not any(line.startswith(("{", "}")) for line in text.splitlines()), text[-3000:]
+        assert json.loads((storage_path / "group" / "summary.json").read_text())["final"]["step"] == step
+        resume = text.split("; to resume: ", 1)[1].splitlines()[0]
+        assert shlex.split(resume)[-4:] == ["--storage-path", str(storage_path), "--name", "group"]
+        sample = text.split("draw samples   : ", 1)[1].splitlines()[0]
+        drawn = subprocess.run(["bash", "-c", sample.replace("python", shlex.quote(sys.executable), 1) +
+                                " --num-samples 4"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert drawn.returncode == 0 and f"to {storage_path}/group/samples/" in drawn.stdout, describe(drawn)
+        assert not list((ray_tmp / "ray").iterdir()), "the local Ray instance's session is left behind"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -172,30 +172,54 @@ def disconnect_ray() -> None:
 RAY_ADDRESS_PROBE_S = 5.0
 
 
+def resolve_auto_address() -> tuple[Optional[str], str]:
+    """What Ray's RAY_ADDRESS=auto means on this machine, found as ray.init finds it: the address that the last
+    `ray start` recorded (Ray's ray_current_cluster file), else a running GCS process's. Returns (host:port or
+    None, where it was found)."""
+    from ray._private import services, utils
+
+    recorded = services.find_bootstrap_address(None)
+    if recorded:
+        return recorded, f"the address `ray start` recorded in {utils.get_ray_address_file(None)}"
+    running = sorted(services.find_gcs_addresses())
+    return (running[0], "a running Ray GCS process") if running else (None, "")
+
+
 def check_ray_address(environ: Mapping[str, str] = os.environ) -> None:
-    """Refuses a RAY_ADDRESS this driver cannot join, in one line naming it, before Ray is started: a dashboard
-    URL (http://, https://), a value that is not host:port, or a host:port where nothing accepts a TCP
-    connection within RAY_ADDRESS_PROBE_S seconds. Unset, `auto` and `ray://` (Ray Client) are left to Ray."""
+    """Refuses a RAY_ADDRESS this driver cannot join, in one line naming it (and what `auto` resolved to), before
+    Ray is started: a dashboard URL (http://, https://), a value that is not host:port, `auto` with no cluster on
+    this machine, or an address (host:port, ray://host:port, or auto's) where nothing accepts a TCP connection
+    within RAY_ADDRESS_PROBE_S seconds; ray.init would retry such an address for minutes in silence."""
     import socket
 
     address = environ.get("RAY_ADDRESS", "").strip()
-    if not address or address == "auto" or address.startswith("ray://"):
+    if not address:
         return
-    if address.startswith(("http://", "https://")):
+    named, target = f"RAY_ADDRESS={address}", address
+    if address == "auto":
+        target, found_in = resolve_auto_address()
+        if target is None:
+            raise LaunchError("RAY_ADDRESS=auto: no Ray cluster runs on this machine (no address recorded by "
+                              "`ray start`, no GCS process); start one (`ray start --head`), set RAY_ADDRESS to "
+                              "the cluster's host:port, or unset RAY_ADDRESS for a local run on this machine")
+        named = f"RAY_ADDRESS=auto (resolved to {target}, from {found_in})"
+    elif address.startswith(("http://", "https://")):
         host = address.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
         raise LaunchError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address, which only `ray job submit "
                           f"--address` reads; a driver joins at the cluster's GCS address (`ray status` on the head "
                           f"node prints it, port 6379 by default): RAY_ADDRESS={host}:6379, or run this command "
                           f"with `ray job submit --address {address} -- python -m distgan.train ...`")
-    host, _, port = address.rpartition(":")
+    host, _, port = target.removeprefix("ray://").split("/", 1)[0].rpartition(":")
     if not host or not port.isdigit():
-        raise LaunchError(f"RAY_ADDRESS={address} is not host:port (the cluster's GCS address, e.g. "
-                          f"10.0.0.5:6379) nor auto; unset it for a local run on this machine")
+        raise LaunchError(f"{named} is not host:port (the cluster's GCS address, e.g. 10.0.0.5:6379) nor auto; "
+                          f"unset it for a local run on this machine")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_ADDRESS_PROBE_S):
             pass
     except OSError as e:
-        raise LaunchError(f"RAY_ADDRESS={address}: nothing answers there ({e.strerror or type(e).__name__}); start "
+        stale = " (a cluster that was killed rather than stopped leaves its address behind)" if address == "auto" \
+            else ""
+        raise LaunchError(f"{named}: nothing answers there ({e.strerror or type(e).__name__}){stale}; start "
                           f"the cluster (`ray start --head`), correct the address (`ray status` on the head node "
                           f"prints it), or unset RAY_ADDRESS for a local run on this machine") from None
 

@@ -290,6 +290,7 @@ def test_run_paths_under_a_local_directory(tmp_path):
     ("127.0.0.1:{port}", "RAY_ADDRESS=127.0.0.1:{port}: nothing answers there (Connection refused); start the "
                          "cluster (`ray start --head`)"),
     ("head-node", "RAY_ADDRESS=head-node is not host:port"),
+    ("ray://127.0.0.1:{port}", "RAY_ADDRESS=ray://127.0.0.1:{port}: nothing answers there (Connection refused)"),
 ])
 def test_a_ray_address_the_driver_cannot_join_is_one_line_exit_2(tmp_path, address, needle):
     """Through the command line: ray.init would print a list of fixes without the address (dashboard URL) or retry
@@ -307,6 +308,44 @@ def test_a_ray_address_the_driver_cannot_join_is_one_line_exit_2(tmp_path, addre
     err = proc.stderr.strip()
     assert err.startswith(f"error: {needle.format(port=port)}") and "\n" not in err, err
     assert not (tmp_path.exists() and any(tmp_path.iterdir()))  # refused before anything was written
+
+
+def test_ray_address_auto_with_a_killed_clusters_address_left_behind_is_one_line_within_seconds(tmp_path):
+    """`ray start --head` killed rather than stopped leaves its address in Ray's ray_current_cluster file, which
+    `auto` reads first: ray.init retried that dead address for minutes."""
+    import subprocess
+    import sys
+
+    from ray_local import free_port
+
+    port = free_port()
+    ray_tmp = tmp_path / "raytmp"
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    env = {**os.environ, "RAY_ADDRESS": "auto", "RAY_TMPDIR": str(ray_tmp),
+           "PYTHONPATH": str(Path(train.__file__).parents[1])}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "distgan.train", "--storage-path", str(tmp_path / "runs")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: RAY_ADDRESS=auto (resolved to 127.0.0.1:{port}, from the address `ray start` recorded in "
+        f"{ray_tmp}/ray/ray_current_cluster): nothing answers there (Connection refused) (a cluster that was killed "
+        f"rather than stopped leaves its address behind); start the cluster (`ray start --head`), correct the "
+        f"address (`ray status` on the head node prints it), or unset RAY_ADDRESS for a local run on this machine")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ray_address_auto_with_no_cluster_on_the_machine_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from ray._private import services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no address file
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: set())  # and no GCS process, whatever else runs
+    rc = train.main(["--storage-path", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: RAY_ADDRESS=auto: no Ray cluster runs on this machine") and \
+        "unset RAY_ADDRESS for a local run" in err and "\n" not in err
 
 
 # ------------------------------------------------------------------ one live driver per run

@@ -255,6 +255,34 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_torn_line(path: str | os.PathLike) -> int:
+    """Cuts a local JSONL file after its last newline, so the next append starts a line of its own: a process
+    that died mid-write leaves a last line without one, and a record appended to it would be lost with it.
+    Returns the number of bytes dropped (0 for a whole file or none)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        keep = size
+        while keep > 0:  # back to the last newline, a block at a time
+            start = max(0, keep - 65536)
+            fh.seek(start)
+            block = fh.read(keep - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            keep = start
+        fh.truncate(keep)
+        return size - keep
+
+
 def read_metrics(location: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl, given the file or its run directory (local or URI); empty when there
     is none. Row kinds: start | step | eval | alert | finish (distgan.tracking writes them)."""

@@ -52,7 +52,15 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 
 from distgan.plots import D_OUTPUT_KEYS, LOSS_KEYS, plot_curves, save_grid
-from distgan.storage import METRICS_FILE, StagedDir, atomic_write, basename, first_line, read_metrics
+from distgan.storage import (
+    METRICS_FILE,
+    StagedDir,
+    atomic_write,
+    basename,
+    drop_torn_line,
+    first_line,
+    read_metrics,
+)
 
 # The logged metric names, one list for the loop, the W&B run and the dashboard (dashboard.py builds its
 # panels from these groups, and its test checks them against a real run's keys).
@@ -192,7 +200,10 @@ class Tracker:
             print(f"distgan: run files go to {self.location} (staged in {self.run_dir}, where the W&B files "
                   f"stay)", flush=True)
             self.staged.restore(METRICS_FILE)
-        # Earlier rows (a resume, a restart) stay in the file; curves keep the last row of each step.
+        # Earlier rows (a resume, a restart) stay in the file; curves keep the last row of each step. A row torn
+        # by a crash mid-write is dropped, so that this run's rows start on lines of their own.
+        if drop_torn_line(self.metrics_path):
+            self.staged.mark(METRICS_FILE)
         self.history = read_metrics(self.metrics_path)
         self.last_step_metrics: dict[str, Any] = {}
         self.streaks = {"coverage": 0, "d_gap": 0}

@@ -49,3 +49,25 @@ def test_bad_flags_are_one_line_before_any_worker_starts(tmp_path):
     proc = local("--use-gpu", "--storage-path", tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == \
         ["error: --use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs"], describe(proc)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_drops_a_row_torn_mid_write_and_loses_none_of_its_own(tmp_path):
+    """A process killed mid-write leaves metrics.jsonl's last line without its newline; the resumed run used to
+    append its start row to that fragment, and every reader lost it."""
+    import json
+
+    args = [*ARGS, "--storage-path", tmp_path, "--name", "torn", "--num-workers", 1]
+    first = local(*[a if a != 20 else 10 for a in args])
+    assert first.returncode == 0, describe(first)
+    metrics = tmp_path / "torn" / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"kind": "step", "step": 11, "loss_d": 0.5, "grad_nor')  # the torn write
+    resumed = local(*args)
+    assert resumed.returncode == 0, describe(resumed)
+    text = metrics.read_text()
+    assert text.startswith(whole.decode()) and text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]  # every line parses: no fragment left
+    starts = [r for r in rows if r["kind"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True]
+    assert max(r.get("step", 0) for r in rows) == 20

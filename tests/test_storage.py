@@ -271,3 +271,17 @@ def test_a_run_and_sample_with_a_query_string_uri_keep_every_artifact_in_the_buc
             "checkpoint_manager_snapshot.json"} <= names, names
     kinds = [r["kind"] for r in rows(f"{run}/metrics.jsonl")]
     assert kinds[0] == "start" and "eval" in kinds and kinds[-1] == "finish"
+
+
+@pytest.mark.parametrize("content, kept", [
+    (b"", b""), (b'{"a": 1}\n', b'{"a": 1}\n'), (b'{"a": 1}\n{"b": 2', b'{"a": 1}\n'), (b'{"b": 2', b""),
+    (b'{"a": 1}\n' + b"x" * 200_000, b'{"a": 1}\n'),  # a fragment longer than one block read
+])
+def test_drop_torn_line_cuts_after_the_last_newline(tmp_path, content, kept):
+    from distgan.storage import drop_torn_line
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(content)
+    assert drop_torn_line(path) == len(content) - len(kept)
+    assert path.read_bytes() == kept
+    assert drop_torn_line(tmp_path / "none.jsonl") == 0

@@ -122,6 +122,8 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
     # Ray's own chatter stays at warning level unless --verbose; the workers' output (progress bar, evaluation
     # lines, warnings) still reaches this terminal.
     quiet = {} if cfg.verbose else {"logging_level": logging.WARNING}
+    if not cfg.verbose:  # Ray's notice that token authentication is on (a token in ~/.ray) is Ray's, not the run's
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     # Ray Train's worker print() patch sends each print through a logger as well as stdout (every line twice)
     # and drops it below the log level; plain prints are what the workers mean. Ray propagates this variable
     # from the driver to the controller and the workers.

@@ -377,7 +377,9 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
     args = ["--batch-size", 32, "--epochs", 40, "--eval-every", 0, "--checkpoint-every-minutes", 0,
             "--num-workers", 2, "--storage-path", storage_path, "--name", "group"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(WANDB_MODE="disabled", RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
+    token = tmp_path / "auth_token"  # a token on the machine (as after any `ray start` with token auth): Ray
+    token.write_text("0123456789abcdef" * 4)  # turns token auth on for a local instance, and says so
+    env.update(WANDB_MODE="disabled", RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO), RAY_AUTH_TOKEN_PATH=str(token))
     log = tmp_path / "driver.log"
     try:
         with open(log, "w") as out:
@@ -390,6 +392,7 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
         text = log.read_text()
         assert driver.returncode == code, text[-3000:]
         assert f"{signame}: the workers stop at the next step and write a checkpoint" in text, text[-3000:]
+        assert "Token authentication" not in text  # the default output holds distgan's lines
         _, step = _stopped_checkpoint(text)
         # the terminal gets the summary's lines; the whole summary is a file in the run directory
         assert not any(line.startswith(("{", "}")) for line in text.splitlines()), text[-3000:]

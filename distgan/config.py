@@ -78,7 +78,8 @@ def _opt(default: Any, help: str, shown: Optional[str] = None) -> Any:
 class TrainConfig:
     # --- data
     dataset: str = _opt("mnist5k", f"one of {', '.join(DATASETS)}")
-    data_root: Optional[str] = _opt(None, "dataset directory (not for mnist5k)", "none")
+    data_root: Optional[str] = _opt(None, "dataset directory (not for mnist5k); a prepared dataset's may be s3://",
+                                    "none")
     download: bool = _opt(False, f"let torchvision download {'/'.join(DOWNLOADABLE)}")
     image_size: int = _opt(28, f"square image side, one of {IMAGE_SIZES}")
     channels: Optional[int] = _opt(None, "1 or 3", "from the dataset: 3 for cifar10, folder and prepared, else 1")

@@ -46,7 +46,7 @@ SOURCES = ("folder", *DOWNLOADABLE)
 SHARD_IMAGES = 1024
 # What distgan.prepare writes in DST (a re-run deletes those the new manifest does not name, and refuses a
 # directory holding anything else): shard files, their temporaries (storage.atomic_write) and the manifest.
-_OURS = re.compile(r"^\.?shard-\d{5}-[0-9a-f]{16}\.(images\.npy|labels\.npy|json)(\.tmp-\d+)?$")
+_OURS = re.compile(r"^\.?(shard-\d{5}-[0-9a-f]{16}\.(images\.npy|labels\.npy|json)|manifest\.json)(\.tmp-\d+)?$")
 
 
 class PrepareError(ConfigError):
@@ -205,7 +205,7 @@ def _output_names(output: str) -> list[str]:
         names = [info.base_name for info in storage.entries(output)]
     except (OSError, ValueError) as e:
         raise PrepareError(f"--output: cannot read {output} ({storage.first_line(e)})") from None
-    foreign = sorted(n for n in names if n != MANIFEST_FILE and not _OURS.match(n))
+    foreign = sorted(n for n in names if not _OURS.match(n))
     if foreign:
         raise PrepareError(f"--output: {output} holds {len(foreign)} entries distgan.prepare did not write (e.g. "
                            f"{foreign[0]}); give a new or empty directory, or a prepared dataset's")

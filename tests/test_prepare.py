@@ -93,6 +93,28 @@ def test_prepared_pixels_are_what_training_decodes_from_the_folder(tmp_path, no_
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_a_torchvision_dataset_is_prepared_from_its_training_split(tmp_path, no_ray, capsys):
+    import struct
+
+    raw = tmp_path / "src" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (9, 28, 28), dtype=np.uint8), rng.integers(0, 10, 9, dtype=np.uint8)
+    for split in ("train", "t10k"):  # the IDX files torchvision reads: magic number, dimensions, bytes
+        for name, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+            with open(raw / f"{split}-{name}-ubyte", "wb") as fh:
+                fh.write(struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.tobytes())
+    dst = tmp_path / "dst"
+    code, _, err = run_prepare(capsys, "--dataset", "mnist", "--data-root", tmp_path / "src", "--image-size", 32,
+                               "--output", dst)
+    assert code == 0, err
+    want = build_dataset(TrainConfig(dataset="mnist", data_root=str(tmp_path / "src"), image_size=32).validate())
+    got = build_dataset(TrainConfig(dataset="prepared", data_root=str(dst), image_size=32, channels=1).validate())
+    assert len(got) == 9 and got.labels.tolist() == labels.tolist()
+    for i in range(9):
+        torch.testing.assert_close(got[i][0], want[i][0], atol=1e-6, rtol=0)
+
+
 def test_the_manifest_records_shape_classes_checksums_source_and_version(tmp_path, no_ray, capsys):
     src, dst = make_folder(tmp_path / "src"), tmp_path / "dst"
     assert run_prepare(capsys, "--data-root", src, "--image-size", 28, "--output", dst)[0] == 0

@@ -455,7 +455,7 @@ def test_an_unwritable_result_path_is_refused_as_it_is_parsed_and_a_writable_one
 _WRITERS = {  # each bench script that writes results, with arguments that would otherwise start its run
     "kernels": ["--smoke", "--ops", "training_step", "--providers", "eager", "--no-compile-report"],
     "train": ["--smoke"], "quality": ["--steps", "1"], "default_run": [], "metric_scale": [],
-    "recipe": ["--from-search", "x.json"], "recipe_report": ["x.json"],
+    "recipe": ["--from-search", "x.json"], "recipe_report": ["x.json"], "data": ["--smoke"],
 }
 
 
@@ -758,3 +758,29 @@ def test_recipe_report_tabulates_every_committed_recipe_record():
     assert text.count("\n| ") - text.count("\n| ↳") - len(files) == len(records)  # one header row a file
     for r in records:
         assert f"| {r['recipe']} | {r['seed']} |" in text and f"{r['best']['fid']:.1f} ({r['best']['step']})" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench/data.py
+
+
+def test_data_summary_compares_each_source_with_the_embedded_digits_at_its_size():
+    bd = _load_bench("data")
+    runs = [{"size": 64, "source": s, "images_per_s": v, "first_step_s": f}
+            for s, v, f in [("embedded", 300.0, 5.0), ("embedded", 310.0, 5.5), ("folder", 170.0, 9.0),
+                            ("prepared", 305.0, 5.25), ("prepared", 295.0, 5.75)]]
+    rows = {r["source"]: r for r in bd.summarise(runs)}
+    assert rows["embedded"]["vs_embedded"] == 1.0 and rows["folder"]["vs_embedded"] == round(170 / 305, 3)
+    assert rows["prepared"] == {"size": 64, "source": "prepared", "runs": 2, "images_per_s": 300.0, "min": 295.0,
+                                "max": 305.0, "vs_embedded": round(300 / 305, 3), "first_step_s": 5.5,
+                                "first_step_minus_embedded_s": 0.25}
+
+
+def test_data_bench_trains_each_source_through_distgan_local_with_the_same_flags(tmp_path):
+    bd = _load_bench("data")
+    preset = bd.PRESETS["smoke"]
+    commands = {s: bd.train_command(preset, 64, s, tmp_path / s, tmp_path, "n", "auto", 3) for s in bd.SOURCES}
+    assert commands["embedded"][2:5] == ["distgan.local", "--dataset", "mnist5k"]
+    assert commands["folder"][3:7] == ["--dataset", "folder", "--data-root", str(tmp_path / "folder")]
+    assert commands["prepared"][3:7] == ["--dataset", "prepared", "--data-root", str(tmp_path / "prepared")]
+    assert commands["embedded"][5:] == commands["folder"][7:] == commands["prepared"][7:]

@@ -106,15 +106,19 @@ def _torchvision(job: Job, download: bool):
 
 
 def list_source(job: Job, download: bool = False) -> tuple[list[str], list[list], dict[str, Any]]:
-    """(class names, [key, label] of every image in training's order, the source's fingerprint record), before
-    any decoding: a folder's relative paths with each file's size and time in the key's record, a torchvision
-    dataset's indices. Raises DataError naming the source."""
+    """(class names, [key, label] of every image in training's order, the source's fingerprint record), without
+    decoding: a folder's keys are relative paths, a torchvision dataset's are indices. Raises DataError naming
+    the source."""
     from distgan.data import DataError, build_dataset, dataset_fingerprint
+    from distgan.prepared import is_prepared
 
     if job.dataset == "folder":
         root = Path(job.root)
         if not root.is_dir():
             raise DataError(f"--data-root: {root} {'is not a directory' if root.exists() else 'does not exist'}")
+        if is_prepared(root):
+            raise DataError(f"--data-root: {root} is a prepared dataset already; train on it with --dataset "
+                            f"prepared, or give the image folder it was prepared from")
         cfg = job.train_config()
         dataset = build_dataset(cfg)  # torchvision's ImageFolder: the files and labels training reads, in order
         items = [[Path(path).relative_to(root).as_posix(), label] for path, label in dataset.samples]

@@ -20,6 +20,7 @@ its manifest and its shards' checksums (check_prepared), not by decoding anythin
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
@@ -290,7 +291,8 @@ def load_prepared(root: str, manifest: dict[str, Any]) -> tuple[torch.Tensor, to
 def prepared_dataset(root: str) -> InMemoryImages:
     """The training images of the prepared dataset at `root`, read on first use (len() reads only the manifest)."""
     manifest = read_manifest(root)
-    dataset = InMemoryImages(load=lambda: load_prepared(root, manifest), count=manifest["count"])
+    # a partial, not a lambda: a dataset handed to spawned DataLoader workers travels by pickle
+    dataset = InMemoryImages(load=functools.partial(load_prepared, root, manifest), count=manifest["count"])
     dataset.manifest = manifest
     dataset.classes = manifest["classes"]
     return dataset

@@ -6,6 +6,7 @@ run Ray Data on a 2-node cluster, and train from a prepared dataset, killed and 
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -85,6 +86,7 @@ def test_prepared_pixels_are_what_training_decodes_from_the_folder(tmp_path, no_
         ds = build_dataset(cfg)
         assert len(ds) == len(folder) == 9 and ds.classes == folder.classes == ["cat", "dog"]
         assert ds.images.dtype == torch.uint8 and ds.images.shape == (9, channels, 32, 32)
+        assert torch.equal(pickle.loads(pickle.dumps(ds)).images, ds.images)  # as spawned loader workers get it
         for i in range(len(folder)):
             want, label = folder[i]
             got, got_label = ds[i]
@@ -234,7 +236,11 @@ def test_bad_flags_and_sources_are_one_line_and_exit_2_before_ray(tmp_path, no_r
          f"error: --data-root: folder not readable under {tmp_path / 'loose'}: Couldn't find any class folder in "
          f"{tmp_path / 'loose'}."),
         (["--image-size", 28, "--output", tmp_path / "d"], "error: the following arguments are required: --data-root"),
+        (["--data-root", tmp_path / "done", "--image-size", 28, "--output", tmp_path / "d"],
+         f"error: --data-root: {tmp_path / 'done'} is a prepared dataset already; train on it with --dataset prepared, "
+         f"or give the image folder it was prepared from"),
     ]
+    assert run_prepare(capsys, "--data-root", src, "--image-size", 28, "--output", tmp_path / "done")[0] == 0
     for args, want in cases:
         code, out, err = run_prepare(capsys, *args)
         assert (code, err) == (2, [want]), (args, err)

@@ -45,3 +45,17 @@ def test_the_embedded_digits_are_one_uint8_tensor_with_the_values_they_had_as_fl
     big = build_dataset(TrainConfig(image_size=64).validate())  # resized once, rounded to 8 bits
     want = to_model_range(mnist5k("train")[0][:3], 64)
     assert (big.batch(torch.arange(3))[0] - want).abs().max() <= 0.5 / 127.5 + 1e-6
+
+
+def test_a_device_copy_of_the_images_is_where_batches_are_gathered(monkeypatch):
+    """On a GPU with room, distgan.prepared.device_copy puts the uint8 tensor on the device; the loader then gathers
+    from that copy (here a stand-in on the CPU, zeroed so its batches tell it apart)."""
+    import distgan.sampler
+
+    ds = images()
+    assert distgan.sampler.device_copy(ds.images, torch.device("cpu")) is None  # a CPU run keeps the one tensor
+    monkeypatch.setattr(distgan.sampler, "device_copy", lambda x, device: torch.zeros_like(x))
+    _, loader = build_loader(ds, TrainConfig(num_workers=1, batch_size=4), world=1, rank=0,
+                             device=torch.device("cpu"))
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.full((4, 3, 5, 5), -1.0)) and y.dtype == torch.int64

@@ -6,6 +6,7 @@ so `torch.load(weights_only=True)` can read it without unpickling code.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -31,7 +32,18 @@ REQUIRED_KEYS = ("format", "config", "step", "epoch", "g_steps_into_epoch", "gen
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted; the message names the file."""
+    """A checkpoint that cannot be trusted, or written; the message names the file."""
+
+
+def write_error(where: str, error: OSError, newest: Optional[str]) -> CheckpointError:
+    """The one line for a checkpoint that could not be written to `where` (nothing is left under its name):
+    why (a full device is said in words) and `newest`, the newest valid checkpoint, to resume from."""
+    full = error.errno == errno.ENOSPC or "No space left on device" in str(error)
+    why = "the device is full (no space left)" if full else first_line(error, with_type=True)
+    fix = "free space" if full else "fix that"
+    then = (f"the newest valid checkpoint is {newest}: {fix}, then run the same command to resume from it" if newest
+            else f"there is no earlier checkpoint: {fix}, then run the same command to start again")
+    return CheckpointError(f"cannot write checkpoint {where}: {why}; nothing was left under that name; {then}")
 
 
 # ------------------------------------------------------------------ RNG state as plain tensors

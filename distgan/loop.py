@@ -11,21 +11,31 @@ The trainer moves its batches to the device itself, so prepare_data_loader is no
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
 from distgan import storage, worker
-from distgan.checkpoint import checkpoint_dir_name, load_latest_valid, load_state, save_state
+from distgan.checkpoint import (
+    STATE_FILE,
+    checkpoint_dir_name,
+    load_latest_valid,
+    load_state,
+    save_state,
+    write_error,
+)
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
 
@@ -59,6 +69,40 @@ def _load_checkpoint(trainer: Trainer) -> Optional[int]:
     return trainer.step
 
 
+def persist_checkpoint(cfg) -> Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]:
+    """Ray Train's checkpoint_upload_fn: copies a checkpoint's state.pt into the run directory as
+    `<checkpoint dir name>/state.pt`, under a temporary name renamed when whole (local disks, NFS; an object
+    store shows an object only once it is whole). A failed write (a full device, a lost mount) leaves nothing
+    under the checkpoint's name and raises CheckpointError naming it and the newest valid checkpoint."""
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        run = ray.train.get_context().get_storage()
+        fs, dest = run.storage_filesystem, f"{run.experiment_fs_path}/{dir_name}"
+        src = Path(checkpoint.path) / STATE_FILE
+        try:
+            fs.create_dir(dest, recursive=True)
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                free = shutil.disk_usage(dest).free
+                if free < src.stat().st_size:  # refused before a byte is written
+                    raise OSError(errno.ENOSPC, f"{free} bytes free, the checkpoint needs {src.stat().st_size}")
+                storage.atomic_write(Path(dest) / STATE_FILE, lambda tmp: shutil.copyfile(src, tmp))
+            else:
+                with open(src, "rb") as fh, fs.open_output_stream(f"{dest}/{STATE_FILE}") as out:
+                    shutil.copyfileobj(fh, out, 8 << 20)
+        except OSError as e:
+            try:
+                fs.delete_dir(dest)
+            except OSError:
+                pass
+            from distgan.runs import newest_valid_checkpoint
+
+            newest = newest_valid_checkpoint(cfg.storage_path, cfg.name, log=lambda message: None)
+            raise write_error(storage.join(worker.run_dir(cfg), dir_name), e, newest and newest[0]) from None
+        return ray.train.Checkpoint(dest, filesystem=fs)
+
+    return upload
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for key, value in loop_config.get("env", {}).items():
         os.environ.setdefault(key, value)
@@ -68,6 +112,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # named after its file, i.e. the root logger's handlers: the workers' INFO stays out of the terminal.
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        # Ray Train logs a traceback for any error a training function raises; a CheckpointError's one line
+        # says all there is (the driver prints it), so its traceback stays out of the terminal
+        logging.getLogger("ray.train.v2._internal.util").addFilter(
+            lambda record: "CheckpointError: " not in record.getMessage())
     if cfg.cpus_per_worker:  # the worker's Ray CPUs (OMP_NUM_THREADS from the user's environment would not be)
         torch.set_num_threads(cfg.cpus_per_worker)
     ctx = ray.train.get_context()  # (1)
@@ -93,7 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_state(state, tmp)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint,  # (4)
-                             checkpoint_dir_name=checkpoint_dir_name(trainer.step, tag))
+                             checkpoint_dir_name=checkpoint_dir_name(trainer.step, tag),
+                             checkpoint_upload_fn=persist_checkpoint(cfg))
 
     if rank == 0:  # drawn by the driver, not by a worker's stdout
         from ray.experimental.tqdm_ray import tqdm

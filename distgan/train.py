@@ -298,9 +298,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        kind = "checkpoint" if isinstance(cause, CheckpointError) else "training"
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        print(f"error: {kind} failed: {type(cause).__name__}: {msg}", file=sys.stderr)
+        # a worker's CheckpointError reaches the driver as text inside Ray's WorkerGroupError
+        _, named, text = msg.partition(f"{CheckpointError.__module__}.{CheckpointError.__name__}: ")
+        if isinstance(cause, CheckpointError) or named:
+            say(f"error: checkpoint failed: {text or msg}")
+        else:
+            say(f"error: training failed: {type(cause).__name__}: {msg}")
         return 1
     return report(summary, cfg, argv)
 

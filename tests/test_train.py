@@ -359,6 +359,15 @@ def test_turning_evaluation_on_keeps_the_evaluated_checkpoints_and_the_run_resum
     assert all(isinstance(r["metrics"]["fid_rank"], float) for r in record["checkpoint_results"])
 
 
+def _local_run_env(**extra) -> dict[str, str]:
+    """The environment of `python -m distgan.train` run as a user runs it: no RAY_ADDRESS, so it starts a local
+    Ray instance of its own."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **extra}
+
+
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_nothing_of_ray(tmp_path, signame,
                                                                                             code):
@@ -376,10 +385,9 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
     storage_path = tmp_path / "my runs" / "ü dir"
     args = ["--batch-size", 32, "--epochs", 40, "--eval-every", 0, "--checkpoint-every-minutes", 0,
             "--num-workers", 2, "--storage-path", storage_path, "--name", "group"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     token = tmp_path / "auth_token"  # a token on the machine (as after any `ray start` with token auth): Ray
     token.write_text("0123456789abcdef" * 4)  # turns token auth on for a local instance, and says so
-    env.update(WANDB_MODE="disabled", RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO), RAY_AUTH_TOKEN_PATH=str(token))
+    env = _local_run_env(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_TOKEN_PATH=str(token))
     log = tmp_path / "driver.log"
     try:
         with open(log, "w") as out:
@@ -408,3 +416,33 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 MB filesystem (tmpfs): room for one checkpoint of the default model (~40 MB), not for two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_naming_it_and_the_checkpoint_to_resume_from(small_disk):
+    args = ["--max-steps", 40, "--checkpoint-every-steps", 10, "--checkpoint-every-minutes", 0, "--eval-every", 0,
+            "--storage-path", small_disk, "--name", "full"]
+    proc = subprocess.run([sys.executable, "-m", "distgan.train", *map(str, args)], env=_local_run_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = small_disk / "full"
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip() and "img/s" not in line]
+    assert proc.returncode == 1 and lines == [
+        f"error: checkpoint failed: cannot write checkpoint {run}/checkpoint_00000020: the device is full (no space "
+        f"left); nothing was left under that name; the newest valid checkpoint is {run}/checkpoint_00000010: free "
+        f"space, then run the same command to resume from it"], describe(proc)
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000010"]  # no partial file anywhere
+    assert [p.name for p in (run / "checkpoint_00000010").iterdir()] == ["state.pt"]
+    assert load_state(run / "checkpoint_00000010")["step"] == 10

@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -327,43 +328,47 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         raise ConfigError(f"--name: {storage.join(cfg.storage_path, search)} already exists; a search starts fresh, "
                           f"give a new --name", field="name")
     ray = connect_ray(cfg, extra_cpus=TRIAL_DRIVER_CPUS)
-    stop = StopSearch()
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    try:  # however the search ends, the local Ray instance it started goes with it
+        stop = StopSearch()
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from distgan.hardware import ray_nodes
+        from distgan.hardware import ray_nodes
 
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    # trials share the machine: a worker takes one CPU unless --cpus-per-worker says more, so trials run side by side
-    cfg = size_workers(replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1), ray_nodes(ray.nodes()), use_gpu)
-    base = cfg.to_dict()
-    per_trial = "GPU" if use_gpu else "CPU"
-    per_trial_count = cfg.num_workers + (TRIAL_DRIVER_CPUS if per_trial == "CPU" else 0)
-    concurrent = args.max_concurrent_trials or max(1, int(ray.cluster_resources().get(per_trial, 0)) // per_trial_count)
-    # a trial reports every --eval-every epochs and at its last step; ASHA stops whatever reaches max_t reports
-    epochs = max([cfg.epochs, *(v for k, (_, vs) in space.items() if k == "epochs" for v in vs),
-                  *(r.get("epochs", 0) for r in recipes.values())])
-    max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
-    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_evals,
-                              reduction_factor=args.reduction_factor, max_t=max_t) \
-        if args.scheduler == "asha" else FIFOScheduler()
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, recipes=recipes, search=search,
-                                                         use_gpu=use_gpu, env=_forwarded_env()),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
-    print(f"distgan.tune: search {search}: {args.scheduler}, {args.num_samples} sample(s) of "
-          f"{space_text(space, recipes)}; {concurrent} trial(s) at a time, {cfg.num_workers} worker(s) each; "
-          f"W&B group {cfg.wandb_group}", flush=True)
-    t0 = time.perf_counter()
-    tuner = tune.Tuner(trainable, param_space=param_space(space, recipes),
-                       tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=scheduler,
-                                                   num_samples=args.num_samples, max_concurrent_trials=concurrent),
-                       run_config=tune.RunConfig(name=search, storage_path=cfg.storage_path,
-                                                 verbose=1 if cfg.verbose else 0))
-    results = tuner.fit()
-    wall = time.perf_counter() - t0
-    disconnect_ray()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        # trials share the machine: a worker takes one CPU unless --cpus-per-worker says more, so trials run side
+        # by side
+        cfg = size_workers(replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1), ray_nodes(ray.nodes()), use_gpu)
+        base = cfg.to_dict()
+        per_trial = "GPU" if use_gpu else "CPU"
+        per_trial_count = cfg.num_workers + (TRIAL_DRIVER_CPUS if per_trial == "CPU" else 0)
+        concurrent = args.max_concurrent_trials or \
+            max(1, int(ray.cluster_resources().get(per_trial, 0)) // per_trial_count)
+        # a trial reports every --eval-every epochs and at its last step; ASHA stops whatever reaches max_t reports
+        epochs = max([cfg.epochs, *(v for k, (_, vs) in space.items() if k == "epochs" for v in vs),
+                      *(r.get("epochs", 0) for r in recipes.values())])
+        max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_evals,
+                                  reduction_factor=args.reduction_factor, max_t=max_t) \
+            if args.scheduler == "asha" else FIFOScheduler()
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, recipes=recipes, search=search,
+                                                             use_gpu=use_gpu, env=_forwarded_env()),
+                                        {"CPU": TRIAL_DRIVER_CPUS})
+        print(f"distgan.tune: search {search}: {args.scheduler}, {args.num_samples} sample(s) of "
+              f"{space_text(space, recipes)}; {concurrent} trial(s) at a time, {cfg.num_workers} worker(s) each; "
+              f"W&B group {cfg.wandb_group}", flush=True)
+        t0 = time.perf_counter()
+        tuner = tune.Tuner(trainable, param_space=param_space(space, recipes),
+                           tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=scheduler,
+                                                       num_samples=args.num_samples, max_concurrent_trials=concurrent),
+                           run_config=tune.RunConfig(name=search, storage_path=cfg.storage_path,
+                                                     verbose=1 if cfg.verbose else 0))
+        results = tuner.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        disconnect_ray()
     rows = result_rows(results, base, recipes, search)
-    record = {"search": search, "command": "python -m distgan.tune " + " ".join(sys.argv[1:]),
+    record = {"search": search, "command": shlex.join(["python", "-m", "distgan.tune", *sys.argv[1:]]),
               "scheduler": args.scheduler, "num_samples": args.num_samples, "space": space_text(space, recipes),
               "recipes": recipes, "base": base, "wall_s": round(wall, 1), "provenance": collect(), "trials": rows,
               "stopped_by": signal.Signals(stop.signum).name if stop.signum else None}

@@ -1,8 +1,9 @@
 """The GPU check's pre-flight: one line, in seconds, before any stage spends device time, naming what the later
-stages would fail on. Checks every module they import, the NVIDIA driver the installed torch build needs, and
-what Triton needs to build its launcher (a C compiler, Python's headers).
+stages would fail on. Checks every module they import, the NVIDIA driver the installed torch build needs, what
+Triton needs to build its launcher (a C compiler, Python's headers), and free space in /tmp and /dev/shm.
 
     python bench/_preflight.py      # from the project root with the project on PYTHONPATH; exit 0 or 1
+    python bench/_preflight.py --rehearse   # bench/gpu_check.sh --rehearse, on a CPU machine: no driver check
 
 Prints `preflight: OK (...)` or `preflight: FAIL: <each missing piece>; ...`.
 """
@@ -110,8 +111,28 @@ def launcher_problems(environ=os.environ) -> list[str]:
     return problems
 
 
-def preflight() -> tuple[bool, str]:
-    """(everything there?, the one line to print)."""
+# Room the stages need: /tmp holds the runs' checkpoints (~40 MB each), Ray's session, Triton's and inductor's
+# caches and the logs; /dev/shm holds Ray's object store and NCCL's buffers (Docker's default of 64 MB is
+# too small for either).
+MIN_FREE = {"/tmp": 2 << 30, "/dev/shm": 512 << 20}
+
+
+def space_problems(minimum=MIN_FREE) -> list[str]:
+    """Each directory of `minimum` with less free space than it needs, with what it has."""
+    problems = []
+    for where, need in minimum.items():
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError as e:
+            problems.append(f"cannot read the free space of {where} ({e.strerror})")
+            continue
+        if free < need:
+            problems.append(f"{where} has {free / 2**20:.0f} MiB free, the stages need {need / 2**20:.0f} MiB")
+    return problems
+
+
+def preflight(rehearse: bool = False) -> tuple[bool, str]:
+    """(everything there?, the one line to print). A rehearsal on a CPU machine checks all but the driver."""
     problems = []
     missing = missing_modules()
     if missing:
@@ -122,21 +143,22 @@ def preflight() -> tuple[bool, str]:
         import torch
 
         cuda, driver = torch.version.cuda, driver_version()
-        problem = driver_problem(cuda, driver)
+        problem = None if rehearse else driver_problem(cuda, driver)
         if problem:
             problems.append(problem)
-    problems += launcher_problems()
+    problems += launcher_problems() + space_problems()
     if problems:
         return False, "preflight: FAIL: " + "; ".join(problems)
     cc = os.environ.get("CC") or shutil.which("clang") or shutil.which("gcc")
+    room = ", ".join(f"{w} {shutil.disk_usage(w).free / 2**30:.1f} GiB free" for w in MIN_FREE)
     return True, (f"preflight: OK (python {sys.version.split()[0]}, {len(MODULES)} modules, torch CUDA {cuda}, "
-                  f"driver {driver}, C compiler {cc})")
+                  f"driver {'not checked (rehearsal)' if rehearse else driver}, C compiler {cc}, {room})")
 
 
 def main() -> int:
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path.pop(0)  # run as a script, bench/ comes first, and bench/kernels.py would shadow the package
-    ok, line = preflight()
+    ok, line = preflight(rehearse="--rehearse" in sys.argv[1:])
     print(line, flush=True)
     return 0 if ok else 1
 

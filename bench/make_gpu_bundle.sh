@@ -12,6 +12,11 @@
 #   EXTRA='pyarrow pytest' bash bench/make_gpu_bundle.sh   # also what the GPU check's pre-flight named missing
 #   PYVER=3.11 RAY_VERSION=2.60.0 bash bench/make_gpu_bundle.sh
 #
+# What it carries, pinned to the versions installed here (where they import together: pydantic and the
+# pydantic-core it names), and what the image still lacks, are bench/_bundle.py's lists; .gpu-bundle/
+# manifest.json records them with the commit the bundle was built from (results read it when the GPU machine's
+# copy has no .git). The bundle is git-ignored, so a device run must carry it: `carry: [".gpu-bundle"]`.
+#
 # On the GPU machine, from the project root: `. .gpu-bundle/activate.sh` (bench/gpu_check.sh does it) unpacks
 # the bundle into /tmp/distgan-site once and puts it and the project on PYTHONPATH (Ray's local workers
 # inherit it).
@@ -28,10 +33,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$root/.gpu-bundle
 TAGS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 any)
 plat=(); for tag in "${TAGS[@]}"; do plat+=(--platform "$tag"); done
-# Ray Train's requirements that the GPU image lacks, and distgan's embedded data
-WHEELS=(pydantic pydantic-core annotated-types typing-inspection jsonschema jsonschema-specifications referencing
-        rpds-py tensorboardX typing-extensions mlxtend)
-if [ "${WITH_WANDB:-0}" = 1 ]; then WHEELS+=(wandb gitpython gitdb smmap sentry-sdk platformdirs); fi
+WANDB_FLAG=(); if [ "${WITH_WANDB:-0}" = 1 ]; then WANDB_FLAG=(--with-wandb); fi
+# name==version of each wheel, as installed here (bench/_bundle.py)
+mapfile -t WHEELS < <("$PY" "$root/bench/_bundle.py" pins "${WANDB_FLAG[@]}") || exit 1
+[ "${#WHEELS[@]}" -gt 0 ] || exit 1
 # shellcheck disable=SC2206
 if [ -n "${EXTRA:-}" ]; then WHEELS+=($EXTRA); fi
 
@@ -46,7 +51,8 @@ if [ "$DRY_RUN" = 1 ]; then
   dl "<tmp>" "ray==$RAY_VERSION"
   echo "  then: ray/jars, ray/rllib, ray/serve removed, the rest xz-packed -> $out/ray-slim.tar.xz"
   dl "$out/whl" "${WHEELS[@]}"
-  echo "  then: $out/activate.sh (unpacks into /tmp/distgan-site once; PYTHONPATH)"
+  echo "  then: $out/manifest.json (commit, pins, what the image lacks) and $out/activate.sh (unpacks into"
+  echo "        /tmp/distgan-site once; PYTHONPATH)"
   exit 0
 fi
 
@@ -73,4 +79,6 @@ fi
 export PYTHONPATH=/tmp/distgan-site:$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_DISABLE_USAGE_STATS=1 PYTHONUNBUFFERED=1
 export WANDB_MODE=${WANDB_MODE:-disabled}
 ACT
+"$PY" "$root/bench/_bundle.py" manifest "$out/manifest.json" "${WANDB_FLAG[@]}" --python "$PYVER" \
+  --ray "$RAY_VERSION"
 du -sh "$out"; ls -la "$out" "$out/whl"

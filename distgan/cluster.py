@@ -142,6 +142,8 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
         port, dashboard = _free_port(), dashboard_available()
         if dashboard:
             env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        else:
+            runtime_env["worker_process_setup_hook"] = "distgan.cluster.without_state_api"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         global _local_session
@@ -151,6 +153,14 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
                      include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
         _local_session = Path(ray._private.worker._global_node.get_session_dir_path())
     return ray
+
+
+def without_state_api() -> None:
+    """Ray's worker_process_setup_hook for a local instance started without its dashboard (an offline GPU image's
+    minimal Ray). Ray Train's placement-group cleaner polls the State API, which the dashboard serves, and would
+    warn every few seconds that it is unavailable; its one job, removing the placement group of a controller that
+    died, ends with this instance anyway."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def disconnect_ray() -> None:

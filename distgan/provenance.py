@@ -85,8 +85,14 @@ def machine() -> dict:
     return info
 
 
+# Written by bench/make_gpu_bundle.sh: the commit the bundle was built from, for a copy of the tree without .git
+BUNDLE_MANIFEST = REPO / ".gpu-bundle" / "manifest.json"
+
+
 def git(repo: Path = REPO) -> dict:
-    """HEAD's commit and whether tracked files under SOURCE_DIRS differ from it (None outside a checkout)."""
+    """HEAD's commit and whether tracked files under SOURCE_DIRS differ from it. A copy of the tree without .git
+    (a GPU machine's) reads the commit its GPU bundle was built from, with "source": "bundle"; None when neither
+    says."""
 
     def run(*args):
         try:
@@ -95,8 +101,16 @@ def git(repo: Path = REPO) -> dict:
             return None
         return proc.stdout.rstrip() if proc.returncode == 0 else None  # porcelain lines start with a space
 
+    head = run("rev-parse", "HEAD")
+    if head is None and repo == REPO and BUNDLE_MANIFEST.is_file():
+        try:
+            built = json.loads(BUNDLE_MANIFEST.read_text())["git"]
+        except (OSError, ValueError, KeyError):
+            built = {}
+        return {"commit": built.get("commit"), "dirty": bool(built.get("dirty")), "dirty_files": [],
+                "source": "bundle"}
     status = run("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_DIRS)
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(status), "dirty_files": (status or "").splitlines()}
+    return {"commit": head, "dirty": bool(status), "dirty_files": (status or "").splitlines()}
 
 
 def collect() -> dict:

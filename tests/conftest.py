@@ -29,7 +29,13 @@ if not gpu_present():
 # workers they start, which inherit this environment) keep theirs in a directory of this session.
 os.environ.setdefault("DISTGAN_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="distgan-test-cache-"))
 
-requires_gpu = __import__("pytest").mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def requires_gpu(test):
+    """A test that needs CUDA: marked `gpu` (what bench/gpu_check.sh selects) and skipped without a CUDA GPU."""
+    import pytest
+
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 import contextlib  # noqa: E402
@@ -137,32 +143,15 @@ def summary_of(proc) -> dict:
     raise ValueError("no summary in output")
 
 
-_HIDE_MODULES = """import sys
-from importlib.machinery import PathFinder
-
-HIDDEN = {hidden!r}
-
-
-class _Hide:  # what an environment without these packages does on import: ModuleNotFoundError
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] not in HIDDEN:
-            return None
-        spec = PathFinder.find_spec(name, path)
-        if spec is not None and "thirdparty_files" in str(spec.origin or spec.submodule_search_locations):
-            return spec  # Ray's own vendored copy (its runtime-env agent's aiohttp) ships with Ray itself
-        raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-
-
-sys.meta_path.insert(0, _Hide())
-"""
-
-
 def hiding_modules_env(tmp_path: Path, *names: str, base: dict | None = None) -> dict[str, str]:
-    """An environment for subprocesses (and the processes they start) in which the top-level packages `names`
-    cannot be imported, as on a machine that lacks them: a sitecustomize on PYTHONPATH."""
-    site = tmp_path / "hide-modules"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_HIDE_MODULES.format(hidden=sorted(names)))
+    """An environment for subprocesses (and the processes they start) in which the modules `names` (a package
+    with its submodules) cannot be imported, as on a machine that lacks them: bench/_hide.py's sitecustomize."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_hide", REPO / "bench" / "_hide.py")
+    hide = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hide)
+    site = hide.write(tmp_path / "hide-modules", names).parent
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env

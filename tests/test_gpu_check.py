@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -89,11 +90,16 @@ def test_the_bundle_dry_run_names_what_it_would_fetch_and_writes_nothing():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = [line for line in proc.stdout.splitlines() if "would run:" in line]
     assert len(runs) == 2 and all("--python-version 3.12" in r and "--no-deps" in r for r in runs)
+    from importlib import metadata
+
     import ray
 
     assert runs[0].endswith(f"ray=={ray.__version__}")
-    assert all(name in runs[1].split() for name in ("pydantic", "mlxtend", "pyarrow"))
-    assert "wandb" not in runs[1].split()
+    fetched = runs[1].split()
+    # pinned to what imports together here: pydantic-core is the one this pydantic requires
+    for name in ("pydantic", "pydantic-core", "mlxtend"):
+        assert f"{name}=={metadata.version(name)}" in fetched, name
+    assert "pyarrow" in fetched and not any(w.startswith("wandb") for w in fetched)
     assert not (REPO / ".gpu-bundle").exists() or (REPO / ".gpu-bundle" / "activate.sh").exists()
 
 
@@ -101,3 +107,28 @@ def test_the_product_points_at_its_own_bundle_script():
     for path in ("bench/gpu_check.sh", "docs/development.md"):
         text = (REPO / path).read_text()
         assert "bench/make_gpu_bundle.sh" in text and "../shared" not in text, path
+
+
+def _tests_that_use_cuda() -> list[str]:
+    """`file::function` of every test whose code puts something on CUDA (device="cuda", .cuda(), .to("cuda"))."""
+    import ast
+    import re
+
+    uses_cuda = re.compile(r"""device=["']cuda|\.cuda\(\)|\.to\(["']cuda""")
+    found = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and \
+                    uses_cuda.search(ast.get_source_segment(source, node) or ""):
+                found.append(f"{path.name}::{node.name}")
+    return found
+
+
+def test_every_test_that_puts_something_on_cuda_is_marked_gpu():
+    """What `-m gpu` selects (bench/gpu_check.sh's pytest stage) holds every test that needs CUDA."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-o", "addopts=",
+                           "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    selected = {line.split("[")[0].removeprefix("tests/") for line in proc.stdout.splitlines() if "::" in line}
+    needed = _tests_that_use_cuda()
+    assert needed and not [t for t in needed if t not in selected], proc.stdout[-2000:]

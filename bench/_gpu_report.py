@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""bench/gpu_check.sh's last step: one JSON (the benches' records, with machine, versions, git commit and
-each stage's outcome) and one Markdown file, and a one-screen summary with PASS/FAIL per stage.
+"""bench/gpu_check.sh's judge and reporter: whether a stage passed, from what it wrote (--check), and the results
+(after every stage and at the end): one JSON (the benches' records, with machine, versions, git commit and each
+stage's outcome), one Markdown file, and a one-screen summary with PASS/FAIL per stage.
 
-    python bench/_gpu_report.py --logs DIR --json gpu-<date>.json --md gpu-<date>.md [--wall-s S]
+    python bench/_gpu_report.py --check STAGE --logs DIR --work WORK [--rehearse]   # prints why; exit 0 or 1
+    python bench/_gpu_report.py --logs DIR --json gpu-<date>.json --md gpu-<date>.md [--wall-s S] [--final]
 
-DIR holds stages.tsv (name, status, rc, seconds, limit, detail per line), provenance.json, and the benches'
-kernels.json / train.json (with their .md) when those stages wrote them. Exits 1 if any stage failed.
+DIR holds stages.tsv (name, status, rc, seconds, limit, detail per line), each stage's log, provenance.json, and
+the benches' kernels.json / train.json (with their .md) when those stages wrote them. With --final it prints
+the summary and exits 1 if any stage failed or none ran. --rehearse: a CPU rehearsal's stages, judged by what
+a CPU can show (GPU tests collected and skipped, Triton counted under the interpreter).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,7 +50,7 @@ def provenance(logs: Path) -> dict:
     return prov.collect()
 
 
-def combine(logs: Path, wall_s: float | None) -> dict:
+def combine(logs: Path, wall_s: float | None, rehearse: bool = False) -> dict:
     """The check's result: provenance, stages, and every bench's records tagged with `bench`."""
     benches = {name: _load(logs / f"{name}.json") for name in ("kernels", "train")}
     records, unavailable = [], []
@@ -58,7 +63,7 @@ def combine(logs: Path, wall_s: float | None) -> dict:
     return {
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "bash bench/gpu_check.sh",
+        "command": "bash bench/gpu_check.sh" + (" --rehearse" if rehearse else ""),
         **provenance(logs),
         "stages": read_stages(logs / "stages.tsv"),
         "wall_s": wall_s,
@@ -68,6 +73,97 @@ def combine(logs: Path, wall_s: float | None) -> dict:
         "records": records,
         "unavailable": unavailable,
     }
+
+
+# ------------------------------------------------------------------ each stage's PASS, from what it wrote
+
+
+class StageFailed(Exception):
+    """Why a stage that exited 0 did not do what its PASS promises."""
+
+
+def check_versions(logs: Path, work: Path, rehearse: bool) -> str:
+    versions = (_load(logs / "provenance.json") or {}).get("versions") or {}
+    if not versions.get("torch"):
+        raise StageFailed("provenance.json holds no torch version")
+    if not rehearse and not versions.get("gpu"):
+        raise StageFailed("torch sees no GPU")
+    return f"torch {versions['torch']}" + ("" if rehearse else f" on {versions['gpu']}")
+
+
+def pytest_counts(log: Path) -> dict[str, int]:
+    """pytest's closing tally ("3 passed, 2 skipped in 4.1s"), as {"passed": 3, "skipped": 2, ...}."""
+    text = log.read_text() if log.is_file() else ""
+    tallies = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b", line)
+               or "no tests ran" in line]
+    counts = {}
+    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)\b", tallies[-1] if tallies else ""):
+        counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
+    return counts
+
+
+def check_pytest(logs: Path, work: Path, rehearse: bool) -> str:
+    counts = pytest_counts(logs / "pytest.log")
+    if not counts:
+        raise StageFailed("no pytest tally in the log (collection failed, or no test ran)")
+    bad = counts.get("failed", 0) + counts.get("error", 0)
+    if bad:
+        raise StageFailed(f"{counts.get('failed', 0)} failed, {counts.get('error', 0)} errors")
+    if not rehearse and not counts.get("passed"):
+        raise StageFailed(f"no GPU test passed ({counts})")
+    if rehearse and not counts.get("skipped") and not counts.get("passed"):
+        raise StageFailed("no GPU test was collected")
+    return ", ".join(f"{n} {what}" for what, n in counts.items())
+
+
+def check_kernels(logs: Path, work: Path, rehearse: bool) -> str:
+    result = _load(logs / "kernels.json")
+    if result is None:
+        raise StageFailed("bench/kernels.py wrote no kernels.json")
+    triton = [r for r in result.get("records", []) if r.get("provider") == "triton"
+              and (rehearse or r.get("source") == "measured")]
+    if not triton:
+        why = [u["reason"] for u in result.get("unavailable", []) if u.get("provider") == "triton"]
+        raise StageFailed("no Triton case ran" + (f" (e.g. {why[0]})" if why else ""))
+    failed = [c["check"] for c in result.get("checks", []) if not c.get("ok")]
+    if failed:
+        raise StageFailed(f"{len(failed)} kernel check(s) failed: {failed[0]}")
+    cases = {(r["op"], tuple(r["shape"]), r["dtype"]) for r in triton}
+    return f"{len(cases)} Triton case(s) {'counted' if rehearse else 'timed'}, {len(result.get('checks', []))} checks"
+
+
+def check_faults(logs: Path, work: Path, rehearse: bool) -> str:
+    log = (logs / "faults.log").read_text() if (logs / "faults.log").is_file() else ""
+    if "SIGKILL at step" not in log:
+        raise StageFailed("the worker was never killed")
+    if "resumed from" not in log:
+        raise StageFailed("no 'resumed from' after the kill")
+    if not list((work / "runs" / "gpu-check").glob("checkpoint_*")):
+        raise StageFailed("no checkpoint written")
+    return "killed, resumed from a checkpoint, finished"
+
+
+def check_train(logs: Path, work: Path, rehearse: bool) -> str:
+    result = _load(logs / "train.json")
+    if result is None:
+        raise StageFailed("bench/train.py wrote no train.json")
+    ray = [r for r in result.get("records", []) if r.get("metric") == "images_per_s" and r.get("config") == "ray"]
+    if not ray:
+        raise StageFailed("no distgan run was measured")
+    return f"{len(ray)} distgan run(s) measured" + (", the rest cut by the time budget"
+                                                    if result.get("unavailable") else "")
+
+
+CHECKS = {"versions": check_versions, "pytest": check_pytest, "kernels": check_kernels, "faults": check_faults,
+          "train": check_train}
+
+
+def check(stage: str, logs: Path, work: Path, rehearse: bool) -> tuple[bool, str]:
+    """(passed, the line that says why) for a stage whose command exited 0."""
+    try:
+        return True, CHECKS[stage](logs, work, rehearse)
+    except StageFailed as e:
+        return False, str(e)
 
 
 def kernel_speedups(records: list[dict]) -> list[str]:
@@ -94,10 +190,10 @@ def train_lines(records: list[dict]) -> list[str]:
 
 
 def summary(result: dict) -> list[str]:
-    v = result["versions"]
+    v, git = result.get("versions") or {}, result.get("git") or {}  # what the versions stage could record
     lines = ["", "gpu_check summary", "-----------------",
              " | ".join(f"{k} {v.get(k)}" for k in ("gpu", "driver", "cuda", "torch", "triton", "ray")),
-             f"git {result['git']['commit']}" + (" (dirty)" if result["git"]["dirty"] else ""), ""]
+             f"git {git.get('commit')}" + (" (dirty)" if git.get("dirty") else ""), ""]
     for s in result["stages"]:
         lines.append(f"{s['status']:4s}  {s['stage']:9s} {s['seconds']:4d}s / {s['limit_s']}s  {s['detail']}")
     lines.append("")
@@ -110,7 +206,8 @@ def summary(result: dict) -> list[str]:
 
 
 def markdown(result: dict, logs: Path) -> str:
-    lines = ["# GPU check", "", f"`bash bench/gpu_check.sh` — {result['created']}", "",
+    title = "# GPU check, rehearsed on a CPU" if result.get("rehearsal") else "# GPU check"
+    lines = [title, "", f"`{result['command']}` — {result['created']}", "",
              "| stage | status | seconds | limit | detail |", "|---|---|---|---|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['limit_s']} | {s['detail']} |"
               for s in result["stages"]]
@@ -126,14 +223,27 @@ def markdown(result: dict, logs: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logs", type=Path, required=True)
-    p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--md", type=Path, required=True)
+    p.add_argument("--check", choices=sorted(CHECKS), default=None, help="judge one stage and print why")
+    p.add_argument("--work", type=Path, default=None, help="the check's work directory (--check faults)")
+    p.add_argument("--rehearse", action="store_true", help="a CPU rehearsal's stages")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--md", type=Path)
     p.add_argument("--wall-s", type=float, default=None)
+    p.add_argument("--final", action="store_true", help="print the summary; exit 1 if a stage failed")
     args = p.parse_args(argv)
-    result = combine(args.logs, args.wall_s)
+    if args.check:
+        ok, why = check(args.check, args.logs, args.work or args.logs.parent, args.rehearse)
+        print(why)
+        return 0 if ok else 1
+    if args.json is None or args.md is None:
+        p.error("--json and --md are needed to write the results")
+    result = combine(args.logs, args.wall_s, args.rehearse)
+    result["rehearsal"] = args.rehearse
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     args.md.write_text(markdown(result, args.logs))
+    if not args.final:
+        return 0
     failed = [s["stage"] for s in result["stages"] if s["status"] != "PASS"]
     print("\n".join(summary(result)))
     print(f"\n{'FAIL: ' + ', '.join(failed) if failed else 'PASS: every stage'}; wrote {args.json} and {args.md}")

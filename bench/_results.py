@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -129,10 +130,23 @@ def write_result(result: dict, markdown: str | None, stem: str, output: Path | N
     """Writes result as JSON (and markdown as .md) where output_paths() says; returns the JSON path."""
     path, md = output_paths(stem, output, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps({**result, "complete": True}, indent=1) + "\n")
     if markdown is not None:
         md.write_text(markdown)
     return path
+
+
+def write_partial(result: dict, output: Path | None) -> None:
+    """The result so far, as JSON at `output` (--output; nothing without it), marked "complete": false and
+    rewritten whole after each case or run: a benchmark killed at its time limit (bench/gpu_check.sh's stages)
+    still leaves what it measured. The last write, write_result's, says "complete": true."""
+    if output is None:
+        return
+    path, _ = output_paths("", output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**result, "complete": False}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def publish(result: dict, markdown: str, default_stem: str, args: argparse.Namespace) -> Path:

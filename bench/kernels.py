@@ -61,6 +61,7 @@ from _results import (  # noqa: E402
     origin,
     positive_float,
     preset_name,
+    write_partial,
     write_result,
 )
 from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quantiles, gpu_records  # noqa: E402
@@ -193,21 +194,36 @@ def measure_case(case, provider, preset, preset_name, device, copy_gbps) -> tupl
     return recs, []
 
 
-def measure(cases, preset, preset_name, device, budget_s=None) -> tuple[list[dict], list[dict], float | None]:
+# Seconds a torch.compile case needs before its first timing: inductor compiles the forward and the backward
+# (~10-30 s a shape on a GPU, with Triton's autotuning). With less of the time budget left it is not started.
+COMPILE_NEEDS_S = 45.0
+
+
+def measure(cases, preset, preset_name, device, budget_s=None, save=None) -> tuple[list[dict], list[dict],
+                                                                                   float | None]:
     """Every (case, provider) of the preset, most useful first (`work_order`); (records, unavailable, copy GB/s
-    or None)."""
+    or None). With `budget_s`, no case starts after it is spent, nor a torch.compile case with less than
+    COMPILE_NEEDS_S of it left. `save(records, unavailable, copy GB/s)` is called after every case."""
     t0 = time.perf_counter()
     records, missing, copy_gbps = [], [], None
     if device.type == "cuda":
         copy_gbps = copy_bandwidth_gbps(do_bench_quantiles, device)
         log(f"  copy bandwidth: {copy_gbps:.0f} GB/s")
     for case, provider in work_order(cases, preset.providers):
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+        left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
+        if left is not None and left <= 0:
             missing.append(unavailable(case, provider, f"not run: the time budget of {budget_s:.0f} s was spent"))
+            continue
+        if left is not None and provider == "compile" and left < COMPILE_NEEDS_S:
+            missing.append(unavailable(case, provider, f"not started: a torch.compile case needs about "
+                                                       f"{COMPILE_NEEDS_S:.0f} s to compile, {left:.0f} s of the "
+                                                       f"time budget were left"))
             continue
         recs, miss = measure_case(case, provider, preset, preset_name, device, copy_gbps)
         records += recs
         missing += miss
+        if save is not None:
+            save(records, missing, copy_gbps)
     return records, missing, copy_gbps
 
 
@@ -240,7 +256,10 @@ def main(argv=None) -> int:
     preset_name, preset, cases = plan.preset_name, plan.preset, plan.cases
     t_start = time.perf_counter()
     log(f"bench/kernels.py: {plan.describe()}")
-    records, missing, copy_gbps = measure(cases, preset, preset_name, device, args.time_budget_s)
+    def save(records, missing, copy_gbps):  # what was measured so far, should the run be killed
+        write_partial(build_result(argv, preset_name, device, records, missing, copy_gbps, []), args.output)
+
+    records, missing, copy_gbps = measure(cases, preset, preset_name, device, args.time_budget_s, save)
     for batch in plan.step_batches:
         for provider in plan.step_providers:
             recs, reason = step_records(batch, provider, log)

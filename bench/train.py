@@ -507,8 +507,9 @@ def parse_args(argv=None):
 
 
 def plan_specs(args, workers: list[int], impls: list[str]) -> list[Spec]:
-    """The configurations of one repeat, in the order they run: per precision, the plain loop, then distgan
-    at each worker count, each with every kernel path (so a time budget cuts bf16 before fp32)."""
+    """The configurations of one repeat, in the order they run: per precision (in args.precisions' order; main
+    puts the default run's first, so a time budget cuts the other), the plain loop, then distgan at each worker
+    count, each with every kernel path."""
     specs = []
     for precision in args.precisions:
         if "plain" in args.configs:
@@ -529,9 +530,15 @@ def run_one(spec: Spec, preset: Preset, rep: int, storage: Path, threads: int, t
     return {**asdict(spec), "repeat": rep, "loadavg": load, **r}
 
 
-def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | None) -> tuple[list, list, list]:
+# Seconds a run needs to mean anything: distgan's includes starting Ray and its workers. With less of the time
+# budget left, it is not started (and a started one may take all that is left, not more).
+MIN_RUN_S = {"plain": 20.0, "ray": 45.0}
+
+
+def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | None,
+            save=None) -> tuple[list, list, list]:
     """Every spec, `preset.repeats` times interleaved; (runs, failed runs, specs skipped because the time
-    budget was spent)."""
+    budget was spent). `save(runs, failed, skipped)` is called after every run."""
     global RAY_TMPDIR
     t0 = time.time()
     runs, failed, skipped = [], [], []
@@ -541,11 +548,11 @@ def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | N
         for rep in range(preset.repeats):
             for spec in specs:
                 left = None if budget_s is None else budget_s - (time.time() - t0)
-                if left is not None and left <= 0:
+                if left is not None and left < MIN_RUN_S[spec.config]:
                     skipped.append(spec)
                     continue
                 try:
-                    r = run_one(spec, preset, rep, storage, threads, timeout=900 if left is None else max(left, 30))
+                    r = run_one(spec, preset, rep, storage, threads, timeout=900 if left is None else left)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded; the other runs go on
                     failed.append({**asdict(spec), "repeat": rep, "reason": f"FAILED: {str(exc)[-1500:]}"})
                     print(f"  {spec} failed: {exc}", file=sys.stderr, flush=True)
@@ -554,6 +561,8 @@ def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | N
                 print(f"  [{rep + 1}/{preset.repeats}] {spec.config} x{spec.workers} {spec.kernels:6s} "
                       f"{spec.precision} {r['images_per_s']:8.1f} images/s, first step after "
                       f"{r['first_step_s']:.1f} s (load {r['loadavg']})", file=sys.stderr, flush=True)
+                if save is not None:
+                    save(runs, failed, skipped)
     finally:
         subprocess.run(["rm", "-rf", str(storage), RAY_TMPDIR], check=False)
     return runs, failed, skipped
@@ -565,7 +574,8 @@ def unavailable_rows(args, workers, no_fused, failed, skipped, budget_s) -> list
         out += [{**asdict(s), "reason": no_fused} for s in plan_specs(args, workers, ["triton"])]
     for s in dict.fromkeys(skipped):
         if not any(asdict(s).items() <= r.items() for r in out):
-            out.append({**asdict(s), "reason": f"not run: the time budget of {budget_s:.0f} s was spent"})
+            out.append({**asdict(s), "reason": f"not run: less of the time budget of {budget_s:.0f} s was left "
+                                               f"than such a run needs ({MIN_RUN_S[s.config]:.0f} s)"})
     return out
 
 
@@ -590,32 +600,40 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     probe = precision_probe(preset, max(workers))
     print(f"  precision auto: {probe['auto_precision']} ({probe['auto_reason']})", file=sys.stderr, flush=True)
-    runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s)
-    records, rows = summarise(runs, preset)
     default = probe["auto_precision"]
-    heads = headline(rows, default)
-    base = heads.get("eager" if "eager" in heads else next(iter(heads), None)) or {}
-    ratio = base.get("distgan_default_over_plain_fp32")
-    result = {
-        "schema": 2,
-        **_results.origin("bench/train.py", argv),
-        "preset": preset_name,
-        "preset_values": asdict(preset),
-        "device": "cuda" if GPU else "cpu",
-        "processor": hardware.processor_name("cuda" if GPU else "cpu"),
-        **provenance.collect(),  # machine, versions, git
-        "workers": workers,
-        "plain_threads": threads,
-        "default_precision": default,
-        "precision_probe": probe,
-        "records": records,
-        "rows": rows,
-        "headline": heads,
-        "runs": runs,
-        "unavailable": unavailable_rows(args, workers, no_fused, failed, skipped, args.time_budget_s),
-        "overhead_pct": None if ratio is None else 100 * (1 - ratio),
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    }
+    args.precisions = sorted(args.precisions, key=lambda p: p != default)  # the default run's precision first
+
+    def result_of(runs, failed, skipped) -> dict:
+        records, rows = summarise(runs, preset)
+        heads = headline(rows, default)
+        base = heads.get("eager" if "eager" in heads else next(iter(heads), None)) or {}
+        ratio = base.get("distgan_default_over_plain_fp32")
+        return {
+            "schema": 2,
+            **_results.origin("bench/train.py", argv),
+            "preset": preset_name,
+            "preset_values": asdict(preset),
+            "device": "cuda" if GPU else "cpu",
+            "processor": hardware.processor_name("cuda" if GPU else "cpu"),
+            **provenance.collect(),  # machine, versions, git
+            "workers": workers,
+            "plain_threads": threads,
+            "default_precision": default,
+            "precision_probe": probe,
+            "records": records,
+            "rows": rows,
+            "headline": heads,
+            "runs": runs,
+            "unavailable": unavailable_rows(args, workers, no_fused, failed, skipped, args.time_budget_s),
+            "overhead_pct": None if ratio is None else 100 * (1 - ratio),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+
+    def save(runs, failed, skipped) -> None:  # what was measured so far, should the run be killed
+        _results.write_partial(result_of(runs, failed, skipped), args.output)
+
+    runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s, save)
+    result = result_of(runs, failed, skipped)
     md = render_markdown(result)
     where = f"{hardware.slug(result['processor'])}-{result['machine']['cpu_count']}c"
     stem = args.name or f"train-{preset_name}_{where}_{time.strftime('%Y-%m')}"

@@ -652,7 +652,8 @@ def test_gpu_report_combines_stages_and_records_and_fails_on_a_failed_stage(tmp_
             "records": [{**rec, "provider": "eager", "value": 2.0}, {**rec, "provider": "triton", "value": 1.0}]}
     (logs / "kernels.json").write_text(json.dumps(kern))
     (logs / "kernels.md").write_text("# Kernel benchmark\n\ntable\n")
-    rc = _gpu_report.main(["--logs", str(logs), "--json", str(tmp_path / "g.json"), "--md", str(tmp_path / "g.md")])
+    rc = _gpu_report.main(["--logs", str(logs), "--json", str(tmp_path / "g.json"), "--md", str(tmp_path / "g.md"),
+                           "--final"])
     assert rc == 1
     result = json.loads((tmp_path / "g.json").read_text())
     assert [s["status"] for s in result["stages"]] == ["PASS", "FAIL"]
@@ -661,6 +662,65 @@ def test_gpu_report_combines_stages_and_records_and_fails_on_a_failed_stage(tmp_
     assert "FAIL  faults" in shown and "triton vs eager, fp32, forward+backward: 2.00x" in shown
     md = (tmp_path / "g.md").read_text()
     assert "| faults | FAIL |" in md and "## Kernel benchmark" in md
+
+
+def test_kernels_starts_no_case_past_its_budget_nor_a_compile_case_without_time_to_compile(monkeypatch):
+    km = _load_bench("kernels")
+    plan = km.plan_run(km.build_parser().parse_args(["--smoke"]), torch.device("cpu"))
+    case = plan.cases[0]
+    clock = {"t": 0.0}
+    monkeypatch.setattr(km.time, "perf_counter", lambda: clock["t"])
+
+    def measure_case(case, provider, *args):  # each case takes 20 s of the clock
+        clock["t"] += 20.0
+        return [{"provider": provider}], []
+
+    monkeypatch.setattr(km, "measure_case", measure_case)
+    monkeypatch.setattr(km, "work_order", lambda cases, providers: [(case, "triton"), (case, "eager"),
+                                                                     (case, "compile"), (case, "triton"),
+                                                                     (case, "eager")])
+    saved = []
+    records, missing, _ = km.measure([case], plan.preset, "smoke", torch.device("cpu"), budget_s=50.0,
+                                     save=lambda r, m, g: saved.append(len(r)))
+    # at 40 s, 10 s are left: not enough to compile, enough to start a case that needs no compile
+    assert [r["provider"] for r in records] == ["triton", "eager", "triton"] and saved == [1, 2, 3]
+    assert missing[0]["provider"] == "compile" and missing[0]["reason"].startswith(
+        "not started: a torch.compile case needs about 45 s to compile, 10 s of the time budget were left")
+    assert missing[1]["reason"] == "not run: the time budget of 50 s was spent"
+
+
+def test_a_partial_result_is_marked_incomplete_and_the_last_write_complete(tmp_path):
+    from _results import write_partial, write_result
+
+    out = tmp_path / "k.json"
+    write_partial({"records": [1]}, out)
+    assert json.loads(out.read_text()) == {"records": [1], "complete": False}
+    write_partial({"records": [1]}, None)  # no --output: nothing written anywhere
+    write_result({"records": [1, 2]}, "# md\n", "k", out)
+    assert json.loads(out.read_text()) == {"records": [1, 2], "complete": True}
+
+
+def test_train_starts_no_run_without_the_time_it_needs_and_saves_after_each(monkeypatch):
+    tm = _load_bench("train")
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(tm.time, "time", lambda: clock["t"])
+    started = []
+
+    def run_one(spec, preset, rep, storage, threads, timeout):
+        started.append((spec.config, timeout))
+        clock["t"] += 30.0
+        return {"images_per_s": 1.0, "first_step_s": 1.0, "loadavg": 0.0}
+
+    monkeypatch.setattr(tm, "run_one", run_one)
+    specs = [tm.Spec("plain", 1, "eager", "bf16"), tm.Spec("ray", 1, "eager", "bf16"),
+             tm.Spec("plain", 1, "eager", "fp32")]
+    saves = []
+    runs, failed, skipped = tm.run_all(specs, tm.PRESETS["smoke"], 1, budget_s=70.0,
+                                       save=lambda r, f, s: saves.append(len(r)))
+    # 70 s: the plain run (20 s needed) starts with 70 left; distgan's (45 s needed) with 40 left does not; the
+    # second plain run starts with 40 left and may take all 40, not more
+    assert started == [("plain", 70.0), ("plain", 40.0)] and saves == [1, 2]
+    assert skipped == [specs[1]] and not failed
 
 
 # bench/recipe.py

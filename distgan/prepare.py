@@ -318,10 +318,13 @@ def make_job(args: argparse.Namespace) -> Job:
                alpha_background=args.alpha_background, skip_unreadable=args.skip_unreadable)
 
 
-def _quiet_ray_data(verbose: bool) -> None:
+def _configure_ray_data(verbose: bool) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    # Ray Data keeps part of the cluster's CPUs for each operator's downstream ones (half of them, on 2 CPUs one
+    # task at a time); this pipeline has one operator, which may use them all
+    ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = False  # one bar: this command's, in images
     ctx.print_on_execution_start = verbose
     if not verbose:
@@ -338,17 +341,20 @@ def run_shards(job: Job, todo: list[dict[str, Any]], verbose: bool, progress: Ca
     from distgan import cluster
 
     cluster.connect_ray(TrainConfig(verbose=verbose))
-    t0 = time.perf_counter()
-    _quiet_ray_data(verbose)
-    # one block, so one task, per shard: Ray Data runs as many at once as the cluster has CPUs
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(functools.partial(_shard_task, job=job))
-    records, nodes = [], set()
-    for row in ds.iter_rows():
-        record = json.loads(row["record"])
-        records.append(record)
-        nodes.add(row["node"])
-        progress(record["count"] + len(record["unreadable"]))
-    return records, nodes, time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        _configure_ray_data(verbose)
+        # one block, so one task, per shard: Ray Data runs as many at once as the cluster has CPUs
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(functools.partial(_shard_task, job=job))
+        records, nodes = [], set()
+        for row in ds.iter_rows():
+            record = json.loads(row["record"])
+            records.append(record)
+            nodes.add(row["node"])
+            progress(record["count"] + len(record["unreadable"]))
+        return records, nodes, time.perf_counter() - t0
+    finally:
+        cluster.disconnect_ray()
 
 
 def run(args: argparse.Namespace, out=print) -> int:

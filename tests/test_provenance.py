@@ -67,3 +67,14 @@ def test_machine_and_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "distgan.provenance"], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=True)
     assert set(json.loads(proc.stdout)) == {"machine", "versions", "git"}
+
+
+def test_a_copy_without_git_reads_the_commit_its_gpu_bundle_was_built_from(tmp_path, monkeypatch):
+    """A device machine gets the working tree without .git: results then name the bundle's commit."""
+    manifest = tmp_path / ".gpu-bundle" / "manifest.json"
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
+    monkeypatch.setattr(provenance, "BUNDLE_MANIFEST", manifest)
+    assert provenance.git(tmp_path)["commit"] is None  # no .git, no bundle: nothing to say
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"git": {"commit": "a2c0ce7", "dirty": False}}))
+    assert provenance.git(tmp_path) == {"commit": "a2c0ce7", "dirty": False, "dirty_files": [], "source": "bundle"}

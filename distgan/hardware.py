@@ -302,17 +302,23 @@ def read_cache(path: Path, key: str) -> Optional[dict]:
 
 
 def write_cache(path: Path, key: str, entry: dict) -> Optional[str]:
-    """Adds `entry` under `key` (atomically: concurrent runs leave one whole file); returns why it could not,
-    or None. A cache that cannot be written only costs the next run its probe."""
+    """Adds `entry` under `key`; returns why it could not, or None. A cache that cannot be written only costs the
+    next run its probe. Concurrent writers (runs, the workers of one machine, test processes) take turns under
+    an exclusive lock on a file beside it, each reading what the last one wrote, so no one's entry is lost; the
+    file is replaced atomically, so a reader sees one whole file."""
+    import fcntl
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text())
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        data[key] = entry
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = json.loads(path.read_text())
+                data = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                data = {}
+            data[key] = entry
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
     except OSError as e:
         return str(e)
     return None

@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,27 @@ def test_the_cache_is_keyed_by_what_the_measurement_depends_on(cache_dir):
     assert hardware.read_cache(path, key) is None  # measured again, and the file rewritten whole
     assert hardware.write_cache(path, key, {"precision": "fp32", "images_per_s": {"fp32": 1.0}}) is None
     assert hardware.read_cache(path, key)["precision"] == "fp32"
+
+
+def _write_keys(path: str, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        hardware.write_cache(Path(path), f"key{i}", {"precision": "bf16", "images_per_s": {"bf16": float(i)}})
+
+
+def test_concurrent_writers_of_the_cache_lose_no_entry(cache_dir):
+    """Runs and test processes on one machine measure at the same time; a read-modify-write without a lock let
+    the last writer drop the others' entries, and a run measured again (maybe choosing otherwise)."""
+    import multiprocessing
+
+    path = cache_dir / hardware.CACHE_FILE
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_keys, args=(str(path), 25 * p, 25)) for p in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert all(proc.exitcode == 0 for proc in procs)
+    assert sorted(json.loads(path.read_text()), key=lambda k: int(k[3:])) == [f"key{i}" for i in range(100)]
 
 
 def test_a_measurement_whose_rounds_disagree_says_so_and_is_kept(cache_dir):

@@ -38,6 +38,56 @@ def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
                                                                 f"{what})")
 
 
+# A comparison of timings means something only on a machine that runs nothing else (on a busy 2-core machine a
+# plain loop measured 79 images/s that runs 740 idle). The 1-minute load average is read before the first run and
+# before each run; the benchmark's own runs count in the second, at most one a CPU. Above either threshold the
+# machine was busy with other work: a benchmark then writes its comparison only when told to (--allow-busy),
+# and the file says so at its top.
+BUSY_BEFORE_PER_CPU = 0.25  # before the first run: a quarter of every CPU already busy (0.5 on 2 CPUs)
+BUSY_DURING_PER_CPU = 1.5  # before a run: the benchmark's own work on every CPU, and half as much again
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-busy", action="store_true",
+                   help=f"write the comparison even when the load average says other work shared the machine "
+                        f"(above {BUSY_BEFORE_PER_CPU} a CPU before the first run, or {BUSY_DURING_PER_CPU} before "
+                        f"any run); the file then says so at its top. Default: refuse, exit 3")
+
+
+def load_now() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_reason(before: float | None, during: list[float], cpus: int) -> str | None:
+    """Why the load average says other work shared the machine (see BUSY_*), or None."""
+    cpus = max(cpus, 1)
+    if before is not None and before > BUSY_BEFORE_PER_CPU * cpus:
+        return (f"1-minute load average {before:.2f} before the first run on {cpus} CPUs (above "
+                f"{BUSY_BEFORE_PER_CPU * cpus:.2f})")
+    peak = max((x for x in during if x is not None), default=None)
+    if peak is not None and peak > BUSY_DURING_PER_CPU * cpus:
+        return f"1-minute load average up to {peak:.2f} during the runs on {cpus} CPUs (above " \
+               f"{BUSY_DURING_PER_CPU * cpus:.2f})"
+    return None
+
+
+def refuse_busy(reason: str | None, allowed: bool, what: str) -> bool:
+    """True (after saying why on stderr) when a comparison must not be written: the machine was busy and
+    --allow-busy was not given."""
+    if reason is None or allowed:
+        return False
+    print(f"{what}: not written: the machine was busy with other work ({reason}), so its ratios would mean "
+          f"nothing; run it again on a quiet machine, or pass --allow-busy to write it marked as such",
+          file=sys.stderr)
+    return True
+
+
+def busy_banner(reason: str | None) -> list[str]:
+    """The lines a results file opens with when it was measured on a busy machine."""
+    return [f"> **Measured on a busy machine** ({reason}): the figures and ratios below are noisy, not a "
+            f"comparison.", ""] if reason else []
+
+
 def origin(script: str, argv: list[str] | None) -> dict[str, str]:
     """The fields every result file opens with: "created" (UTC, ISO 8601) and the "command" that wrote it
     (`script` run with `argv`, sys.argv's when None)."""

@@ -414,12 +414,11 @@ def _markdown_header(result) -> list[str]:
         )
     loads = [r["loadavg"] for r in result["runs"] if r.get("loadavg") is not None]
     if loads:
-        busy = max(loads) > (m["cpu_count"] or 1)
         lines.append(
-            f"- 1-minute load average before the runs: {min(loads):.1f}–{max(loads):.1f} on {m['cpu_count']} "
-            "CPUs" + (" — **the machine was busy with other work: figures are noisy**" if busy else "")
+            f"- 1-minute load average before the first run {result.get('loadavg_before') or 0:.2f}, before each run "
+            f"{min(loads):.1f}–{max(loads):.1f}, on {m['cpu_count']} CPUs"
         )
-    return lines
+    return _results.busy_banner(result.get("busy")) + lines
 
 
 def _markdown_table(result) -> list[str]:
@@ -495,6 +494,7 @@ def parse_args(argv=None):
                    help="distgan runs join the cluster in RAY_ADDRESS instead of starting their own Ray instance "
                         "(quicker; start-up times then say nothing of a fresh machine)")
     add_output_args(p, "train-<preset>_<processor>-<N>c_<YYYY-mm>")
+    _results.add_load_args(p)
     # the plain loop's own process (internal)
     p.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -520,7 +520,7 @@ def plan_specs(args, workers: list[int], impls: list[str]) -> list[Spec]:
 
 
 def run_one(spec: Spec, preset: Preset, rep: int, storage: Path, threads: int, timeout: float) -> dict:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = _results.load_now()
     if spec.config == "plain":
         r = plain_run(preset, spec, threads, seed=0, timeout=timeout)
     else:
@@ -597,7 +597,7 @@ def main(argv=None) -> int:
     impls = [k for k in args.kernels if not (k == "triton" and no_fused)]
     # the cores the largest distgan run uses: its workers x their --cpus-per-worker auto
     threads = 1 if GPU else max(workers) * max((os.cpu_count() or 1) // max(workers), 1)
-    t_start = time.perf_counter()
+    t_start, load_before = time.perf_counter(), _results.load_now()
     probe = precision_probe(preset, max(workers))
     print(f"  precision auto: {probe['auto_precision']} ({probe['auto_reason']})", file=sys.stderr, flush=True)
     default = probe["auto_precision"]
@@ -627,6 +627,8 @@ def main(argv=None) -> int:
             "unavailable": unavailable_rows(args, workers, no_fused, failed, skipped, args.time_budget_s),
             "overhead_pct": None if ratio is None else 100 * (1 - ratio),
             "wall_s": round(time.perf_counter() - t_start, 1),
+            "loadavg_before": load_before,
+            "busy": _results.busy_reason(load_before, [r.get("loadavg") for r in runs], os.cpu_count() or 1),
         }
 
     def save(runs, failed, skipped) -> None:  # what was measured so far, should the run be killed
@@ -634,6 +636,8 @@ def main(argv=None) -> int:
 
     runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s, save)
     result = result_of(runs, failed, skipped)
+    if _results.refuse_busy(result["busy"], args.allow_busy, "bench/train.py"):
+        return 3
     md = render_markdown(result)
     where = f"{hardware.slug(result['processor'])}-{result['machine']['cpu_count']}c"
     stem = args.name or f"train-{preset_name}_{where}_{time.strftime('%Y-%m')}"

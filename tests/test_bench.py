@@ -613,7 +613,8 @@ def test_train_throughput_comes_from_the_steady_state_step_stamps(tmp_path):
 def test_bench_train_smoke_measures_plain_and_distgan_in_fp32_and_bf16(ray_cluster, tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run(  # joins the tests' cluster: a Ray start per run would double the time
-        [sys.executable, "bench/train.py", "--smoke", "--join-cluster", "--output", str(out)],
+        # the other test processes share the machine: the figures are noisy, and the file says so
+        [sys.executable, "bench/train.py", "--smoke", "--join-cluster", "--allow-busy", "--output", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env=ray_cluster.client_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -662,6 +663,26 @@ def test_gpu_report_combines_stages_and_records_and_fails_on_a_failed_stage(tmp_
     assert "FAIL  faults" in shown and "triton vs eager, fp32, forward+backward: 2.00x" in shown
     md = (tmp_path / "g.md").read_text()
     assert "| faults | FAIL |" in md and "## Kernel benchmark" in md
+
+
+@pytest.mark.parametrize("before, during, busy", [
+    (0.1, [1.9, 2.2], None),                           # the benchmark's own runs keep both CPUs busy: quiet
+    (1.3, [1.9], "load average 1.30 before the first run on 2 CPUs (above 0.50)"),
+    (0.2, [2.0, 3.6], "load average up to 3.60 during the runs on 2 CPUs (above 3.00)"),
+    (None, [None], None),                              # no load average on this platform
+])
+def test_a_busy_machine_is_named_and_its_comparison_written_only_when_allowed(before, during, busy, capsys):
+    from _results import busy_banner, busy_reason, refuse_busy
+
+    reason = busy_reason(before, during, 2)
+    assert (reason is None) if busy is None else (busy in reason)
+    assert refuse_busy(reason, allowed=False, what="bench/x.py") == (busy is not None)
+    assert not refuse_busy(reason, allowed=True, what="bench/x.py")
+    if busy:
+        assert "not written: the machine was busy" in capsys.readouterr().err
+        assert busy_banner(reason)[0].startswith("> **Measured on a busy machine**")
+    else:
+        assert busy_banner(reason) == []
 
 
 def test_kernels_starts_no_case_past_its_budget_nor_a_compile_case_without_time_to_compile(monkeypatch):

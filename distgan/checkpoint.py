@@ -7,6 +7,7 @@ so `torch.load(weights_only=True)` can read it without unpickling code.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import random
@@ -284,6 +285,23 @@ def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
                           stacklevel=2)
         return state, directory
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------ how Ray ranks checkpoints
+
+# Ray keeps the best --num-to-keep checkpoints by this metric (order "min"), reported with every checkpoint of
+# every run whatever --eval-every was: an evaluated checkpoint's FID, else UNSCORED, worse than any FID and
+# finite. Ray ranks a checkpoint that lacks the metric as the best in "min" order, and writes inf or nan to
+# its snapshot as JSON null, which it cannot rank when the run resumes.
+RANK_METRIC = "fid_rank"
+UNSCORED = 1e300
+
+
+def rank_of(metrics: dict[str, Any]) -> float:
+    """RANK_METRIC's value for a checkpoint reported with `metrics`: its FID when finite, else UNSCORED."""
+    fid = metrics.get("fid")
+    finite = isinstance(fid, (int, float)) and not isinstance(fid, bool) and math.isfinite(fid)
+    return float(fid) if finite else UNSCORED
 
 
 # ------------------------------------------------------------------------------ what a resumed run must keep

@@ -18,11 +18,12 @@ import signal
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from distgan.config import (
+from distgan.config import (  # noqa: F401  (LaunchError: raised here, imported from here by the driver)
     MAX_FAILURES_CLUSTER,
     MAX_FAILURES_LOCAL,
     RAY_JOB_CONFIG_ENV,
     ConfigError,
+    LaunchError,
     TrainConfig,
 )
 
@@ -44,10 +45,6 @@ RUNTIME_ENV_VARS = ("TRITON_INTERPRET",)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The session directory (/tmp/ray/session_*) of the local instance this process started; removed when it stops.
 _local_session: Optional[Path] = None
-
-
-class LaunchError(RuntimeError):
-    pass
 
 
 @contextlib.contextmanager
@@ -282,7 +279,7 @@ def size_workers(cfg: TrainConfig, nodes: list, use_gpu: bool, found: Optional[t
     except ValueError as e:
         raise ConfigError(str(e), field="cpus_per_worker") from None
     sized = dataclasses.replace(cfg, num_workers=plan.num_workers, cpus_per_worker=plan.cpus_per_worker).validate()
-    from distgan.runs import check_resume  # runs imports this module
+    from distgan.runs import check_resume
 
     check_resume(sized, found)
     log(f"distgan: {plan.describe(cfg.batch_size)}")

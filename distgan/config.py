@@ -68,6 +68,11 @@ class ConfigError(ValueError):
         self.field = field
 
 
+class LaunchError(RuntimeError):
+    """A run that cannot start for a reason outside its values (Ray unreachable, the run held by another driver,
+    its checkpoints all invalid); the CLI prints it as one line and exits 2, before any worker starts."""
+
+
 def _opt(default: Any, help: str, shown: Optional[str] = None) -> Any:
     """A field with its --help text; `shown` describes the default when the literal is not the whole truth
     (None that means "decided at run time", a relative path resolved later)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -29,29 +28,17 @@ import torch
 
 from distgan import storage, worker
 from distgan.checkpoint import (
+    RANK_METRIC,
     STATE_FILE,
     checkpoint_dir_name,
     load_latest_valid,
     load_state,
+    rank_of,
     save_state,
     write_error,
 )
 from distgan.config import config_from_dict
 from distgan.trainer import Trainer
-
-# Ray keeps the best --num-to-keep checkpoints by this metric (order "min"), reported with every checkpoint of
-# every run whatever --eval-every was: an evaluated checkpoint's FID, else UNSCORED, worse than any FID and
-# finite. Ray ranks a checkpoint that lacks the metric as the best in "min" order, and writes inf or nan to
-# its snapshot as JSON null, which it cannot rank when the run resumes.
-RANK_METRIC = "fid_rank"
-UNSCORED = 1e300
-
-
-def rank_of(metrics: dict[str, Any]) -> float:
-    """RANK_METRIC's value for a checkpoint reported with `metrics`: its FID when finite, else UNSCORED."""
-    fid = metrics.get("fid")
-    finite = isinstance(fid, (int, float)) and not isinstance(fid, bool) and math.isfinite(fid)
-    return float(fid) if finite else UNSCORED
 
 
 def _load_checkpoint(trainer: Trainer) -> Optional[int]:

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from distgan import storage
-from distgan.cluster import LaunchError
-from distgan.config import ConfigError, TrainConfig, config_from_dict
+from distgan.config import ConfigError, LaunchError, TrainConfig, config_from_dict
 
 # One live driver per run: two would interleave checkpoint names, Ray's snapshot, metrics.jsonl and the stop
 # request. The driver holds a claim file in the run directory and rewrites it every CLAIM_HEARTBEAT_S; a
@@ -342,7 +341,7 @@ def _kept_entries(run: str, snapshot: Optional[dict], names: list[str], skipped:
                   state: dict) -> tuple[dict[str, tuple[dict, int]], int]:
     """The record's entries that exist and validate (or were not looked at: older than the target), and the
     target: {name: (metrics with a finite RANK_METRIC, report index)}, and the record's next report index."""
-    from distgan.loop import RANK_METRIC, rank_of
+    from distgan.checkpoint import RANK_METRIC, rank_of
     from distgan.sample import checkpoint_fids
 
     results = list((snapshot or {}).get("checkpoint_results") or [])
@@ -367,7 +366,7 @@ def _rebuilt_record(snapshot: Optional[dict], kept: dict[str, tuple[dict, int]],
     """Ray's record naming only the `kept` checkpoints, with `target` as the latest; the rest of `snapshot` kept."""
     import ray
 
-    from distgan.loop import RANK_METRIC
+    from distgan.checkpoint import RANK_METRIC
 
     # Ray keeps its list in ascending order of its key, (True, -rank) for "min": worst first, ties by report order
     order = sorted(kept, key=lambda n: (-kept[n][0][RANK_METRIC], kept[n][1]))

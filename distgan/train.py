@@ -140,7 +140,8 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distgan.loop import RANK_METRIC, train_loop_per_worker
+    from distgan.checkpoint import RANK_METRIC
+    from distgan.loop import train_loop_per_worker
 
     max_failures = cfg.max_failures if cfg.max_failures is not None else cluster.default_max_failures()
     return TorchTrainer(
@@ -212,7 +213,7 @@ def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]
 
 def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
     """run(), from the moment this driver holds the run directory; `data` is check_data's."""
-    from distgan.loop import RANK_METRIC
+    from distgan.checkpoint import RANK_METRIC
 
     found = runs.reconcile_run(cfg)
     runs.check_resume(cfg, found)

@@ -464,7 +464,7 @@ def _ray_manager(storage: Path, name: str, num_to_keep: int = 3):
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from distgan.loop import RANK_METRIC
+    from distgan.checkpoint import RANK_METRIC
 
     config = CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=RANK_METRIC,
                               checkpoint_score_order="min")
@@ -560,7 +560,7 @@ def test_every_checkpoint_score_survives_the_records_json_and_unscored_ones_rank
     from ray.train._checkpoint import Checkpoint
     from ray.train._internal.session import _TrainingResult
 
-    from distgan.loop import RANK_METRIC, UNSCORED
+    from distgan.checkpoint import RANK_METRIC, UNSCORED
 
     run = _run_with(tmp_path, [2, 4, 6, 8])
     names = [f"checkpoint_{s:08d}" for s in (2, 4, 6, 8)]

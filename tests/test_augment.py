@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import make_cfg, small_dataset, spawn_and_load
 from torch import nn
 
 from distgan.augment import ADA_INTERVAL, SEED_OFFSET, Augment, augment, build_augment, cutout, translation
@@ -15,6 +14,7 @@ from distgan.step import gan_step
 from distgan.trainer import Trainer
 
 from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
+from support import make_cfg, small_dataset, spawn_and_load
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -111,7 +111,7 @@ def test_readme_setup_commands_are_the_main_job_and_what_ci_runs():
 
 
 def test_readme_smoke_commands_are_the_ones_the_clone_test_runs():
-    from test_readme_commands import readme_smoke_commands
+    from support import readme_smoke_commands
 
     commands = readme_smoke_commands()
     assert [c[:3] for c in commands] == [["python", "-m", "distgan.train"], ["python", "-m", "distgan.sample"]]

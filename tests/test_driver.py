@@ -485,7 +485,7 @@ def _record(run: Path, names: list[str], metrics: dict[str, dict], latest: str) 
 
 
 def _run_with(tmp_path, steps: list[int]) -> Path:
-    from test_sample import make_checkpoint
+    from support import make_checkpoint
 
     run = tmp_path / "sample-test"
     for step in steps:

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_trainer import make_cfg, small_dataset
 
 import distgan.step
 from distgan import cluster, hardware
@@ -23,6 +22,8 @@ from distgan.cli import parse_args
 from distgan.config import ConfigError, TrainConfig
 from distgan.hardware import MIN_LOCAL_BN_IMAGES, Node, plan_workers
 from distgan.trainer import Trainer
+
+from support import make_cfg, small_dataset
 
 
 def sized(monkeypatch, tmp_path, cpus: int, gpus: int, *flags: str, found=None):

@@ -2,24 +2,13 @@
 `git status` clean: training writes under ./runs, `distgan.sample` into the run directory, the benchmarks into
 git-ignored dated files (tests/test_bench.py)."""
 
-import re
-import shlex
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO, describe
-
-
-def readme_smoke_commands() -> list[list[str]]:
-    """The README's first bash block made only of `python -m distgan.*` commands (the short run and the samples
-    drawn from it), one argv a line, comments dropped."""
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S):
-        commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
-        if commands and all(c[:2] == ["python", "-m"] and c[2].startswith("distgan.") for c in commands):
-            return commands
-    raise AssertionError("README.md has no bash block of `python -m distgan.*` commands")
+from support import readme_smoke_commands
 
 
 @pytest.mark.slow

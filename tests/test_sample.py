@@ -13,28 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distgan.checkpoint import capture_rng, save_state
-from distgan.config import TrainConfig
-from distgan.models import build_models
 from distgan.sample import generate, load_generator, main
 
+from support import make_checkpoint, ray_snapshot
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def make_checkpoint(directory: Path, step: int) -> Path:
-    """A real checkpoint of the default models, with weights that differ by step."""
-    torch.manual_seed(step)
-    cfg = TrainConfig(name="sample-test", storage_path=str(directory.parent.parent), kernels="eager").validate()
-    g, d = build_models(cfg)
-    ema_g, _ = build_models(cfg)
-    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
-    state = {"format": 2, "config": cfg.to_dict(), "step": step, "epoch": 0, "g_steps_into_epoch": 0,
-             "generator": g.state_dict(), "discriminator": d.state_dict(),
-             "ema": {"model": ema_g.state_dict(), "num_updates": step, "decay": 0.999},
-             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "fixed_noise": torch.randn(4, cfg.z_dim),
-             "rng": [capture_rng(torch.Generator())], "world_size": 1, "lr_scale": 1.0, "rollbacks": 0}
-    save_state(state, directory)
-    return directory
 
 
 def write_run(run: Path, names: list[str], evals: list[tuple[int, float]] = (), snapshot: dict | None = None) -> Path:
@@ -46,16 +29,6 @@ def write_run(run: Path, names: list[str], evals: list[tuple[int, float]] = (), 
     if snapshot is not None:
         (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     return run
-
-
-def ray_snapshot(fids: dict[str, float]) -> dict:
-    """The fields of Ray Train's checkpoint_manager_snapshot.json that matter here (an unevaluated
-    checkpoint is reported with fid inf, which Ray's JSON writes as null)."""
-    results = [{"version": 0, "checkpoint_dir_name": name,
-                "metrics": {"step": int(name.split("_")[1]), "fid": fid if math.isfinite(fid) else None}}
-               for name, fid in fids.items()]
-    return {"ray_version": "2.x", "checkpoint_results": results, "checkpoint_report_indices": [],
-            "latest_checkpoint_result": results[-1], "pending_training_results": [], "current_report_index": 0}
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pyarrow.fs
 import pytest
 import torch
 from PIL import Image
-from test_sample import make_checkpoint, ray_snapshot
 
 from distgan import storage
 from distgan.config import TrainConfig
@@ -26,6 +25,7 @@ from distgan.tracking import Tracker
 
 from conftest import s3_env
 from ray_local import free_port
+from support import make_checkpoint, ray_snapshot
 from wandb_offline import QUALITY, step_metrics
 
 REPO = Path(__file__).resolve().parent.parent

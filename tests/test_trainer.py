@@ -14,35 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import TensorDataset
 
 from distgan.config import TrainConfig
-from distgan.data import mnist5k, to_model_range
 from distgan.local import spawn
 from distgan.trainer import Trainer
 
 from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
-
-NUM_IMAGES = 64  # per-worker batch 4 x 2 workers -> 8 G steps an epoch
-
-
-def small_dataset() -> TensorDataset:
-    images, labels = mnist5k("train")
-    return TensorDataset(to_model_range(images[:NUM_IMAGES]), torch.from_numpy(labels[:NUM_IMAGES]))
-
-
-def make_cfg(tmp, **overrides) -> TrainConfig:
-    base = dict(num_workers=2, batch_size=8, epochs=3, eval_every=1, checkpoint_every=1, eval_samples=64,
-                wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0,
-                lr_decay_start=1.0)  # these runs stop early with --max-steps: a constant rate keeps their schedule
-    return TrainConfig(**{**base, **overrides}).validate()
-
-
-def spawn_and_load(fn, tmp: Path, stem: str, world: int = 2) -> list:
-    """fn(rank, tmp) in `world` gloo processes; what each rank saved to tmp/<stem><rank>.pt."""
-    spawn(fn, world, tmp, timeout_s=300)
-    return [torch.load(tmp / f"{stem}{r}.pt", weights_only=False) for r in range(world)]
-
+from support import make_cfg, small_dataset, spawn_and_load
 
 # ----------------------------------------------------------------------------------------------- round trip
 

@@ -1,0 +1,77 @@
+"""What several test modules build the same way: small training configs and datasets, the two-rank spawn,
+real checkpoints and Ray's record of them, the README's smoke commands. Test modules import from here, never
+from one another."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from distgan.checkpoint import capture_rng, save_state
+from distgan.config import TrainConfig
+from distgan.data import mnist5k, to_model_range
+from distgan.local import spawn
+from distgan.models import build_models
+
+REPO = Path(__file__).resolve().parent.parent
+
+NUM_IMAGES = 64  # per-worker batch 4 x 2 workers -> 8 G steps an epoch
+
+
+def small_dataset() -> TensorDataset:
+    images, labels = mnist5k("train")
+    return TensorDataset(to_model_range(images[:NUM_IMAGES]), torch.from_numpy(labels[:NUM_IMAGES]))
+
+
+def make_cfg(tmp, **overrides) -> TrainConfig:
+    base = dict(num_workers=2, batch_size=8, epochs=3, eval_every=1, checkpoint_every=1, eval_samples=64,
+                wandb_mode="disabled", storage_path=str(tmp), name="t", seed=3, checkpoint_every_minutes=0,
+                lr_decay_start=1.0)  # these runs stop early with --max-steps: a constant rate keeps their schedule
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def spawn_and_load(fn, tmp: Path, stem: str, world: int = 2) -> list:
+    """fn(rank, tmp) in `world` gloo processes; what each rank saved to tmp/<stem><rank>.pt."""
+    spawn(fn, world, tmp, timeout_s=300)
+    return [torch.load(tmp / f"{stem}{r}.pt", weights_only=False) for r in range(world)]
+
+
+def make_checkpoint(directory: Path, step: int) -> Path:
+    """A real checkpoint of the default models, with weights that differ by step."""
+    torch.manual_seed(step)
+    cfg = TrainConfig(name="sample-test", storage_path=str(directory.parent.parent), kernels="eager").validate()
+    g, d = build_models(cfg)
+    ema_g, _ = build_models(cfg)
+    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    state = {"format": 2, "config": cfg.to_dict(), "step": step, "epoch": 0, "g_steps_into_epoch": 0,
+             "generator": g.state_dict(), "discriminator": d.state_dict(),
+             "ema": {"model": ema_g.state_dict(), "num_updates": step, "decay": 0.999},
+             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "fixed_noise": torch.randn(4, cfg.z_dim),
+             "rng": [capture_rng(torch.Generator())], "world_size": 1, "lr_scale": 1.0, "rollbacks": 0}
+    save_state(state, directory)
+    return directory
+
+
+def ray_snapshot(fids: dict[str, float]) -> dict:
+    """The fields of Ray Train's checkpoint_manager_snapshot.json that matter here (an unevaluated
+    checkpoint is reported with fid inf, which Ray's JSON writes as null)."""
+    results = [{"version": 0, "checkpoint_dir_name": name,
+                "metrics": {"step": int(name.split("_")[1]), "fid": fid if math.isfinite(fid) else None}}
+               for name, fid in fids.items()]
+    return {"ray_version": "2.x", "checkpoint_results": results, "checkpoint_report_indices": [],
+            "latest_checkpoint_result": results[-1], "pending_training_results": [], "current_report_index": 0}
+
+
+def readme_smoke_commands() -> list[list[str]]:
+    """The README's first bash block made only of `python -m distgan.*` commands (the short run and the samples
+    drawn from it), one argv a line, comments dropped."""
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S):
+        commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+        if commands and all(c[:2] == ["python", "-m"] and c[2].startswith("distgan.") for c in commands):
+            return commands
+    raise AssertionError("README.md has no bash block of `python -m distgan.*` commands")

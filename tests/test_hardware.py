@@ -5,15 +5,12 @@ its cache, the broadcast of rank 0's choice, and a resume that keeps the precisi
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import distgan.step
 from distgan import cluster, hardware
@@ -21,6 +18,7 @@ from distgan.checkpoint import load_state, save_state
 from distgan.cli import parse_args
 from distgan.config import ConfigError, TrainConfig
 from distgan.hardware import MIN_LOCAL_BN_IMAGES, Node, plan_workers
+from distgan.local import spawn
 from distgan.trainer import Trainer
 
 from support import make_cfg, small_dataset
@@ -296,18 +294,8 @@ def _broadcast_worker(rank, tmp):
 
 
 def test_every_rank_runs_rank_zeros_measured_precision(tmp_path):
-    mp.start_processes(_broadcast_entry, args=(tmp_path,), nprocs=2, start_method="spawn")
+    spawn(_broadcast_worker, 2, tmp_path, timeout_s=120)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["bf16 measured"] * 2
-
-
-def _broadcast_entry(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        _broadcast_worker(rank, tmp)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fp16_off_cuda_is_refused_and_cuda_sm80_keeps_bf16_without_measuring(monkeypatch):

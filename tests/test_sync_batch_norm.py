@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kernels
+from distgan.local import spawn
 from kernels import reference
 
 from conftest import requires_gpu
@@ -90,25 +90,21 @@ def _run_case(case, impl, rows=None, group=None):
     return out
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for case in CASES:
-            sizes = case[2]
-            lo = sum(sizes[:rank])
-            for impl in IMPLS:
-                results[(case[0], impl)] = _run_case(case, impl, (lo, lo + sizes[rank]), dist.group.WORLD)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir):
+    results = {}
+    for case in CASES:
+        sizes = case[2]
+        lo = sum(sizes[:rank])
+        for impl in IMPLS:
+            results[(case[0], impl)] = _run_case(case, impl, (lo, lo + sizes[rank]), dist.group.WORLD)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sync_bn")
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()  # inherited by the workers
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    spawn(_worker, WORLD, str(tmp))
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

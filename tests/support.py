@@ -75,3 +75,47 @@ def readme_smoke_commands() -> list[list[str]]:
         if commands and all(c[:2] == ["python", "-m"] and c[2].startswith("distgan.") for c in commands):
             return commands
     raise AssertionError("README.md has no bash block of `python -m distgan.*` commands")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Polls `predicate` every half second; AssertionError naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Background:
+    """`argv` run in the background in a process group of its own (so a test can signal the whole group, as a
+    terminal or `timeout` does), its stdout and stderr in `log`; `wait_for_log(text)` waits until the log says
+    `text` or the process ends. A context manager that SIGKILLs the group if it still runs at the end."""
+
+    def __init__(self, argv: list, log: Path, env: dict, cwd: Path = REPO):
+        import subprocess
+
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=cwd, stdout=self._out,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 240) -> None:
+        wait_for(lambda: text in self.text() or self.proc.poll() is not None, timeout, f"{text!r} in {self.log}")
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self._out.close()

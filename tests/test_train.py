@@ -17,6 +17,7 @@ from distgan.checkpoint import load_state
 from distgan.tracking import EPOCH_KEYS, STEP_KEYS
 
 from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe, run_train, summary_of
+from support import Background, wait_for
 from wandb_offline import FAKE_KEY, read_offline_run
 
 pytestmark = pytest.mark.slow
@@ -168,19 +169,14 @@ def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resu
 
     args = ["--batch-size", 32, "--max-steps", 300, "--eval-every", 0, "--checkpoint-every-minutes", 0,
             "--storage-path", tmp_path, "--name", "ctrl-c"]
-    log = tmp_path / "driver.log"
     env = ray_cluster.client_env(WANDB_MODE="disabled")
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
-                                  stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.time() + 180
-        while "img/s" not in log.read_text() and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.5)
+    with Background([sys.executable, "-m", "distgan.train", *args], tmp_path / "driver.log", env) as driver:
+        driver.wait_for_log("img/s", 180)
         time.sleep(2)  # a few steps in, between checkpoints
-        os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        driver.wait(timeout=120)
-    text = log.read_text()
-    assert driver.returncode == 130, text[-3000:]
+        os.killpg(driver.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        driver.proc.wait(timeout=120)
+    text = driver.text()
+    assert driver.proc.returncode == 130, text[-3000:]
     found = re.search(r"interrupted: checkpoint (\S+) written at step (\d+); to resume: (.+)", text)
     assert found, text[-3000:]
     checkpoint, step, command = Path(found.group(1)), int(found.group(2)), found.group(3)
@@ -196,17 +192,6 @@ def test_ctrl_c_checkpoints_at_the_interrupted_step_and_the_printed_command_resu
     assert f"at step {step} " in resumed.stdout + resumed.stderr and "resumed from" in resumed.stdout
     assert "Reporting training result" in resumed.stdout + resumed.stderr
     assert summary_of(resumed)["final"]["step"] == step + 3
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _stopped_checkpoint(text: str) -> tuple[Path, int]:
@@ -226,16 +211,13 @@ def test_sigterm_to_the_driver_checkpoints_like_the_first_ctrl_c_and_exits_143(r
 
     args = ["--batch-size", 32, "--max-steps", 300, "--eval-every", 0, "--checkpoint-every-minutes", 0,
             "--storage-path", tmp_path, "--name", "term"]
-    log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)],
-                                  env=ray_cluster.client_env(WANDB_MODE="disabled"), cwd=REPO, stdout=out,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        _wait_for(lambda: "img/s" in log.read_text() or driver.poll() is not None, 180, "training to start")
-        os.kill(driver.pid, signal.SIGTERM)
-        driver.wait(timeout=120)
-    text = log.read_text()
-    assert driver.returncode == 143, text[-3000:]
+    env = ray_cluster.client_env(WANDB_MODE="disabled")
+    with Background([sys.executable, "-m", "distgan.train", *args], tmp_path / "driver.log", env) as driver:
+        driver.wait_for_log("img/s", 180)
+        os.kill(driver.proc.pid, signal.SIGTERM)
+        driver.proc.wait(timeout=120)
+    text = driver.text()
+    assert driver.proc.returncode == 143, text[-3000:]
     assert "SIGTERM: the workers stop at the next step and write a checkpoint; SIGTERM again to stop at once" in text
     assert "*** SIGTERM received" not in text  # Ray's own handler: a stack dump and exit 134
     _stopped_checkpoint(text)
@@ -260,17 +242,13 @@ def test_sigterm_before_training_starts_stops_at_once_without_rays_stack_dump(ra
     import signal
 
     args = ["--max-steps", 20, "--storage-path", tmp_path, "--name", "early-term"]
-    log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-c", _HELD_AT_PLACEMENT, *map(str, args)],
-                                  env=ray_cluster.client_env(WANDB_MODE="disabled"), cwd=REPO, stdout=out,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        _wait_for(lambda: "waiting for placement" in log.read_text() or driver.poll() is not None, 120,
-                  "the driver to connect to Ray")
-        os.kill(driver.pid, signal.SIGTERM)
-        driver.wait(timeout=60)
-    text = log.read_text()
-    assert driver.returncode == 143, text[-3000:]
+    env = ray_cluster.client_env(WANDB_MODE="disabled")
+    with Background([sys.executable, "-c", _HELD_AT_PLACEMENT, *args], tmp_path / "driver.log", env) as driver:
+        driver.wait_for_log("waiting for placement", 120)  # connected to Ray, no worker started
+        os.kill(driver.proc.pid, signal.SIGTERM)
+        driver.proc.wait(timeout=60)
+    text = driver.text()
+    assert driver.proc.returncode == 143, text[-3000:]
     assert "*** SIGTERM received" not in text  # Ray's own handler: a stack dump and exit 134
     assert "interrupted at once; the last checkpoint is kept; to resume: python -m distgan.train" in text
     assert not (tmp_path / "early-term" / "driver_claim.json").exists()
@@ -299,12 +277,12 @@ def test_ray_job_stop_checkpoints_before_the_job_ends(ray_cluster, tmp_path):
                               text=True, timeout=60)
         return proc.stdout + proc.stderr
 
-    _wait_for(lambda: "img/s" in job("logs") or "FAILED" in job("status"), 240, "the job to train")
+    wait_for(lambda: "img/s" in job("logs") or "FAILED" in job("status"), 240, "the job to train")
     stop = subprocess.run([ray_bin, "job", "stop", *address, job_id], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=150)
     assert stop.returncode == 0, describe(stop)
     try:
-        _wait_for(lambda: "was stopped" in job("status"), 120, "the job to stop")
+        wait_for(lambda: "was stopped" in job("status"), 120, "the job to stop")
     except AssertionError:
         raise AssertionError(f"{describe(stop)}\n{job('status')}\n{job('logs')[-3000:]}") from None
     text = job("logs")
@@ -388,17 +366,14 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
     token = tmp_path / "auth_token"  # a token on the machine (as after any `ray start` with token auth): Ray
     token.write_text("0123456789abcdef" * 4)  # turns token auth on for a local instance, and says so
     env = _local_run_env(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_TOKEN_PATH=str(token))
-    log = tmp_path / "driver.log"
     try:
-        with open(log, "w") as out:
-            driver = subprocess.Popen([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
-                                      stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            _wait_for(lambda: "img/s" in log.read_text() or driver.poll() is not None, 240, "training to start")
+        with Background([sys.executable, "-m", "distgan.train", *args], tmp_path / "driver.log", env) as driver:
+            driver.wait_for_log("img/s", 240)
             assert any(ray_tmp.glob("ray/session_*")), "the run's local Ray instance lives under RAY_TMPDIR"
-            os.killpg(driver.pid, getattr(signal, signame))  # the driver, Ray's processes and the workers
-            driver.wait(timeout=120)
-        text = log.read_text()
-        assert driver.returncode == code, text[-3000:]
+            os.killpg(driver.proc.pid, getattr(signal, signame))  # the driver, Ray's processes and the workers
+            driver.proc.wait(timeout=120)
+        text = driver.text()
+        assert driver.proc.returncode == code, text[-3000:]
         assert f"{signame}: the workers stop at the next step and write a checkpoint" in text, text[-3000:]
         assert "Token authentication" not in text  # the default output holds distgan's lines
         _, step = _stopped_checkpoint(text)
@@ -413,8 +388,6 @@ def test_a_stop_signal_to_every_process_of_a_local_run_checkpoints_and_leaves_no
         assert drawn.returncode == 0 and f"to {storage_path}/group/samples/" in drawn.stdout, describe(drawn)
         assert not list((ray_tmp / "ray").iterdir()), "the local Ray instance's session is left behind"
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -23,6 +23,7 @@ from distgan.tune import (
 )
 
 from conftest import FAST_POLL, REPO, describe
+from support import Background
 
 
 def test_base_flag_needing_a_searched_value_is_checked_with_that_value(tmp_path):
@@ -160,23 +161,18 @@ def test_ctrl_c_or_sigterm_stops_the_search_keeps_what_the_trials_reported_and_s
     and abort): Tune stops the search, and the exit status says it was stopped."""
     import os
     import signal
-    import time
 
     signum = signal.Signals[signame]
 
     env = ray_cluster.client_env(**{"WANDB_MODE": "disabled", **FAST_POLL})
-    log = tmp_path / "tune.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "distgan.tune", "--grid", "seed", "0", "1", "--scheduler",
-                                 "fifo", "--epochs", "10", "--eval-every", "1", "--eval-samples", "200",
-                                 "--storage-path", str(tmp_path / "runs"), "--name", "search"],
-                                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while "img/s" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)  # a trial is training
-        os.kill(proc.pid, signum)
-        proc.wait(timeout=180)
-    text = log.read_text()
+    argv = [sys.executable, "-m", "distgan.tune", "--grid", "seed", "0", "1", "--scheduler", "fifo", "--epochs", 10,
+            "--eval-every", 1, "--eval-samples", 200, "--storage-path", tmp_path / "runs", "--name", "search"]
+    with Background(argv, tmp_path / "tune.log", env) as search:
+        search.wait_for_log("img/s", 300)  # a trial is training
+        os.kill(search.proc.pid, signum)
+        search.proc.wait(timeout=180)
+    text = search.text()
+    proc = search.proc
     assert proc.returncode == 128 + signum, text[-3000:]
     assert "*** SIGTERM received" not in text
     assert f"distgan.tune: stopped by {signame}: the table holds what each trial reported" in text

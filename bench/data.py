@@ -18,8 +18,9 @@ default); and that folder prepared by `python -m distgan.prepare`. Measured:
                  training on it against the embedded digits (the data check reads checksums, not images).
 
 Training runs are interleaved (embedded, folder, prepared at each size, then again, --repeats times) so that other
-load falls on all alike; the 1-minute load average is recorded before each. An unmeasured run at each size first
-lets --precision auto measure and cache its choice, so that no measured run pays for it.
+load falls on all alike; each run records the CPU that other processes used while it ran (the machine's busy time
+from /proc/stat less this benchmark's children's, in cores), the measure of how undisturbed it was. An unmeasured
+run at each size first lets --precision auto measure and cache its choice, so that no measured run pays for it.
 
 Writes a new bench/results/runs/data-<preset>_<processor>-<N>c_<yyyy-mm>-<stamp>.{json,md} (git-ignored), or
 exactly --output PATH.
@@ -28,8 +29,10 @@ exactly --output PATH.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,10 +66,35 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(warmup=5, steps=30, repeats=3, batch_size=64, images=4000, copies=5),
+    "full": Preset(warmup=5, steps=40, repeats=3, batch_size=64, images=4000, copies=5),
     "quick": Preset(warmup=5, steps=20, repeats=2, batch_size=64, images=4000, copies=2),
     "smoke": Preset(warmup=1, steps=2, repeats=1, batch_size=16, images=64, copies=1),
 }
+
+
+def steps_at(preset: Preset, size: int) -> Preset:
+    """The preset with the steps measured at `size`: a step below 64 px is about 2.5x faster, so it measures 3x
+    the steps, for a window of comparable seconds (a few seconds of steps are at the mercy of any other load)."""
+    return dataclasses.replace(preset, steps=preset.steps * (3 if size < 64 else 1))
+
+
+class OtherLoad:
+    """The cores that processes other than this one's children used between start() and stop(): the machine's
+    busy CPU time (/proc/stat) less this process's waited-for children's (getrusage), over the wall clock."""
+
+    def start(self) -> "OtherLoad":
+        self.t0, self.busy0, self.ours0 = time.time(), *self._cpu()
+        return self
+
+    def stop(self) -> float:
+        busy, ours = self._cpu()
+        return round(max(0.0, (busy - self.busy0) - (ours - self.ours0)) / max(time.time() - self.t0, 1e-9), 2)
+
+    @staticmethod
+    def _cpu() -> tuple[float, float]:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
 
 
 def write_folder(root: Path, size: int, count: int, copies: int) -> int:
@@ -90,17 +118,17 @@ def prepare(folder: Path, output: Path, size: int, timeout: float = 1800) -> dic
     """`python -m distgan.prepare` of `folder`, timed; its images/s once Ray was up, as it reports them."""
     cmd = [sys.executable, "-m", "distgan.prepare", "--data-root", str(folder), "--image-size", str(size),
            "--channels", "1", "--output", str(output)]
-    load, t0 = os.getloadavg()[0], time.time()
+    load, t0, other = os.getloadavg()[0], time.time(), OtherLoad().start()
     proc = subprocess.run(cmd, cwd=REPO, env=bench_train._child_env(), capture_output=True, text=True,
                           timeout=timeout)
-    wall = time.time() - t0
+    wall, other_load = time.time() - t0, other.stop()
     found = re.search(r"prepared (\d+) images .*: (\d+) images/s once Ray was up", proc.stdout)
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     bench_train._wait_for_ray_exit()
     return {"size": size, "images": int(found.group(1)), "wall_s": round(wall, 2),
             "images_per_s": int(found.group(2)), "wall_images_per_s": round(int(found.group(1)) / wall, 1),
-            "loadavg_1m": load}
+            "loadavg_1m": load, "other_load": other_load}
 
 
 def train_command(preset: Preset, size: int, source: str, root: Path | None, storage: Path, name: str,
@@ -117,16 +145,18 @@ def train_command(preset: Preset, size: int, source: str, root: Path | None, sto
 def train(preset: Preset, size: int, source: str, root: Path | None, storage: Path, name: str, precision: str,
           timeout: float = 1800) -> dict:
     """One `python -m distgan.local` run: steady-state images/s and command-to-first-step seconds."""
+    preset = steps_at(preset, size)
     cmd = train_command(preset, size, source, root, storage, name, precision, preset.warmup + preset.steps)
-    load, t_submit = os.getloadavg()[0], time.time()
+    load, t_submit, other = os.getloadavg()[0], time.time(), OtherLoad().start()
     proc = subprocess.run(cmd, cwd=REPO, env=bench_train._child_env(), capture_output=True, text=True,
                           timeout=timeout)
+    other_load = other.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     figures = bench_train.throughput_from_metrics(storage / name / "metrics.jsonl", preset, t_submit)
     return {"size": size, "source": source, "images_per_s": round(figures["images_per_s"], 1),
             "first_step_s": round(figures["first_step_s"], 2), "wall_s": round(time.time() - t_submit, 1),
-            "loadavg_1m": load}
+            "loadavg_1m": load, "other_load": other_load}
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -144,7 +174,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             rows.append({"size": size, "source": source, "runs": len(rs), "images_per_s": round(rate, 1),
                          "min": min(r["images_per_s"] for r in rs), "max": max(r["images_per_s"] for r in rs),
                          "vs_embedded": round(rate / base, 3) if base else None, "first_step_s": round(first, 2),
-                         "first_step_minus_embedded_s": round(first - base_first, 2) if base_first else None})
+                         "first_step_minus_embedded_s": round(first - base_first, 2) if base_first else None,
+                         "other_load_max": max(r.get("other_load", 0.0) for r in rs)})
     return rows
 
 
@@ -153,18 +184,20 @@ def render_markdown(result: dict) -> str:
     lines = ["# Data paths: embedded digits, an image folder, the folder prepared", "",
              f"`{result['command']}` ({result['created']})", "",
              f"- machine: {m['processor']}, {m['cpu_count']} CPUs; 1-minute load average before the first run "
-             f"{result['loadavg_before']:.2f}, highest before any run {result['loadavg_max']:.2f}",
+             f"{result['loadavg_before']:.2f}; CPU used by other processes during the runs: median "
+             f"{result['other_load_median']} cores, most {result['other_load_max']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
              f"- git: {result['git']['commit']}" + (" (uncommitted changes)" if result["git"]["dirty"] else ""),
              f"- training: `python -m distgan.local`, 2 workers, global batch {p['batch_size']}, 1 channel, "
              f"--precision {result['precision']}; images/s over steps {p['warmup'] + 1}-{p['warmup'] + p['steps']}"
-             f", median of {p['repeats']} interleaved runs; folder: {p['images']} digits x {p['copies']} = "
-             f"{p['images'] * p['copies']} PNGs", "",
+             f" at 64 px ({p['warmup'] + 1}-{p['warmup'] + 3 * p['steps']} below), median of {p['repeats']} "
+             f"interleaved runs; folder: {p['images']} digits x {p['copies']} = {p['images'] * p['copies']} PNGs", "",
              "| size | source | images/s (median) | min-max | vs embedded | command to first step (s) | "
-             "minus embedded (s) |", "|---|---|---|---|---|---|---|"]
+             "minus embedded (s) | other load, most (cores) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['size']} | {r['source']} | {r['images_per_s']} | {r['min']}-{r['max']} | "
-                     f"{r['vs_embedded']} | {r['first_step_s']} | {r['first_step_minus_embedded_s']} |")
+                     f"{r['vs_embedded']} | {r['first_step_s']} | {r['first_step_minus_embedded_s']} | "
+                     f"{r['other_load_max']} |")
     lines += ["", "| preparing | images | command wall clock (s) | images/s from Ray's start | images/s of the "
                   "whole command |", "|---|---|---|---|---|"]
     for r in result["preparation"]:
@@ -240,11 +273,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="distgan-bench-data-") as tmp:
         bench_train.RAY_TMPDIR = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # the prepare runs' own Ray
         preps, runs, scale = measure(preset, args, Path(tmp))
-    loads = [r["loadavg_1m"] for r in preps + runs]
+    others = [r["other_load"] for r in preps + runs]
     result = {
         **_results.origin("bench/data.py", argv), "preset": preset_name, "preset_values": asdict(preset),
         "precision": args.precision, "processor": hardware.processor_name("cpu"), **provenance.collect(),
-        "loadavg_before": before, "loadavg_max": max(loads), "rows": summarise(runs), "preparation": preps,
+        "loadavg_before": before, "other_load_median": round(statistics.median(others), 2),
+        "other_load_max": max(others), "rows": summarise(runs), "preparation": preps,
         "scale": scale, "runs": runs, "wall_s": round(time.perf_counter() - t0, 1),
     }
     where = f"{hardware.slug(result['processor'])}-{result['machine']['cpu_count']}c"

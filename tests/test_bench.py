@@ -854,7 +854,7 @@ def test_data_summary_compares_each_source_with_the_embedded_digits_at_its_size(
     assert rows["embedded"]["vs_embedded"] == 1.0 and rows["folder"]["vs_embedded"] == round(170 / 305, 3)
     assert rows["prepared"] == {"size": 64, "source": "prepared", "runs": 2, "images_per_s": 300.0, "min": 295.0,
                                 "max": 305.0, "vs_embedded": round(300 / 305, 3), "first_step_s": 5.5,
-                                "first_step_minus_embedded_s": 0.25}
+                                "first_step_minus_embedded_s": 0.25, "other_load_max": 0.0}
 
 
 def test_data_bench_trains_each_source_through_distgan_local_with_the_same_flags(tmp_path):

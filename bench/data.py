@@ -118,7 +118,7 @@ def prepare(folder: Path, output: Path, size: int, timeout: float = 1800) -> dic
     """`python -m distgan.prepare` of `folder`, timed; its images/s once Ray was up, as it reports them."""
     cmd = [sys.executable, "-m", "distgan.prepare", "--data-root", str(folder), "--image-size", str(size),
            "--channels", "1", "--output", str(output)]
-    load, t0, other = os.getloadavg()[0], time.time(), OtherLoad().start()
+    load, t0, other = _results.load_now(), time.time(), OtherLoad().start()
     proc = subprocess.run(cmd, cwd=REPO, env=bench_train._child_env(), capture_output=True, text=True,
                           timeout=timeout)
     wall, other_load = time.time() - t0, other.stop()
@@ -147,7 +147,7 @@ def train(preset: Preset, size: int, source: str, root: Path | None, storage: Pa
     """One `python -m distgan.local` run: steady-state images/s and command-to-first-step seconds."""
     preset = steps_at(preset, size)
     cmd = train_command(preset, size, source, root, storage, name, precision, preset.warmup + preset.steps)
-    load, t_submit, other = os.getloadavg()[0], time.time(), OtherLoad().start()
+    load, t_submit, other = _results.load_now(), time.time(), OtherLoad().start()
     proc = subprocess.run(cmd, cwd=REPO, env=bench_train._child_env(), capture_output=True, text=True,
                           timeout=timeout)
     other_load = other.stop()
@@ -181,7 +181,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def render_markdown(result: dict) -> str:
     m, p = result["machine"], result["preset_values"]
-    lines = ["# Data paths: embedded digits, an image folder, the folder prepared", "",
+    lines = [*_results.busy_banner(result.get("busy")),
+             "# Data paths: embedded digits, an image folder, the folder prepared", "",
              f"`{result['command']}` ({result['created']})", "",
              f"- machine: {m['processor']}, {m['cpu_count']} CPUs; 1-minute load average before the first run "
              f"{result['loadavg_before']:.2f}; CPU used by other processes during the runs: median "
@@ -222,6 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: off; 200000 for the committed result)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="every run's --precision")
     add_output_args(p, "data-<preset>_<processor>-<N>c_<yyyy-mm>")
+    _results.add_load_args(p)
     args = p.parse_args(argv)
     if args.gpu_check:
         p.error("--gpu-check: bench/data.py measures the CPU data paths (distgan.local is CPU only)")
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
     preset = PRESETS[preset_name]
     if args.repeats:
         preset = Preset(**{**asdict(preset), "repeats": args.repeats})
-    t0, before = time.perf_counter(), os.getloadavg()[0]
+    t0, before = time.perf_counter(), _results.load_now()
     with tempfile.TemporaryDirectory(prefix="distgan-bench-data-") as tmp:
         bench_train.RAY_TMPDIR = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # the prepare runs' own Ray
         preps, runs, scale = measure(preset, args, Path(tmp))
@@ -280,7 +282,10 @@ def main(argv=None) -> int:
         "loadavg_before": before, "other_load_median": round(statistics.median(others), 2),
         "other_load_max": max(others), "rows": summarise(runs), "preparation": preps,
         "scale": scale, "runs": runs, "wall_s": round(time.perf_counter() - t0, 1),
+        "busy": _results.busy_reason(before, [r["loadavg_1m"] for r in preps + runs], os.cpu_count() or 1),
     }
+    if _results.refuse_busy(result["busy"], args.allow_busy, "bench/data.py"):
+        return 3
     where = f"{hardware.slug(result['processor'])}-{result['machine']['cpu_count']}c"
     path = _results.write_result(result, render_markdown(result),
                                  args.name or f"data-{preset_name}_{where}_{time.strftime('%Y-%m')}", args.output,

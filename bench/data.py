@@ -9,18 +9,21 @@ default); and that folder prepared by `python -m distgan.prepare`. Measured:
 
   preparation    the wall clock of `python -m distgan.prepare` (Ray's start included), and the images/s it reports
                  from Ray's start to the last shard;
-  training       images/s of the whole training step, from the steady-state step stamps of metrics.jsonl (as
-                 bench/train.py reads them), and the command-to-first-step time (the driver's data check, the
-                 workers' loading, the first step) of `python -m distgan.local`: the Trainer in 2 gloo processes
+  training       images/s of the whole training step, from the steady-state step stamps of metrics.jsonl (the
+                 intervals that hold an epoch's end, its sample grid and the loaders' restart, left out: the embedded
+                 digits end an epoch every 62 steps, 20,000 files every 312), and the command-to-first-step time
+                 (the driver's data check, the workers' loading, the first step) of `python -m distgan.local`:
+                 the Trainer in 2 gloo processes
                  with the loaders a Ray run uses, without Ray, whose start-up (the same for every source) would
                  only blur the comparison;
   at scale       with --scale-images N: a folder of N files prepared, and the command-to-first-step time of
                  training on it against the embedded digits (the data check reads checksums, not images).
 
-Training runs are interleaved (embedded, folder, prepared at each size, then again, --repeats times) so that other
-load falls on all alike; each run records the CPU that other processes used while it ran (the machine's busy time
-from /proc/stat less this benchmark's children's, in cores), the measure of how undisturbed it was. An unmeasured
-run at each size first lets --precision auto measure and cache its choice, so that no measured run pays for it.
+Training runs are interleaved (embedded, folder, prepared at each size, then again in a rotated order, --repeats
+times) so that other load and the machine's drift fall on all alike; each run records the CPU that other
+processes used while it ran (the machine's busy time from /proc/stat less this benchmark's children's, in cores),
+the measure of how undisturbed it was. An unmeasured run at each size first lets --precision auto measure and
+cache its choice, so that no measured run pays for it.
 
 Writes a new bench/results/runs/data-<preset>_<processor>-<N>c_<yyyy-mm>-<stamp>.{json,md} (git-ignored), or
 exactly --output PATH.
@@ -46,11 +49,12 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import _results  # noqa: E402
 import numpy as np  # noqa: E402
-import train as bench_train  # noqa: E402  (bench/train.py: its child environment and step-stamp reader)
+import train as bench_train  # noqa: E402  (bench/train.py: its child environment, the wait for Ray's exit)
 from _results import add_output_args, add_preset_args, int_at_least  # noqa: E402
 
 from distgan import hardware, provenance  # noqa: E402
 from distgan.config import IMAGE_SIZES, TrainConfig  # noqa: E402
+from distgan.storage import read_metrics  # noqa: E402
 
 SOURCES = ("embedded", "folder", "prepared")
 
@@ -153,10 +157,21 @@ def train(preset: Preset, size: int, source: str, root: Path | None, storage: Pa
     other_load = other.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
-    figures = bench_train.throughput_from_metrics(storage / name / "metrics.jsonl", preset, t_submit)
+    figures = steady_throughput(storage / name / "metrics.jsonl", preset, t_submit)
     return {"size": size, "source": source, "images_per_s": round(figures["images_per_s"], 1),
             "first_step_s": round(figures["first_step_s"], 2), "wall_s": round(time.time() - t_submit, 1),
             "loadavg_1m": load, "other_load": other_load}
+
+
+def steady_throughput(path: Path, preset: Preset, t_submit: float) -> dict:
+    """{"images_per_s" over steps warmup+1 .. warmup+steps, without the intervals that end an epoch (a step row
+    carries its epoch: the next row's is one more), "first_step_s" from `t_submit` (time.time())}."""
+    steps = {r["step"]: r for r in read_metrics(path) if r.get("kind") == "step"}
+    window = range(preset.warmup + 1, preset.warmup + preset.steps + 1)
+    if 1 not in steps or any(s not in steps for s in (preset.warmup, *window)):
+        raise RuntimeError(f"{path}: lacks step rows of 1 and {preset.warmup}-{window[-1]} (has {sorted(steps)})")
+    kept = [steps[s]["time"] - steps[s - 1]["time"] for s in window if steps[s]["epoch"] == steps[s - 1]["epoch"]]
+    return {"images_per_s": preset.batch_size * len(kept) / sum(kept), "first_step_s": steps[1]["time"] - t_submit}
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -241,7 +256,7 @@ def measure(preset: Preset, args, tmp: Path) -> tuple[list, list, list]:
         train(preset, size, "embedded", None, tmp / "runs", f"warm-{size}", args.precision)
     for rep in range(preset.repeats):
         for size in args.sizes:
-            for source in SOURCES:
+            for source in SOURCES[rep % 3:] + SOURCES[:rep % 3]:  # each source first, second and last in turn
                 root = {"embedded": None, "folder": folders[size], "prepared": tmp / f"prepared-{size}"}[source]
                 runs.append(train(preset, size, source, root, tmp / "runs", f"{source}-{size}-{rep}", args.precision))
                 print(f"  {runs[-1]}", file=sys.stderr, flush=True)

@@ -865,3 +865,13 @@ def test_data_bench_trains_each_source_through_distgan_local_with_the_same_flags
     assert commands["folder"][3:7] == ["--dataset", "folder", "--data-root", str(tmp_path / "folder")]
     assert commands["prepared"][3:7] == ["--dataset", "prepared", "--data-root", str(tmp_path / "prepared")]
     assert commands["embedded"][5:] == commands["folder"][7:] == commands["prepared"][7:]
+
+
+def test_data_throughput_leaves_out_the_intervals_that_end_an_epoch(tmp_path):
+    bd = _load_bench("data")
+    # steps 1-8 a second apart; the end of epoch 0 (after step 3: its grid, the loaders' restart) costs 5 s more
+    rows = [{"kind": "step", "step": s, "time": 100.0 + s + 5 * (s >= 4), "epoch": int(s >= 4)} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    preset = bd.Preset(warmup=2, steps=5, repeats=1, batch_size=10, images=1, copies=1)
+    assert bd.steady_throughput(tmp_path / "metrics.jsonl", preset, 99.5) == {"images_per_s": 10.0,
+                                                                             "first_step_s": 1.5}

@@ -73,6 +73,10 @@ class LaunchError(RuntimeError):
     its checkpoints all invalid); the CLI prints it as one line and exits 2, before any worker starts."""
 
 
+class DataError(ConfigError):
+    """A dataset that cannot be read; the message names the path."""
+
+
 def _opt(default: Any, help: str, shown: Optional[str] = None) -> Any:
     """A field with its --help text; `shown` describes the default when the literal is not the whole truth
     (None that means "decided at run time", a relative path resolved later)."""

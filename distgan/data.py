@@ -15,17 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distgan.config import DOWNLOADABLE, ConfigError, TrainConfig
+from distgan.config import DOWNLOADABLE, ConfigError, DataError, TrainConfig  # noqa: F401  (DataError: raised here)
+from distgan.prepared import to_model_range  # noqa: F401  (the embedded digits; imported from here by others)
 from distgan.storage import first_line
 
 MNIST5K_PER_CLASS_TEST = 100  # the last 100 digits of each class are held out: 4,000 train / 1,000 test
 # torchvision's ImageFolder reads exactly these (case-insensitive): the driver's check counts what the workers'
 # ImageFolder will find, so a folder of, say, .gif files fails here, by name, and not in a worker.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ConfigError):
-    """A dataset that cannot be read; the message names the path."""
 
 
 def mnist5k_path() -> Path:
@@ -62,18 +59,6 @@ def mnist5k(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         held_out = idx[-MNIST5K_PER_CLASS_TEST:]
         keep[held_out if split == "test" else idx[:-MNIST5K_PER_CLASS_TEST]] = True
     return images[keep], labels[keep]
-
-
-def to_model_range(images_uint8: np.ndarray | torch.Tensor, image_size: int = 28) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, S, S) in [-1, 1]."""
-    x = torch.as_tensor(images_uint8)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    x = x.float().div_(127.5).sub_(1.0)
-    if x.shape[-1] != image_size:
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                            antialias=True, align_corners=False).clamp_(-1, 1)
-    return x
 
 
 # Pillow modes of more than 8 bits a sample, and the largest value each can hold. Pillow's convert("L") clips

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distgan import storage
-from distgan.data import DataError, to_model_range
+from distgan.config import DataError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1  # the manifest's layout; a reader refuses another
@@ -50,6 +50,20 @@ HASH_CHUNK = 8 * 2**20  # sha256 reads a shard in 8 MiB pieces: bounded memory, 
 
 
 # ------------------------------------------------------------------ images as one tensor
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor, image_size: int = 28) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, S, S) in [-1, 1]."""
+    x = torch.as_tensor(images_uint8)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    x = x.float().div_(127.5).sub_(1.0)
+    if x.shape[-1] != image_size:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            antialias=True, align_corners=False).clamp_(-1, 1)
+    return x
+
+
 
 
 class InMemoryImages(Dataset):

@@ -66,9 +66,17 @@ dl "$out/whl" "${WHEELS[@]}"
 mkdir "$tmp/ray"; unzip -q "$tmp"/ray-*.whl -d "$tmp/ray"   # unzip keeps the executables' mode bits
 rm -rf "$tmp/ray/ray/jars" "$tmp/ray/ray/rllib" "$tmp/ray/ray/serve"
 tar -C "$tmp/ray" -cf - . | xz -T0 -6 > "$out/ray-slim.tar.xz"
-cat > "$out/activate.sh" <<'ACT'
+cat > "$out/activate.sh" <<ACT
 # Source from the project root on the GPU machine: unpacks the bundle into /tmp/distgan-site once and
-# puts it and the project on PYTHONPATH (Ray's local workers inherit it).
+# puts it and the project on PYTHONPATH (Ray's local workers inherit it). Built for CPython $PYVER: another
+# python3 would fail to load its compiled modules, so it is left alone (return 1).
+_pyver=\$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "\$_pyver" != "$PYVER" ]; then
+  echo "gpu bundle: built for Python $PYVER, this python3 is \$_pyver: not activated" >&2
+  return 1
+fi
+ACT
+cat >> "$out/activate.sh" <<'ACT'
 _b=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [ ! -f /tmp/distgan-site/.done ]; then
   mkdir -p /tmp/distgan-site

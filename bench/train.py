@@ -553,7 +553,15 @@ def run_all(specs: list[Spec], preset: Preset, threads: int, budget_s: float | N
                     continue
                 try:
                     r = run_one(spec, preset, rep, storage, threads, timeout=900 if left is None else left)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded; the other runs go on
+                except subprocess.TimeoutExpired as exc:
+                    if left is None:  # no budget: a run that hangs is a failure
+                        failed.append({**asdict(spec), "repeat": rep, "reason": f"FAILED: {str(exc)[-1500:]}"})
+                    else:  # it was cut where the budget ended: not measured, not broken
+                        failed.append({**asdict(spec), "repeat": rep,
+                                       "reason": f"cut: the time budget ended {left:.0f} s into this run"})
+                    print(f"  {spec} stopped: {exc}", file=sys.stderr, flush=True)
+                    continue
+                except RuntimeError as exc:  # recorded; the other runs go on
                     failed.append({**asdict(spec), "repeat": rep, "reason": f"FAILED: {str(exc)[-1500:]}"})
                     print(f"  {spec} failed: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -634,7 +642,9 @@ def main(argv=None) -> int:
     def save(runs, failed, skipped) -> None:  # what was measured so far, should the run be killed
         _results.write_partial(result_of(runs, failed, skipped), args.output)
 
-    runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, args.time_budget_s, save)
+    # the budget counts from this benchmark's start: the precision probe above spent some of it
+    budget = None if args.time_budget_s is None else args.time_budget_s - (time.perf_counter() - t_start)
+    runs, failed, skipped = run_all(plan_specs(args, workers, impls), preset, threads, budget, save)
     result = result_of(runs, failed, skipped)
     if _results.refuse_busy(result["busy"], args.allow_busy, "bench/train.py"):
         return 3
@@ -644,7 +654,7 @@ def main(argv=None) -> int:
     path = write_result(result, md, stem, args.output, args.out)
     print(md)
     print(f"wrote {path} and .md in {result['wall_s']} s", file=sys.stderr)
-    return 1 if failed or not runs else 0
+    return 1 if any(f["reason"].startswith("FAILED") for f in failed) or not runs else 0
 
 
 if __name__ == "__main__":

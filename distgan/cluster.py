@@ -152,12 +152,26 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
     return ray
 
 
+# The thread in which Ray Train's placement-group cleaner polls the State API (ray/train/v2, PlacementGroupCleaner)
+PLACEMENT_GROUP_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
 def without_state_api() -> None:
     """Ray's worker_process_setup_hook for a local instance started without its dashboard (an offline GPU image's
-    minimal Ray). Ray Train's placement-group cleaner polls the State API, which the dashboard serves, and would
-    warn every few seconds that it is unavailable; its one job, removing the placement group of a controller that
-    died, ends with this instance anyway."""
+    minimal Ray). Ray Train's placement-group cleaner polls the State API, which the dashboard serves: it would
+    warn every few seconds that it is unavailable, and a query it does not expect to fail can end its thread with
+    a traceback. Its one job, removing the placement group of a controller that died, ends with this instance
+    anyway, so both stay out of the run's output."""
+    import threading
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    default = threading.excepthook
+
+    def excepthook(args) -> None:
+        if args.thread is None or args.thread.name != PLACEMENT_GROUP_CLEANER_THREAD:
+            default(args)
+
+    threading.excepthook = excepthook
 
 
 def disconnect_ray() -> None:

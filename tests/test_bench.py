@@ -432,7 +432,7 @@ def test_results_go_to_a_new_dated_file_unless_a_path_is_named(tmp_path):
     named.parent.mkdir()
     named.write_text("old")
     path = _results.write_result({"records": []}, "# md\n", "ignored-stem", output=named)
-    assert path == named and json.loads(named.read_text()) == {"records": []}
+    assert path == named and json.loads(named.read_text()) == {"records": [], "complete": True}
     assert named.with_suffix(".md").read_text() == "# md\n"
 
 

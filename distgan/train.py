@@ -189,8 +189,9 @@ def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]
 
     # ray.init has just put its own SIGTERM handler in place (a stack dump, then abort, exit 134). Until the
     # workers train there is nothing to checkpoint, so a stop signal now stops at once, like a second Ctrl-C
-    for sig in StopOnInterrupt.SIGNALS[1:]:
-        signal.signal(sig, _stop_now)
+    for sig in StopOnInterrupt.SIGNALS:
+        if sig != signal.SIGINT:  # Ctrl-C keeps Python's KeyboardInterrupt, which stops at once too
+            signal.signal(sig, _stop_now)
     if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
         cluster.check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0),
                                  cluster.autoscaler_gpu_node_types())

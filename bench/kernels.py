@@ -10,17 +10,20 @@ large shapes, BCE-with-logits from 64 to 2**20 logits, and the one-launch discri
 bf16.
 
 On a GPU every provider is timed with triton.testing.do_bench (median, p20, p80; CUDA graphs as well
-for launch-bound shapes), against a device-to-device copy measured in the same run (bench/_timing.py).
+for launch-bound shapes), against a device-to-device copy measured in the same run (kernel_bench/timing.py).
 
 On a CPU-only machine nothing is timed (the Triton interpreter's speed says nothing about a GPU).
 What is reported instead holds on any GPU: bytes each provider moves per call, kernel launches,
-bytes saved for backward, the static sm_80/sm_90 compile report, and, labelled `modelled`, what those
-bytes would cost at a named GPU's bandwidth (bench/_counting.py; bench/_counters.py counts the bytes).
+bytes saved for backward, the static sm_80/sm_90 compile report (bench/compile_report.py), and, labelled
+`modelled`, what those bytes would cost at a named GPU's bandwidth (kernel_bench/counting.py;
+kernel_bench/counters.py counts the bytes).
+
+The ops and their shapes come from kernels.registry: an op registered there is benchmarked with no change here.
 
 Writes a new bench/results/runs/kernels-<cpu|gpu>[-<preset>]-<YYYYmmdd-HHMMSS>.{json,md} (git-ignored), or
 exactly --output PATH: committed results are refreshed only by naming them. Every figure is one JSON record
 with op, shape, dtype, mode, provider, metric, value, unit, source (measured | modelled) and method
-(bench/_report.py renders them).
+(kernel_bench/report.py renders them).
 """
 
 from __future__ import annotations
@@ -33,13 +36,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+# The repository before bench/ (this script's directory, already on sys.path): this file would shadow the kernels
+# package, here and in the processes it spawns (they inherit sys.path).
+sys.path.insert(0, str(REPO))
 
+import kernel_bench  # noqa: E402, F401 -- first: it sets TRITON_INTERPRET (no GPU) before `kernels` is imported
 import torch  # noqa: E402
-from _cases import (  # noqa: E402
-    BCE,
-    BN,
-    DLOSS,
+from _results import (  # noqa: E402
+    add_output_args,
+    add_preset_args,
+    int_at_least,
+    origin,
+    positive_float,
+    preset_name,
+    write_partial,
+    write_result,
+)
+from kernel_bench.cases import (  # noqa: E402
     DTYPES,
     MODEL_GPU,
     PRESETS,
@@ -52,23 +65,25 @@ from _cases import (  # noqa: E402
     unavailable,
     work_order,
 )
-from _counting import METHODS, cpu_records, static_compile_report, step_records, validate_proxies  # noqa: E402
-from _report import checks, log_wandb, render_markdown  # noqa: E402
-from _results import (  # noqa: E402
-    add_output_args,
-    add_preset_args,
-    int_at_least,
-    origin,
-    positive_float,
-    preset_name,
-    write_partial,
-    write_result,
+from kernel_bench.counting import (  # noqa: E402
+    METHODS,
+    cpu_records,
+    static_compile_report,
+    step_records,
+    validate_proxies,
 )
-from _timing import copy_bandwidth_gbps, do_bench_graph_quantiles, do_bench_quantiles, gpu_records  # noqa: E402
+from kernel_bench.report import checks, log_wandb, render_markdown  # noqa: E402
+from kernel_bench.timing import (  # noqa: E402
+    copy_bandwidth_gbps,
+    do_bench_graph_quantiles,
+    do_bench_quantiles,
+    gpu_records,
+)
 
 import kernels  # noqa: E402
 from distgan import provenance  # noqa: E402
 from distgan.storage import first_line  # noqa: E402
+from kernels import registry  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -81,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                     gpu_check="bench/gpu_check.sh's preset (~2-3 min on a GPU)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: the preset's")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None, help="default: the preset's")
-    p.add_argument("--ops", nargs="+", choices=[BN, BCE, DLOSS, STEP], default=None,
+    p.add_argument("--ops", nargs="+", choices=[op.name for op in registry.ops() if op.bench] + [STEP], default=None,
                    help=f"default: all; {STEP}: distgan's whole step, counted on a CPU with the "
                         f"{' and '.join(STEP_PROVIDERS)} kernels of --providers")
     p.add_argument("--step-batches", nargs="+", type=int_at_least(STEP_MIN_BATCH), default=None, metavar="BATCH",
@@ -167,7 +182,7 @@ def skip_compile_on_cpu(case, preset, preset_name: str) -> str | None:
     The quick preset compiles the headline shapes and the two losses at batch 64, fp32."""
     if preset.compile_cases == "all":
         return None
-    g64 = is_g64(case) or case.label == "D batch 64" or (case.op == BCE and case.numel == 64)
+    g64 = is_g64(case) or case.label == "D batch 64" or (case.label == "G loss" and case.numel == 64)
     if preset.compile_cases == "g64" and g64 and case.dtype == "fp32":
         return None
     return (f"not run in the {preset_name} preset (inductor compiles each shape: ~5-30 s on this CPU); "

@@ -151,9 +151,22 @@ def discriminator_loss(
     return reference.discriminator_loss(logits, num_real, real_label, fake_label)
 
 
-# Last: the modules call the functions above.
-from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss, set_impl  # noqa: E402
+# Last: the modules call the functions above, and the registry lists both.
+from . import registry  # noqa: E402
+from .modules import BatchNormLeakyReLU1d, BatchNormLeakyReLU2d, BCEWithLogitsLoss  # noqa: E402
+
+
+def set_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Set `impl` on every module of a registered op inside `model` (the trainer's --kernels switch)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    classes = registry.module_classes()
+    for m in model.modules():
+        if isinstance(m, classes):
+            m.impl = impl
+    return model
+
 
 __all__ = ["IMPLS", "MIN_CAPABILITY", "BCEWithLogitsLoss", "BatchNormLeakyReLU1d", "BatchNormLeakyReLU2d",
            "auto_backend", "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss", "reference",
-           "resolve_impl", "set_impl", "triton_can_run"]
+           "registry", "resolve_impl", "set_impl", "triton_can_run"]

@@ -1,8 +1,9 @@
 """Per-device launch limits for the plan modules, with a scoped override for tests, bench and the compile report.
 
-Each op's plan module keeps one `LimitsSource` built from its limits dataclass's `gpu(sm_count)` and `cpu()`
-constructors; `device_limits(device)` asks it, and `limits_override(limits)` makes every device plan with
-`limits` inside a `with` block (forward and backward alike), without touching module globals.
+Each op keeps one `LimitsSource`, `LIMITS` in its module, built from its limits dataclass's `gpu(sm_count)` and
+`cpu()` constructors; `device_limits(device)` asks it, and `limits_override(limits)` makes every device plan with
+`limits` inside a `with` block (forward and backward alike), without touching module globals. The compile report
+and the benchmarks plan for a GPU they do not have through `LIMITS.gpu(sms)` and `LIMITS.override`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ class LimitsSource(Generic[L]):
     def __init__(self, name: str, gpu: Callable[[int], L], cpu: Callable[[], L]):
         self._gpu, self._cpu = gpu, cpu
         self._override: contextvars.ContextVar[L | None] = contextvars.ContextVar(name, default=None)
+
+    def gpu(self, sms: int) -> L:
+        """The limits of a GPU with `sms` streaming multiprocessors (what `for_device` answers there)."""
+        return self._gpu(sms)
+
+    def cpu(self) -> L:
+        """The limits of the CPU interpreter."""
+        return self._cpu()
 
     @contextlib.contextmanager
     def override(self, limits: L):

@@ -1,8 +1,9 @@
-"""Fused BatchNorm + LeakyReLU: launchers and the autograd Function.
+"""Fused BatchNorm + LeakyReLU: launchers and the autograd Function (the op's entry in `registry.py` points here).
 
 The kernels live in `batch_norm_leaky_relu_kernels.py`, block sizes and grids come from the pure-Python plan in
 `batch_norm_leaky_relu_plan.py`, the synchronised BN's collectives from `collectives.py` and the input checks
-(shared with the eager path) from `_checks.py`. Every launch passes its arguments by keyword.
+(shared with the eager path) from `_checks.py`. Every launch passes its arguments by keyword. `LIMITS`,
+`launch_example` and `proxy_key` are what the registry's tools (compile report, benchmarks) ask of the op.
 
 Memory layouts. x of shape (N, C, *) with S = prod(*) is handled as a row-major matrix in one of two layouts,
 so that the contiguous axis is always the tile's fast axis (128-bit loads):
@@ -26,6 +27,7 @@ import torch
 
 from . import batch_norm_leaky_relu_kernels as _kern
 from . import collectives
+from .batch_norm_leaky_relu_plan import LIMITS as LIMITS  # the op's planning limits, for the registry's tools
 from .batch_norm_leaky_relu_plan import DeviceLimits, LaunchPlan, device_limits, plan
 
 INTERPRET = _kern.INTERPRET  # kernels/__init__ reads it to decide whether CPU tensors can run
@@ -265,3 +267,34 @@ def batch_norm_leaky_relu(x, weight=None, bias=None, running_mean=None, running_
     """Triton path of `kernels.batch_norm_leaky_relu` (inputs already checked by kernels._checks)."""
     return BatchNormLeakyReLUFunction.apply(x, weight, bias, running_mean, running_var, bool(training), momentum,
                                             float(eps), float(negative_slope), num_batches_tracked, process_group)
+
+
+# --------------------------------------------------------------------------------------------------
+# For the registry's tools
+
+
+def launch_example(shape, dtype, variant: str, limits: DeviceLimits) -> None:
+    """Launch the forward and the backward once, as a call on x of `shape` and `dtype` would under `limits`, on
+    uninitialised CPU tensors: the compile report swaps the kernels for recorders first. `variant`: "train",
+    "channels_last" (training on a channels_last x), "eval", or "sync" (training with a process group; the caller
+    stands in for its two collectives)."""
+    c = shape[1]
+    x = torch.empty(shape, dtype=dtype)
+    if variant == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(c), torch.zeros(c)
+    rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
+    training = variant != "eval"
+    group = object() if variant == "sync" else None
+    _, saved = batch_norm_leaky_relu_forward(x, w, b, rm, rv, training, 0.1, 1e-5, 0.2, nbt, group, limits=limits)
+    xv = layout_of(x)[0]
+    batch_norm_leaky_relu_backward(torch.empty_like(xv), xv, saved, training, 0.2, (True, True, True), w.dtype,
+                                   b.dtype, group, limits=limits)
+
+
+def proxy_key(shape, limits: DeviceLimits):
+    """What a smaller shape must share with `shape` for its counted traffic to scale with the element count: the
+    layout, fused or split, and the spatial extent (PLANES) or the row count (ROWS, where the per-channel vectors
+    are a large share of the bytes and scale with C, not with the rows)."""
+    lp = plan_for(torch.empty(shape, device="meta"), limits)
+    return lp.rows_layout, lp.fused, lp.n_rows if lp.rows_layout else lp.k

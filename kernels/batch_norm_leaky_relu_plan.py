@@ -202,6 +202,6 @@ def plan(n_rows: int, c: int, k: int, rows_layout: bool, limits: DeviceLimits) -
     )
 
 
-_LIMITS = LimitsSource("bnlr_limits", DeviceLimits.gpu, DeviceLimits.cpu)
-limits_override = _LIMITS.override  # `with limits_override(DeviceLimits(...)):` plans every device with those limits
-device_limits = _LIMITS.for_device  # the DeviceLimits the launchers plan with on a torch.device
+LIMITS = LimitsSource("bnlr_limits", DeviceLimits.gpu, DeviceLimits.cpu)
+limits_override = LIMITS.override  # `with limits_override(DeviceLimits(...)):` plans every device with those limits
+device_limits = LIMITS.for_device  # the DeviceLimits the launchers plan with on a torch.device

@@ -101,12 +101,3 @@ class BCEWithLogitsLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, impl={self.impl!r}"
-
-
-def set_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Set `impl` on every kernels module inside `model` (the trainer's --kernels switch)."""
-    _check_impl(impl)
-    for m in model.modules():
-        if isinstance(m, (_BatchNormLeakyReLU, BCEWithLogitsLoss)):
-            m.impl = impl
-    return model

@@ -30,13 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 # `import kernels` would find bench/kernels.py instead of the kernels package.
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import _cases  # noqa: E402
-import _counting  # noqa: E402
 import _gpu_report  # noqa: E402
-import _plans  # noqa: E402
 import _results  # noqa: E402
-import _timing  # noqa: E402
-from _counters import DispatchCounter, SavedCounter, TritonCounter, count_region, tensor_bytes  # noqa: E402
+from kernel_bench import cases as _cases  # noqa: E402
+from kernel_bench import counting as _counting  # noqa: E402
+from kernel_bench import plans as _plans  # noqa: E402
+from kernel_bench import timing as _timing  # noqa: E402
+from kernel_bench.counters import DispatchCounter, SavedCounter, TritonCounter, count_region, tensor_bytes  # noqa: E402
+
+BN, BCE, DLOSS = "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss"
 
 RECORD_FIELDS = {"op", "shape", "dtype", "mode", "provider", "metric", "value", "unit", "source", "method"}
 
@@ -161,7 +163,7 @@ def test_saved_counter_separates_the_inputs_from_new_activations():
 
 
 def test_benches_take_the_eager_providers_from_kernels_reference():
-    bn, bce, dloss = (_cases.EAGER[op] for op in (_cases.BN, _cases.BCE, _cases.DLOSS))
+    bn, bce, dloss = (_cases.provider_fn(op, "eager") for op in (BN, BCE, DLOSS))
     x = torch.randn(4, 3, 5, 5)
     w, b, rm, rv = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
     want = reference.batch_norm_leaky_relu(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, 0.2)
@@ -169,7 +171,6 @@ def test_benches_take_the_eager_providers_from_kernels_reference():
     logits = torch.randn(8)
     assert torch.equal(bce(logits), reference.bce_with_logits(logits, 1.0, "mean"))
     assert torch.equal(dloss(logits), reference.discriminator_loss(logits, 4)[0])
-    assert _cases.reference is reference
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -233,22 +234,22 @@ def test_bench_help_states_each_default_once_and_tells_output_from_out(script, c
 
 def test_proxy_shapes_keep_the_launch_plan_and_the_spatial_extent():
     for shape in [(256, 64, 64, 64), (1024, 256, 16, 16), (128, 64, 14, 14), (256, 12544), (16384, 1024)]:
-        case = _cases.Case(_cases.BN, shape, "fp32", "")
+        case = _cases.Case(BN, shape, "fp32", "")
         proxy = _counting.proxy_case(case, 1 << 16)
         assert proxy is not None and proxy.numel <= 1 << 16, shape
-        assert _plans.path_signature(proxy) == _plans.path_signature(case)
+        assert _plans.proxy_key(proxy) == _plans.proxy_key(case)
         assert proxy.shape[2:] == shape[2:]
         if len(shape) == 2:  # (N, C): per-channel costs only scale with C, so N is kept
             assert proxy.shape[0] == shape[0]
-    big = _cases.Case(_cases.BCE, (1 << 20,), "fp32", "")
-    assert _plans.path_signature(_counting.proxy_case(big, 1 << 16)) == _plans.path_signature(big)
+    big = _cases.Case(BCE, (1 << 20,), "fp32", "")
+    assert _plans.proxy_key(_counting.proxy_case(big, 1 << 16)) == _plans.proxy_key(big)
 
 
 def test_gpu_check_preset_has_every_provider_dtype_and_the_shapes_it_promises():
     preset = _cases.PRESETS["gpu-check"]
     cases = _cases.build_cases(preset)
     assert set(preset.providers) == set(_cases.PROVIDERS) and set(preset.dtypes) == {"fp32", "bf16"}
-    labels = {c.label for c in cases if c.op == _cases.BN and c.dtype == "fp32"}
+    labels = {c.label for c in cases if c.op == BN and c.dtype == "fp32"}
     assert {lab.split()[-1] for lab in labels if lab.startswith("G.")} == {"b64", "b256"}
     assert sum(c.label == "large" for c in cases if c.dtype == "fp32") == 2
 
@@ -268,7 +269,7 @@ def test_gpu_timing_path_runs_with_a_stand_in_timer(provider):
 
     if provider == "triton" and not kernels.triton_can_run("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
-    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "")
+    case = _cases.Case(BN, (4, 3, 5, 5), "fp32", "")
     recs = _timing.gpu_records(
         case, provider, torch.device("cpu"), _stand_in_timer, None, copy_gbps=10.0, launches=lambda fn: 2
     )
@@ -289,7 +290,7 @@ def test_cuda_graph_timing_gets_the_backward_of_a_forward_on_its_own_stream(monk
     forwards = []
     real = _timing.provider_fn
     monkeypatch.setattr(_timing, "provider_fn", lambda op, p: (lambda *a: forwards.append(1) or real(op, p)(*a)))
-    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "")
+    case = _cases.Case(BN, (4, 3, 5, 5), "fp32", "")
     calls, factories, inp, _ = _timing.gpu_callables(case, "eager", torch.device("cpu"))
     before = len(forwards)
     backward = factories["backward"]()  # the timer calls this on its capture stream, before capturing
@@ -322,9 +323,9 @@ def test_work_order_puts_triton_and_eager_at_the_dcgan_shapes_first_and_compile_
 
 
 def test_launch_check_compares_every_generator_layer_each_way():
-    import _report
+    from kernel_bench import report as _report
 
-    case = _cases.Case(_cases.BN, (4, 3, 5, 5), "fp32", "G.x b4")
+    case = _cases.Case(BN, (4, 3, 5, 5), "fp32", "G.x b4")
     recs = [_cases.rec(case, mode, p, "launches", n, "count", "measured", "")
             for mode in ("forward", "backward") for p, n in (("eager", 2), ("triton", 2 if mode == "forward" else 3))]
     got = next(c for c in _report.checks(recs, [case]) if c["check"].startswith("triton launches"))
@@ -332,9 +333,9 @@ def test_launch_check_compares_every_generator_layer_each_way():
 
 
 def test_gpu_report_renders_timings_against_the_copy_bandwidth():
-    import _report
+    from kernel_bench import report as _report
 
-    case = _cases.Case(_cases.BCE, (64,), "fp32", "G loss")
+    case = _cases.Case(BCE, (64,), "fp32", "G loss")
     eager = _timing.gpu_records(case, "eager", torch.device("cpu"), _stand_in_timer, None, copy_gbps=10.0,
                                 launches=lambda fn: 1)
     recs = eager + [{**r, "provider": "triton"} for r in eager]  # stands in for a timed Triton run

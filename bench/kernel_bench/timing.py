@@ -5,19 +5,20 @@ from the profiler, peak memory. The timer is a parameter, so the tests run this 
 from __future__ import annotations
 
 import torch
-from _cases import BN, DTYPES, LAUNCH_BOUND_BYTES, Case, make_inputs, provider_fn, rec
-from _counters import SavedCounter
-from _counting import saved_records
+
+from kernels import registry
+
+from .cases import DTYPES, LAUNCH_BOUND_BYTES, MODES, Case, make_inputs, provider_fn, rec
+from .counters import SavedCounter
+from .counting import saved_records
 
 
 def minimal_bytes(case: Case, mode: str) -> int:
-    """The minimal-traffic model: forward reads x and writes z; backward reads x and dz, writes dx.
-    The losses write a scalar: forward reads the logits; backward reads the logits, writes dlogits."""
-    es = DTYPES[case.dtype].itemsize
-    n = case.numel * es
-    if case.op == BN:
-        return {"forward": 2 * n, "backward": 3 * n, "full": 5 * n}[mode]
-    return {"forward": n, "backward": 2 * n, "full": 2 * n}[mode]
+    """The minimal-traffic model: the op's least number of input-sized accesses in `mode` (its registry entry's
+    `traffic`: BN+LReLU's forward reads x and writes z, its backward reads x and dz and writes dx; a loss writes
+    a scalar), times the input's bytes."""
+    traffic = dict(zip(MODES, registry.get(case.op).bench.traffic))
+    return traffic[mode] * case.numel * DTYPES[case.dtype].itemsize
 
 
 def gpu_callables(case: Case, provider: str, device):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-from _cases import BN, DTYPES, MODEL_GPU, MODES, PROVIDERS, STEP
+from kernels import registry
 
-BYTES_RATIO_LIMIT = 0.55  # triton / eager bytes over the generator's BN+LReLU layers at batch 64
+from .cases import DTYPES, MODEL_GPU, MODES, PROVIDERS, STEP, is_g64
 
 
 def index(records) -> dict:
@@ -17,58 +17,55 @@ def index(records) -> dict:
     }
 
 
+def _label(op: str) -> str:
+    return registry.get(op).label
+
+
 def _launch_check(idx, cases) -> dict | None:
     """triton launches <= eager launches at every generator layer, batch, dtype and direction."""
-    worse, seen = [], 0
+    worse, seen, ops = [], 0, []
     for c in cases:
-        if not (c.op == BN and c.label.startswith("G.")):
+        if not c.label.startswith("G."):
             continue
+        ops += [] if c.op in ops else [c.op]
         for mode in ("forward", "backward"):
-            t = idx.get((BN, c.shape, c.dtype, mode, "triton", "launches"))
-            e = idx.get((BN, c.shape, c.dtype, mode, "eager", "launches"))
+            t = idx.get((c.op, c.shape, c.dtype, mode, "triton", "launches"))
+            e = idx.get((c.op, c.shape, c.dtype, mode, "eager", "launches"))
             if t and e:
                 seen += 1
                 if t["value"] > e["value"]:
                     worse.append(f"{c.label} {list(c.shape)} {c.dtype} {mode}: {t['value']} > {e['value']}")
     if not seen:
         return None
-    return {"check": "triton launches <= eager launches at every generator BN+LReLU layer and batch, forward and "
-                     "backward each", "value": len(worse), "limit": 0, "ok": not worse, "violations": worse,
-            "compared": seen}
+    return {"check": f"triton launches <= eager launches at every generator {' and '.join(map(_label, ops))} layer "
+                     "and batch, forward and backward each", "value": len(worse), "limit": 0, "ok": not worse,
+            "violations": worse, "compared": seen}
+
+
+def _bytes_ratio_checks(idx, cases) -> list[dict]:
+    """triton / eager bytes over the generator's layers at batch 64, per op and dtype, against the op's limit."""
+    out = []
+    for op in registry.ops():
+        limit = op.bench.layers_bytes_ratio if op.bench else None
+        for dtype in DTYPES if limit is not None else ():
+            layers = [c for c in cases if c.op == op.name and c.dtype == dtype and is_g64(c)]
+            got = [(idx.get((op.name, c.shape, dtype, "full", "triton", "bytes")),
+                    idx.get((op.name, c.shape, dtype, "full", "eager", "bytes"))) for c in layers]
+            if not (layers and all(t and e for t, e in got)):
+                continue
+            ratio = sum(t["value"] for t, _ in got) / sum(e["value"] for _, e in got)
+            out.append({"check": f"generator {op.label} layers at batch 64, {dtype}, forward+backward: "
+                                 f"triton bytes / eager bytes", "value": round(ratio, 4), "limit": limit,
+                        "ok": ratio <= limit, "source": "/".join(sorted({t["source"] for t, _ in got}))})
+    return out
 
 
 def checks(records, cases) -> list[dict]:
     """What the kernels promise at distgan's shapes, computed from the records themselves: fewer bytes than
-    eager over the generator's layers at batch 64, no more launches than eager at any generator layer, and
-    never more bytes than eager at any shape."""
+    eager over the generator's layers at batch 64 (each op's limit in its registry entry), no more launches than
+    eager at any generator layer, and never more bytes than eager at any shape."""
     idx = index(records)
-    out = []
-    for dtype in DTYPES:
-        layers = [
-            c
-            for c in cases
-            if c.op == BN and c.dtype == dtype and c.label.startswith("G.") and c.label.endswith(" b64")
-        ]
-        got = [
-            (
-                idx.get((BN, c.shape, dtype, "full", "triton", "bytes")),
-                idx.get((BN, c.shape, dtype, "full", "eager", "bytes")),
-            )
-            for c in layers
-        ]
-        if layers and all(t and e for t, e in got):
-            ratio = sum(t["value"] for t, _ in got) / sum(e["value"] for _, e in got)
-            sources = sorted({t["source"] for t, _ in got})
-            out.append(
-                {
-                    "check": f"generator BN+LReLU layers at batch 64, {dtype}, forward+backward: "
-                    f"triton bytes / eager bytes",
-                    "value": round(ratio, 4),
-                    "limit": BYTES_RATIO_LIMIT,
-                    "ok": ratio <= BYTES_RATIO_LIMIT,
-                    "source": "/".join(sources),
-                }
-            )
+    out = _bytes_ratio_checks(idx, cases)
     launches = _launch_check(idx, cases)
     if launches:
         out.append(launches)
@@ -120,7 +117,7 @@ def _measured_cases(idx, cases, providers, metric: str, label: bool):
 
             if any(get(p, metric) for p in providers):
                 shape = "×".join(map(str, c.shape)) + (f" ({c.label})" if label and c.label else "")
-                yield mode, get, [c.op.replace("batch_norm_leaky_relu", "bn_lrelu"), shape, c.dtype, mode]
+                yield mode, get, [_label(c.op), shape, c.dtype, mode]
 
 
 def table_cpu(records, cases, providers) -> list[str]:
@@ -329,7 +326,7 @@ def render_markdown(result, cases) -> str:
     if result["compile_report"]:
         lines += [
             "",
-            "## Static compile report (sm_80 / sm_90, no GPU needed: `python -m kernels._compile_report`)",
+            "## Static compile report (sm_80 / sm_90, no GPU needed: `python bench/compile_report.py`)",
             "",
         ]
         lines += table_compile_report(result["compile_report"])

@@ -1,5 +1,5 @@
 """bench/kernels.py on a CPU: what each provider moves, launches and saves per call, counted (see
-_counters.py for how), the proxy model for shapes too large to count, and the static compile report."""
+counters.py for how), the proxy model for shapes too large to count, and the static compile report."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import time
 from collections import Counter
 
 import torch
-from _cases import BN, MODEL_GPU, MODES, REPO, STEP, Case, Preset, is_g64, make_inputs, provider_fn, rec
-from _counters import SavedCounter, Tally, count_region
-from _plans import path_signature, planned_for_gpu
 
 import kernels
 from distgan.storage import first_line
+
+from . import REPO
+from .cases import MODEL_GPU, MODES, STEP, Case, Preset, is_g64, make_inputs, provider_fn, rec
+from .counters import SavedCounter, Tally, count_region
+from .plans import planned_for_gpu, proxy_key
 
 METHODS = {
     "eager": "dispatch: each ATen op that runs a kernel, charged its input + output tensors once",
@@ -31,24 +33,22 @@ def proxy_case(case: Case, limit: int) -> Case | None:
     """A shape of at most `limit` elements with the same launch plan, whose counts scale to `case` by
     element count; None if there is none.
 
-    Channels shrink first: every per-channel cost (statistics, parameters, running stats) scales with C
-    exactly as the data does. The batch shrinks only in the (N, C, H, W) layout and only as far as
-    needed, since per-channel costs do not scale with N (they are < 0.5 % of the bytes wherever a
-    proxy is needed: H*W >= 49 elements per sample and channel). The spatial extent never changes.
+    The candidates halve the first two dimensions (the batch, and the channels where there are any), never the
+    rest; the op's `proxy_key` says which keep the counts proportional. Channels shrink first and the batch only
+    as far as needed: every per-channel cost (statistics, parameters, running stats) scales with C exactly as the
+    data does, but not with N (they are < 0.5 % of the bytes wherever a proxy is needed: H*W >= 49 elements per
+    sample and channel).
     """
-    want = path_signature(case)
+    want = proxy_key(case)
     shape = case.shape
-    rows_layout = case.op == BN and want[0]
     ns = [shape[0] >> i for i in range(shape[0].bit_length()) if shape[0] >> i >= 2]
-    if rows_layout:
-        ns = ns[:1]
     cs = [shape[1] >> i for i in range(shape[1].bit_length()) if shape[1] >> i >= 1] if len(shape) > 1 else [None]
     best = None
     for n in ns:
         for c in cs:
             cand = (n,) if c is None else (n, c) + tuple(shape[2:])
             proxy = Case(case.op, cand, case.dtype, f"proxy of {list(shape)}")
-            if proxy.numel > limit or path_signature(proxy) != want:
+            if proxy.numel > limit or proxy_key(proxy) != want:
                 continue
             if best is None or (proxy.numel, proxy.shape[0]) > (best.numel, best.shape[0]):
                 best = proxy
@@ -187,15 +187,15 @@ def cpu_records(case: Case, provider: str, preset: Preset, log) -> tuple[list[di
 
 
 def validate_proxies(records, cases, log) -> list[dict]:
-    """Checks of the proxy model: each BN shape counted directly (fp32) is also modelled from a proxy
+    """Checks of the proxy model: each generator layer counted directly (fp32) is also modelled from a proxy
     at least 4x smaller, and the forward + backward bytes are compared."""
-    from _report import index
+    from .report import index
 
     idx = index(records)
     out = []
     for case in cases:
         measured = idx.get((case.op, case.shape, case.dtype, "full", "triton", "bytes"))
-        if not (case.op == BN and case.dtype == "fp32" and measured and measured["source"] == "measured"):
+        if not (case.label.startswith("G.") and case.dtype == "fp32" and measured and measured["source"] == "measured"):
             continue
         proxy = proxy_case(case, min(case.numel // 4, 1 << 16))
         if proxy is None:
@@ -277,7 +277,7 @@ def step_records(batch: int, provider: str, log) -> tuple[list[dict], str | None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Static compile report (kernels/_compile_report.py; it needs TRITON_INTERPRET unset: a subprocess)
+# Static compile report (bench/compile_report.py; it needs TRITON_INTERPRET unset: a subprocess)
 
 
 def static_compile_report(log) -> tuple[list[dict], str | None]:
@@ -285,7 +285,7 @@ def static_compile_report(log) -> tuple[list[dict], str | None]:
     tmp = REPO / "bench" / "results" / "compile_report.json.tmp"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels._compile_report", "--arch", "80", "90", "--json", str(tmp)],
+        [sys.executable, str(REPO / "bench" / "compile_report.py"), "--arch", "80", "90", "--json", str(tmp)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     if proc.returncode != 0:

@@ -106,13 +106,13 @@ def fused_unavailable() -> str | None:
 
 def precision_probe(preset: Preset, workers: int, rounds: int = 8, seconds: float = 8.0) -> dict:
     """What distgan's `--precision auto` (the default) picks for a run of `workers` workers here, by distgan's own
-    decision (distgan.hardware.decide_precision: the probe, or this machine's cached probe), and a longer
+    decision (distgan.precision.decide_precision: the probe, or this machine's cached probe), and a longer
     measurement of the same steps to show the probe's noise: `rounds` interleaved rounds of fp32 and bf16 in
     this one process, their per-round ratios."""
     import statistics as st
 
-    from distgan import hardware
     from distgan.config import TrainConfig
+    from distgan.precision import decide_precision, probe_step_times
 
     per_worker, device = preset.batch_size // workers, "cuda" if GPU else "cpu"
     threads = 1 if GPU else max((os.cpu_count() or 1) // workers, 1)  # --cpus-per-worker auto on one machine
@@ -120,8 +120,8 @@ def precision_probe(preset: Preset, workers: int, rounds: int = 8, seconds: floa
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        choice = hardware.decide_precision(cfg, device, per_worker, threads)
-        times = {} if GPU else hardware.probe_step_times(cfg, device, per_worker, rounds=rounds, seconds=seconds)
+        choice = decide_precision(cfg, device, per_worker, threads)
+        times = {} if GPU else probe_step_times(cfg, device, per_worker, rounds=rounds, seconds=seconds)
     finally:
         torch.set_num_threads(before)
     out = {"auto_precision": choice.precision, "auto_source": choice.source, "auto_reason": choice.reason,

@@ -185,4 +185,4 @@ def build_augment(cfg, device: torch.device, seed: int) -> Optional[Augment]:
         return None
     p = cfg.augment_p if cfg.augment_p is not None else (0.0 if adaptive else 1.0)
     return Augment(ops, p, device, seed, adaptive=adaptive, target=cfg.ada_target, kimg=cfg.ada_kimg,
-                   images_per_step=cfg.batch_size * cfg.n_critic)
+                   images_per_step=cfg.images_per_g_step)

@@ -7,12 +7,10 @@ so `torch.load(weights_only=True)` can read it without unpickling code.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import pickle
 import random
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -205,103 +203,6 @@ def load_into(state: dict[str, Any], where: str, **targets) -> None:
             target.load_state_dict(state[key])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{where}: {key} does not match this model ({first_line(e)})") from None
-
-
-# checkpoint_dir_name(): checkpoint_<step>, plus _resume<step>[.n] in a resumed attempt
-CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{8})(?:_resume(\d{8})(?:\.(\d+))?)?")
-
-
-def checkpoint_dir_name(step: int, tag: str) -> str:
-    return f"checkpoint_{step:08d}" + (f"_{tag}" if tag else "")
-
-
-def checkpoint_order(name: str) -> tuple[int, int, int]:
-    """Newest last: by step, then a resumed attempt's checkpoint after the original at the same step."""
-    m = CHECKPOINT_NAME.fullmatch(name)
-    return (int(m[1]), int(m[2]) if m[2] else -1, int(m[3] or 1)) if m else (-1, -1, -1)
-
-
-def checkpoint_names(run: str) -> list[str]:
-    """The checkpoint directory names in a run directory (a local path or a URI), oldest first (checkpoint_order);
-    [] when the run directory does not exist. Unreachable or malformed storage raises OSError or ValueError."""
-    from pyarrow.fs import FileType
-
-    return sorted((e.base_name for e in storage.entries(run)
-                   if e.type == FileType.Directory and CHECKPOINT_NAME.fullmatch(e.base_name)), key=checkpoint_order)
-
-
-def newest_checkpoint(names: list[str]) -> Optional[str]:
-    """The newest checkpoint directory name among `names` (checkpoint_order), None when there is none."""
-    found = [n for n in names if CHECKPOINT_NAME.fullmatch(n)]
-    return max(found, key=checkpoint_order) if found else None
-
-
-def resume_tag(existing: list[str], resumed_at: Optional[int]) -> str:
-    """The suffix of a resumed attempt's checkpoint names: `resume<step>`, plus `.<n>` when an earlier attempt
-    resumed from the same step (after a fall-back). A name is never reused: Ray's clean-up of an old record
-    would delete the new checkpoint that took its name."""
-    if resumed_at is None:
-        return ""
-    tag = f"resume{resumed_at:08d}"
-    earlier = {name.split(f"_{tag}", 1)[1].split("_")[0] for name in existing if f"_{tag}" in name}
-    n = 1
-    while (f".{n}" if n > 1 else "") in earlier:
-        n += 1
-    return tag + (f".{n}" if n > 1 else "")
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.split("_")[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def candidate_dirs(latest: Path) -> list[Path]:
-    """The latest checkpoint first, then the other checkpoints of the run directory that are not newer
-    (by step, then by write time), newest first."""
-    def order(p: Path) -> tuple[int, float]:
-        return _step_of(p), p.stat().st_mtime
-
-    siblings = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
-    return [latest] + sorted((p for p in siblings if _step_of(p) <= _step_of(latest)), key=order, reverse=True)
-
-
-def load_latest_valid(latest: Path, log=print) -> tuple[dict[str, Any], Path]:
-    """The newest checkpoint that validates, warning about each one skipped.
-
-    Raises CheckpointError naming every file when none validates: never a silent restart from step 0.
-    """
-    errors = []
-    for directory in candidate_dirs(Path(latest)):
-        try:
-            state = load_state(directory)
-        except CheckpointError as e:
-            errors.append(str(e))
-            log(f"WARNING: skipping checkpoint: {e}")
-            continue
-        if errors:
-            warnings.warn(f"resumed from older checkpoint {directory} because the newer one is bad: {errors[0]}",
-                          stacklevel=2)
-        return state, directory
-    raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(errors))
-
-
-# ------------------------------------------------------------------ how Ray ranks checkpoints
-
-# Ray keeps the best --num-to-keep checkpoints by this metric (order "min"), reported with every checkpoint of
-# every run whatever --eval-every was: an evaluated checkpoint's FID, else UNSCORED, worse than any FID and
-# finite. Ray ranks a checkpoint that lacks the metric as the best in "min" order, and writes inf or nan to
-# its snapshot as JSON null, which it cannot rank when the run resumes.
-RANK_METRIC = "fid_rank"
-UNSCORED = 1e300
-
-
-def rank_of(metrics: dict[str, Any]) -> float:
-    """RANK_METRIC's value for a checkpoint reported with `metrics`: its FID when finite, else UNSCORED."""
-    fid = metrics.get("fid")
-    finite = isinstance(fid, (int, float)) and not isinstance(fid, bool) and math.isfinite(fid)
-    return float(fid) if finite else UNSCORED
 
 
 # ------------------------------------------------------------------------------ what a resumed run must keep

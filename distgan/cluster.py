@@ -36,7 +36,7 @@ FORWARDED_ENV_PREFIXES = ("DISTGAN_TEST_", "WANDB_MODE", "WANDB_DIR", "WANDB_PRO
 RUNTIME_ENV_VARS = ("TRITON_INTERPRET",)
 
 
-# The signals that stop a run gracefully (distgan.train's StopOnInterrupt). `timeout`, `kill -- -PGID`, a closing
+# The signals that stop a run gracefully (distgan.driver's StopOnInterrupt). `timeout`, `kill -- -PGID`, a closing
 # terminal (SIGHUP), SLURM and systemd send them to every process of the job, not only to the driver: a local Ray
 # instance's processes would die at once and leave the driver nothing to stop gracefully. So they are blocked in
 # every process of the local instance (a blocked signal stays pending; the mask is inherited across fork and

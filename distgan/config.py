@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from distgan import storage
-from distgan.storage import join
 
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder", "prepared")
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")  # what torchvision can fetch; mnist5k is embedded
@@ -173,15 +172,20 @@ class TrainConfig:
         return self.batch_size // self.num_workers
 
     @property
+    def images_per_g_step(self) -> int:
+        """Real images D sees per G step over all ranks: the global batch, once per D step."""
+        return self.batch_size * self.n_critic
+
+    def steps_per_epoch(self, num_images: int) -> int:
+        """G steps in one epoch of `num_images` training images (every rank draws an equal share of whole
+        batches: DistributedSampler with drop_last)."""
+        return num_images // self.images_per_g_step
+
+    @property
     def image_channels(self) -> int:
         if self.channels is not None:
             return self.channels
         return 3 if self.dataset in ("cifar10", "folder", "prepared") else 1
-
-    @property
-    def run_dir(self) -> str:
-        """The run directory: a local path or a URI (distgan.storage.join keeps a URI's ?query last)."""
-        return join(self.storage_path, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,10 +373,10 @@ def _flag(name: str) -> str:
 
 def check_schedule(cfg: TrainConfig, num_images: int) -> int:
     """Checks the schedule against the training split's size; returns the G steps per epoch."""
-    steps_per_epoch = num_images // cfg.batch_size // cfg.n_critic
+    steps_per_epoch = cfg.steps_per_epoch(num_images)
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} needs "
-                          f"{cfg.batch_size * cfg.n_critic} images per generator step, and the training split has "
+                          f"{cfg.images_per_g_step} images per generator step, and the training split has "
                           f"{num_images}", field="batch_size")
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None and cfg.max_steps > total:

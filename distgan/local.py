@@ -47,21 +47,15 @@ def _entry(rank: int, fn, world: int, rendezvous: str, timeout_s: float, threads
         dist.destroy_process_group()
 
 
-def _load_newest(trainer) -> Optional[int]:
-    """The run directory's newest checkpoint into the trainer (past bad ones, on a local disk); its step."""
-    from distgan import storage, worker
-    from distgan.checkpoint import fetch_state, load_latest_valid, newest_checkpoint
+def _load(trainer, location: Optional[str]) -> Optional[int]:
+    """The checkpoint the driver chose (RunDir.resume_point) into the trainer; its step, None for a new run."""
+    from distgan import worker
+    from distgan.checkpoint import fetch_state
 
-    run = worker.run_dir(trainer.cfg)
-    newest = newest_checkpoint(storage.list_names(run))
-    if newest is None:
+    if location is None:
         return None
-    if storage.is_uri(run):  # only the newest is fetched; a bad one stops the run naming it
-        where, state = storage.join(run, newest), fetch_state(storage.join(run, newest))
-    else:
-        state, where = load_latest_valid(Path(run) / newest, log=lambda m: print(m, flush=True))
-    trainer.load_state_dict(state, str(where))
-    worker.announce_resume(trainer, str(where))
+    trainer.load_state_dict(fetch_state(location), location)
+    worker.announce_resume(trainer, location)
     return trainer.step
 
 
@@ -77,68 +71,64 @@ def save_checkpoint(state: dict[str, Any], location: str) -> None:
         storage.upload(save_state(state, tmp), storage.join(location, STATE_FILE))
 
 
-def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool) -> None:
+def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool, resume_from: Optional[str],
+                 data: dict[str, Any]) -> None:
     """One training process: what distgan.loop.train_loop_per_worker does, with the run directory in place of
-    Ray's checkpoint bookkeeping."""
+    Ray's checkpoint bookkeeping; `resume_from` is the checkpoint the driver chose (None for a new run), `data`
+    what the run trains on (distgan.driver.Checked.data)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a stop request
     from tqdm import tqdm
 
-    from distgan import storage, worker
-    from distgan.checkpoint import checkpoint_dir_name
+    from distgan import worker
     from distgan.config import config_from_dict
+    from distgan.rundir import RunDir, StopRequest
     from distgan.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
-    trainer = Trainer(cfg, "cpu", evaluate=evaluate, tracker_factory=worker.tracker_factory(cfg, lambda: trainer))
+    trainer = Trainer(cfg, "cpu", evaluate=evaluate, tracker_factory=worker.tracker_factory(cfg, lambda: trainer),
+                      data=data)
     if rank == 0:
         print(f"distgan.local: {trainer.world} worker(s) on cpu, precision {trainer.precision}, kernels "
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
-    tag = worker.shared_resume_tag(trainer, _load_newest(trainer))
+    run = RunDir.of(cfg)
+    tag = worker.shared_resume_tag(trainer, _load(trainer, resume_from))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         if rank == 0 and state is not None:
-            save_checkpoint(state, storage.join(worker.run_dir(cfg), checkpoint_dir_name(trainer.step, tag)))
+            save_checkpoint(state, run.checkpoint(trainer.step, tag))
 
     every_s = worker.progress_every_s()  # tqdm's own minimum interval between redraws
     progress = worker.Progress(trainer, functools.partial(tqdm, mininterval=every_s)) if rank == 0 else None
     try:
-        result = trainer.fit(report, should_stop=worker.StopRequest(cfg, rank), on_step=progress)
+        result = trainer.fit(report, should_stop=StopRequest(run, rank), on_step=progress)
     finally:
         if progress is not None:
             progress.close()
     if rank == 0 and result["stopped"]:
-        worker.write_stop_note(cfg, result["stopped"])
+        run.write_stop_note(result["stopped"])
 
 
 def run(cfg) -> dict[str, Any]:
     """Checks the run as distgan.train does before any worker starts, trains, and returns a summary. Raises
     ConfigError for user-fixable problems."""
-    from distgan import storage, worker
-    from distgan.checkpoint import newest_checkpoint
     from distgan.cluster import local_nodes, size_workers
-    from distgan.config import ConfigError, check_execution, check_schedule
-    from distgan.data import check_data
+    from distgan.config import ConfigError, check_execution
+    from distgan.driver import StopOnInterrupt, checked_run
     from distgan.metrics import metrics_supported
-    from distgan.runs import check_resume, check_same_data, newest_valid_checkpoint
-    from distgan.train import StopOnInterrupt
+    from distgan.rundir import RunDir
 
     if cfg.use_gpu:
         raise ConfigError("--use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs", field="use_gpu")
-    data = check_data(cfg)
-    check_schedule(cfg, data["images"])
-    found = newest_valid_checkpoint(cfg.storage_path, cfg.name)
-    check_resume(cfg, found)
-    check_same_data(cfg, found, data)
-    cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=found)
-    check_execution(cfg, False)
-    worker.pop_stop_note(cfg)  # a note left by an earlier run is stale now
-    with StopOnInterrupt(cfg) as interrupt:
-        spawn(train_worker, cfg.num_workers, cfg.to_dict(), cfg.eval_every > 0 and metrics_supported(cfg)[0],
-              timeout_s=cfg.collective_timeout_s, threads=cfg.cpus_per_worker)
-    run_dir = worker.run_dir(cfg)
-    newest = newest_checkpoint(storage.list_names(run_dir))
-    return {"run_dir": run_dir, "checkpoint": storage.join(run_dir, newest) if newest else None,
-            "stopped": worker.pop_stop_note(cfg), "interrupted": interrupt.requested}
+    with checked_run(cfg, ray_record=False) as checked:
+        cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=checked.found)
+        check_execution(cfg, False)
+        with StopOnInterrupt(cfg) as interrupt:
+            spawn(train_worker, cfg.num_workers, cfg.to_dict(), cfg.eval_every > 0 and metrics_supported(cfg)[0],
+                  checked.found and checked.found.location, checked.data,
+                  timeout_s=cfg.collective_timeout_s, threads=cfg.cpus_per_worker)
+    run = RunDir.of(cfg)
+    return {"run_dir": run.location, "checkpoint": run.newest_checkpoint(), "stopped": run.pop_stop_note(),
+            "interrupted": interrupt.requested}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -27,32 +27,25 @@ import ray.train.torch
 import torch
 
 from distgan import storage, worker
-from distgan.checkpoint import (
-    RANK_METRIC,
-    STATE_FILE,
-    checkpoint_dir_name,
-    load_latest_valid,
-    load_state,
-    rank_of,
-    save_state,
-    write_error,
-)
+from distgan.checkpoint import STATE_FILE, load_state, save_state, write_error
 from distgan.config import config_from_dict
+from distgan.rundir import RANK_METRIC, RunDir, StopRequest, checkpoint_dir_name, rank_of
 from distgan.trainer import Trainer
 
 
 def _load_checkpoint(trainer: Trainer) -> Optional[int]:
+    """Ray's latest checkpoint into the trainer; its step, None for a new run. On a (re)submission that is the one
+    the driver chose (distgan.runs.reconcile_run made Ray's record name it); after a worker failure, the last
+    one this run registered."""
     checkpoint = ray.train.get_checkpoint()  # (3)
     if checkpoint is None:
         return None
-    if Path(checkpoint.path).is_dir():  # local storage: fall back past a bad latest checkpoint
-        state, where = load_latest_valid(Path(checkpoint.path), log=lambda m: print(m, flush=True))
-    else:  # remote storage: only the latest is fetched; a bad one stops the run naming it
-        with checkpoint.as_directory() as tmp:  # Ray's path drops the URI scheme; the user's storage path has it
-            where = storage.join(worker.run_dir(trainer.cfg), Path(checkpoint.path).name)
-            state = load_state(tmp, where)
-    trainer.load_state_dict(state, str(where))
-    worker.announce_resume(trainer, str(where))
+    # Ray's path drops a URI's scheme; the name shown is in the user's storage path
+    where = RunDir.of(trainer.cfg).join(Path(checkpoint.path).name)
+    with checkpoint.as_directory() as directory:  # local storage: the directory itself; remote: a download
+        state = load_state(directory, where)
+    trainer.load_state_dict(state, where)
+    worker.announce_resume(trainer, where)
     return trainer.step
 
 
@@ -81,10 +74,9 @@ def persist_checkpoint(cfg) -> Callable[[ray.train.Checkpoint, str], ray.train.C
                 fs.delete_dir(dest)
             except OSError:
                 pass
-            from distgan.runs import newest_valid_checkpoint
-
-            newest = newest_valid_checkpoint(cfg.storage_path, cfg.name, log=lambda message: None)
-            raise write_error(storage.join(worker.run_dir(cfg), dir_name), e, newest and newest[0]) from None
+            run = RunDir.of(cfg)
+            newest = run.resume_point(log=lambda message: None)
+            raise write_error(run.join(dir_name), e, newest and newest.location) from None
         return ray.train.Checkpoint(dest, filesystem=fs)
 
     return upload
@@ -112,7 +104,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     score_fid = bool(loop_config.get("score_fid"))
     trainer = Trainer(cfg, device, wrap_model=ray.train.torch.prepare_model,  # (2)
-                      evaluate=score_fid, tracker_factory=worker.tracker_factory(cfg, lambda: trainer))
+                      evaluate=score_fid, tracker_factory=worker.tracker_factory(cfg, lambda: trainer),
+                      data=loop_config.get("data"))
     if rank == 0:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision} "
               f"({trainer.precision_choice.reason}), kernels {trainer.kernel_backend} ({trainer.kernel_reason}), "
@@ -137,9 +130,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         every_s = float(loop_config.get("progress_every_s", tqdm.DEFAULT_FLUSH_INTERVAL_SECONDS))
         progress = worker.Progress(trainer, functools.partial(tqdm, flush_interval_s=every_s))
     try:
-        result = trainer.fit(report, should_stop=worker.StopRequest(cfg, rank), on_step=progress if rank == 0 else None)
+        result = trainer.fit(report, should_stop=StopRequest(RunDir.of(cfg), rank),
+                             on_step=progress if rank == 0 else None)
     finally:
         if rank == 0:
             progress.close()
     if rank == 0 and result["stopped"]:
-        worker.write_stop_note(cfg, result["stopped"])
+        RunDir.of(cfg).write_stop_note(result["stopped"])

@@ -19,6 +19,7 @@ from typing import Optional
 
 from distgan import storage
 from distgan.config import ConfigError, LaunchError, TrainConfig, config_from_dict
+from distgan.rundir import RANK_METRIC, Found, RunDir, rank_of
 
 # One live driver per run: two would interleave checkpoint names, Ray's snapshot, metrics.jsonl and the stop
 # request. The driver holds a claim file in the run directory and rewrites it every CLAIM_HEARTBEAT_S; a
@@ -55,7 +56,7 @@ class RunClaim:
         import uuid
 
         self.cfg = cfg
-        self.run = storage.join(cfg.storage_path, cfg.name)
+        self.run = RunDir.of(cfg).location
         self.path = storage.join(self.run, CLAIM_FILE)
         self.mine = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "boot_id": _boot_id(),
                      "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "started": time.time(),
@@ -185,7 +186,7 @@ class RunClaim:
         self.release()
 
 
-def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
+def check_resume(cfg: TrainConfig, found: Optional[Found]) -> None:
     """Refuses a resubmission whose flags would change what the run's newest checkpoint means: the model's
     shape at any position; the data position's meaning (seed, batch, D steps, workers) mid-epoch. At an
     epoch boundary there is no position to misread, so those may change there."""
@@ -214,7 +215,7 @@ def check_resume(cfg: TrainConfig, found: Optional[tuple[str, dict]]) -> None:
                               f"or use a new --name", field=key)
 
 
-def check_same_data(cfg: TrainConfig, found: Optional[tuple[str, dict]], data: dict, log=print) -> None:
+def check_same_data(cfg: TrainConfig, found: Optional[Found], data: dict, log=print) -> None:
     """Refuses to resume mid-epoch on other data than the newest checkpoint trained on (its data position would
     index another set of images); at an epoch boundary the run goes on with the data as it is, with a note.
     `data` is distgan.data.dataset_fingerprint's; a checkpoint that does not record its data is not checked."""
@@ -240,7 +241,7 @@ def check_same_data(cfg: TrainConfig, found: Optional[tuple[str, dict]], data: d
         f"epoch, so training goes on with the data as it is now")
 
 
-def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
+def reconcile_run(cfg: TrainConfig, log=print) -> Optional[Found]:
     """Makes Ray's record of the run (checkpoint_manager_snapshot.json) agree with the run directory before Ray
     reads it; returns (location, state) of the checkpoint the run resumes from, or None for a new run.
 
@@ -254,22 +255,20 @@ def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
 
     Raises LaunchError when the run has checkpoints, on disk or in the record, and none validates: a run is
     never started again from step 0 under its name."""
-    from distgan.sample import RAY_SNAPSHOT
-
-    run = storage.join(cfg.storage_path, cfg.name)
-    record_path = storage.join(run, RAY_SNAPSHOT)
-    listed = _read_run(run, record_path, log)
+    run = RunDir.of(cfg)
+    record_path = run.ray_snapshot
+    listed = _read_run(run, log)
     if listed is None:
         return None
     names, snapshot = listed
     recorded = [r.get("checkpoint_dir_name") for r in (snapshot or {}).get("checkpoint_results") or []]
     latest = ((snapshot or {}).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    target, state, skipped = _newest_valid(run, names, log)
+    target, state, skipped = run.newest_valid(names, log)
     if target is None:
         if not names and not recorded:
             return None
         what = (f"none of its {len(names)} checkpoints validates" if names else
-                f"Ray's record names {', '.join(map(str, recorded))}, and none of them is in {run}")
+                f"Ray's record names {', '.join(map(str, recorded))}, and none of them is in {run.location}")
         raise LaunchError(f"run {cfg.name}: {what}; a run is not started again from step 0 under its name: "
                           f"restore a checkpoint, or train under another --name")
     kept, current = _kept_entries(run, snapshot, names, skipped, target, state)
@@ -279,19 +278,18 @@ def reconcile_run(cfg: TrainConfig, log=print) -> Optional[tuple[str, dict]]:
     why = _resume_reason(snapshot, names, recorded, latest, target, skipped)
     if why:
         log(f"run {cfg.name}: resuming from {target}, the newest checkpoint that exists and validates ({why})")
-    return storage.join(run, target), state
+    return Found(run.join(target), state)
 
 
-def _read_run(run: str, record_path: str, log) -> Optional[tuple[list[str], Optional[dict]]]:
+def _read_run(run: RunDir, log) -> Optional[tuple[list[str], Optional[dict]]]:
     """The run's checkpoint directory names, oldest first, and Ray's record of the run (None when it is missing
     or torn); None when the run directory cannot be read."""
-    from distgan.checkpoint import checkpoint_names
-
+    record_path = run.ray_snapshot
     try:
-        names = checkpoint_names(run)
+        names = run.checkpoint_names()
         raw = storage.read_bytes(record_path)
     except (OSError, ValueError) as e:  # unreachable or malformed storage: Ray Train reports it on its own
-        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({storage.first_line(e)})")
+        log(f"WARNING: cannot list {run.location} to check its checkpoints before resuming ({storage.first_line(e)})")
         return None
     snapshot = None
     if raw is not None:
@@ -302,48 +300,10 @@ def _read_run(run: str, record_path: str, log) -> Optional[tuple[list[str], Opti
     return names, snapshot if isinstance(snapshot, dict) else None
 
 
-def newest_valid_checkpoint(storage_path: str, name: str, log=print) -> Optional[tuple[str, dict]]:
-    """(location, state) of the run's newest checkpoint (checkpoint_order) that validates, the one its workers
-    resume from, for local paths and URIs alike; None for a new run, a run with no valid checkpoint, or storage
-    that cannot be listed (warned: the workers report it). For distgan.local, which keeps no Ray record; the Ray
-    driver's reconcile_run finds the same checkpoint and mends Ray's record too."""
-    from distgan.checkpoint import checkpoint_names
-
-    run = storage.join(storage_path, name)
-    try:
-        names = checkpoint_names(run)
-    except (OSError, ValueError) as e:
-        log(f"WARNING: cannot list {run} to check its checkpoints before resuming ({storage.first_line(e)})")
-        return None
-    target, state, _ = _newest_valid(run, names, log)
-    return (storage.join(run, target), state) if target else None
-
-
-def _newest_valid(run: str, names: list[str], log) -> tuple[Optional[str], Optional[dict], list[str]]:
-    """The newest of `names` that validates (the workers' load_state) and its state, or (None, None), and the
-    newer ones skipped, each with a warning."""
-    from distgan.checkpoint import CheckpointError, fetch_state
-
-    skipped: list[str] = []
-    for name in reversed(names):
-        where = storage.join(run, name)
-        try:
-            state = fetch_state(where if "://" in where else Path(where))
-        except CheckpointError as e:
-            log(f"WARNING: skipping checkpoint: {e}")
-            skipped.append(name)
-            continue
-        return name, state, skipped
-    return None, None, skipped
-
-
-def _kept_entries(run: str, snapshot: Optional[dict], names: list[str], skipped: list[str], target: str,
+def _kept_entries(run: RunDir, snapshot: Optional[dict], names: list[str], skipped: list[str], target: str,
                   state: dict) -> tuple[dict[str, tuple[dict, int]], int]:
     """The record's entries that exist and validate (or were not looked at: older than the target), and the
     target: {name: (metrics with a finite RANK_METRIC, report index)}, and the record's next report index."""
-    from distgan.checkpoint import RANK_METRIC, rank_of
-    from distgan.sample import checkpoint_fids
-
     results = list((snapshot or {}).get("checkpoint_results") or [])
     indices = list((snapshot or {}).get("checkpoint_report_indices") or [])
     if len(indices) != len(results):
@@ -354,7 +314,7 @@ def _kept_entries(run: str, snapshot: Optional[dict], names: list[str], skipped:
     if target not in kept:
         kept[target] = ({"step": state.get("step")}, max([current, *indices], default=-1) + 1)
         current = kept[target][1] + 1
-    fids = checkpoint_fids(run, list(kept))
+    fids = run.checkpoint_fids(list(kept))
     for name, (metrics, _) in kept.items():
         rank = metrics.get(RANK_METRIC)
         if not (isinstance(rank, (int, float)) and math.isfinite(rank)):
@@ -365,8 +325,6 @@ def _kept_entries(run: str, snapshot: Optional[dict], names: list[str], skipped:
 def _rebuilt_record(snapshot: Optional[dict], kept: dict[str, tuple[dict, int]], current: int, target: str) -> dict:
     """Ray's record naming only the `kept` checkpoints, with `target` as the latest; the rest of `snapshot` kept."""
     import ray
-
-    from distgan.checkpoint import RANK_METRIC
 
     # Ray keeps its list in ascending order of its key, (True, -rank) for "min": worst first, ties by report order
     order = sorted(kept, key=lambda n: (-kept[n][0][RANK_METRIC], kept[n][1]))

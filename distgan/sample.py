@@ -13,8 +13,6 @@ grid (torchvision make_grid/save_image). npz: key `images`, uint8, shape (N, H, 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -24,13 +22,12 @@ import numpy as np
 import torch
 
 from distgan import storage
-from distgan.checkpoint import STATE_FILE, CheckpointError, checkpoint_names, checkpoint_order, fetch_state, load_into
+from distgan.checkpoint import STATE_FILE, CheckpointError, fetch_state, load_into
 from distgan.config import config_from_dict
 from distgan.models import Generator
 from distgan.plots import save_grid
+from distgan.rundir import RunDir, checkpoint_order
 from distgan.storage import first_line
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the kept checkpoints and their metrics
 
 
 class Choice(NamedTuple):
@@ -38,37 +35,6 @@ class Choice(NamedTuple):
     run_dir: str  # its run directory (the parent)
     reason: str  # one line: which checkpoint and why
     state: dict[str, Any] | None = None  # its validated state, when choosing it meant loading it
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def checkpoint_fids(run_dir: str, names: list[str]) -> dict[str, float]:
-    """FID of each evaluated checkpoint. First Ray's snapshot, which holds the metrics reported with each
-    kept checkpoint, by directory name (an unevaluated one has fid inf); then, for checkpoints it does not
-    name, the run's metrics.jsonl eval rows at the checkpoint's step (the last row of a step wins: a
-    rollback or resume evaluates the same step again)."""
-    fids: dict[str, float] = {}
-    try:
-        snapshot = json.loads(storage.read_bytes(storage.join(run_dir, RAY_SNAPSHOT)) or "{}")
-    except json.JSONDecodeError:
-        snapshot = {}  # a snapshot from another Ray version or torn: metrics.jsonl still has the FIDs
-    if isinstance(snapshot, dict):
-        results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result")]
-        for result in filter(None, results):
-            fid = _finite((result.get("metrics") or {}).get("fid"))
-            if fid is not None and result.get("checkpoint_dir_name") in names:
-                fids[result["checkpoint_dir_name"]] = fid
-    by_step = {}
-    for row in storage.read_metrics(run_dir):
-        if row.get("kind") == "eval" and isinstance(row.get("step"), int) and _finite(row.get("fid")) is not None:
-            by_step[row["step"]] = row["fid"]
-    for name in names:
-        step = checkpoint_order(name)[0]
-        if name not in fids and step in by_step:
-            fids[name] = by_step[step]
-    return fids
 
 
 def choose_checkpoint(location: str) -> Choice:
@@ -89,11 +55,12 @@ def choose_checkpoint(location: str) -> Choice:
         raise CheckpointError(f"{location}: no such checkpoint or run directory")
     if info.type != FileType.Directory:
         raise CheckpointError(f"{location}: not a directory (expected a checkpoint or a run directory)")
-    names = checkpoint_names(location)
+    run = RunDir.at(location)
+    names = run.checkpoint_names()
     if not names:
         raise CheckpointError(f"{location}: no {STATE_FILE} and no checkpoint_<step> directories in it (not a "
                               f"checkpoint or a run directory)")
-    fids = checkpoint_fids(location, names)
+    fids = run.checkpoint_fids(names)
     # best FID first (ties to the newer), then the unevaluated ones newest first; the first that validates wins
     ranked = sorted(fids, key=lambda n: (fids[n], [-k for k in checkpoint_order(n)]))
     ranked += [n for n in reversed(names) if n not in fids]

@@ -71,15 +71,6 @@ def build_loader(dataset: Dataset, cfg: TrainConfig, world: int, rank: int,
     return sampler, loader
 
 
-def steps_per_epoch(dataset_size: int, cfg: TrainConfig, world: int) -> int:
-    """G steps in one epoch (each takes n_critic batches of every rank). Raises ValueError when not one fits."""
-    steps = dataset_size // world // cfg.per_worker_batch // cfg.n_critic
-    if steps == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} exceeds the dataset "
-                         f"({dataset_size} images)")
-    return steps
-
-
 def epoch_batches(sampler: ResumableDistributedSampler, loader: DataLoader | TensorLoader, seed: int, epoch: int,
                   start_index: int) -> Iterator:
     """The batches of `epoch` from `start_index` (samples of this rank already consumed) on."""

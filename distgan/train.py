@@ -1,8 +1,9 @@
 """`python -m distgan.train`: parse the config, check it, start (or join) Ray, run the TorchTrainer.
 
 Joins the cluster in RAY_ADDRESS (set by `ray job submit`) or starts a local one sized to this machine. This
-file holds the run's order of steps, the TorchTrainer and the driver's signal handling; distgan.runs keeps the
-run directory's claim and Ray's record of the run, distgan.cluster connects to Ray and sizes the workers.
+file holds the run's order of steps and the TorchTrainer; distgan.driver the pre-flight and the stop signals that
+every driver shares, distgan.runs the run directory's claim and Ray's record of the run, distgan.cluster
+connecting to Ray and sizing the workers.
 """
 
 from __future__ import annotations
@@ -18,85 +19,12 @@ import time
 from pathlib import PurePosixPath
 from typing import Any, Optional
 
-from distgan import cluster, runs, storage, worker
+from distgan import cluster, storage, worker
 from distgan.cli import parse_args
 from distgan.cluster import LaunchError
-from distgan.config import (
-    ConfigError,
-    TrainConfig,
-    check_execution,
-    check_schedule,
-)
-
-
-class StopNow(KeyboardInterrupt):
-    """A second stop signal: stop at once. `signum` is the signal (the exit code is 128 + signum)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopOnInterrupt:
-    """The first Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, SLURM, systemd) or SIGHUP
-    (the terminal or SSH session closed) asks the workers to stop at the next step boundary and write a checkpoint
-    (a note in the run directory that rank 0 polls); a second one stops at once (StopNow). `signum` is the first
-    signal's number, 0 before any. A signal sent to every process of the job reaches the driver alone: a local
-    Ray instance's processes block these signals (distgan.cluster.STOP_SIGNALS)."""
-
-    SIGNALS = cluster.STOP_SIGNALS
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.signum, self.previous = cfg, 0, {}
-
-    @property
-    def requested(self) -> bool:
-        return bool(self.signum)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum:
-            raise StopNow(signum)
-        self.signum = signum
-        what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        again = "Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} again"
-        try:
-            worker.request_stop(self.cfg)
-        except OSError as e:  # storage unreachable: the workers cannot hear us, only a hard stop is left
-            say(f"\n{what}: cannot leave the stop request in the run directory ({e}); {again} to stop at once")
-            return
-        say(f"\n{what}: the workers stop at the next step and write a checkpoint; {again} to stop at once")
-
-    def clear(self) -> None:
-        """Removes a request left by an earlier submission (or this one, once served)."""
-        try:
-            worker.clear_stop_request(self.cfg)
-        except OSError:  # unreachable storage: the driver's other reads say so; a stale request cannot be read
-            pass
-
-    def __enter__(self) -> "StopOnInterrupt":
-        self.clear()
-        # Ray's driver installs a SIGTERM handler of its own (in C++: a stack dump, then abort, exit 134), which
-        # Python's signal.signal replaces; getsignal cannot return it, so it is not restored afterwards
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.clear()
-
-
-def say(text: str, stream=None) -> None:
-    """print() to stderr (or `stream`) that outlives its terminal: after SIGHUP the terminal may be gone, and a
-    write to it fails (EIO), which must not end the graceful stop or lose the exit code."""
-    try:
-        print(text, file=stream or sys.stderr, flush=True)
-    except OSError:
-        pass
-
-
-def _stop_now(signum, frame) -> None:
-    raise StopNow(signum)
+from distgan.config import ConfigError, TrainConfig, check_execution
+from distgan.driver import Checked, StopOnInterrupt, checked_run, say, stop_now
+from distgan.rundir import RANK_METRIC, RunDir
 
 
 def fit_in_thread(trainer):
@@ -136,18 +64,20 @@ def resume_command(cfg: TrainConfig, argv: list[str]) -> str:
                        "--name", cfg.name])
 
 
-def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = ()):
+def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = (),
+                  data: Optional[dict] = None):
+    """Ray Train's TorchTrainer for the run; `data`: what it trains on (distgan.driver.Checked.data), recorded in
+    its checkpoints, None to have the workers read it."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distgan.checkpoint import RANK_METRIC
     from distgan.loop import train_loop_per_worker
 
     max_failures = cfg.max_failures if cfg.max_failures is not None else cluster.default_max_failures()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": cluster._forwarded_env(), "score_fid": score_fid,
-                           "progress_every_s": worker.progress_every_s()},
+                           "progress_every_s": worker.progress_every_s(), "data": data},
         scaling_config=cluster.scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.collective_timeout_s),
         run_config=RunConfig(
@@ -167,22 +97,15 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
 def run(cfg: TrainConfig) -> dict:
     """Runs training; returns a summary dict. Raises ConfigError/LaunchError for user-fixable problems.
 
-    Everything the driver can check is checked before Ray starts: values (parse_args), the data and the
-    schedule, the run's newest checkpoint against these flags, and, for a local run, the hardware."""
+    Everything the driver can check is checked before Ray starts: values (parse_args), RAY_ADDRESS, the
+    pre-flight (distgan.driver.checked_run: the data, the schedule, the run's newest checkpoint against these
+    flags), and, for a local run, the hardware."""
     cluster.check_ray_address()
-    # torch is imported from here on, not before: a bad flag is reported in a second
-    from distgan.data import check_data
-
-    data = check_data(cfg)
-    check_schedule(cfg, data["images"])
-    claim = runs.RunClaim(cfg).acquire()
-    try:
-        return _run_claimed(cfg, data)
-    finally:
-        claim.release()
+    with checked_run(cfg, ray_record=True) as checked:
+        return _run_checked(cfg, checked)
 
 
-def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]):
+def _fit(cfg: TrainConfig, ray, joining: bool, checked: Checked):
     """From a connected Ray to the end of training: the cluster's checks, the workers' placement, fit(). Returns
     (cfg with the workers sized, Ray Train's Result, use_gpu, score_fid, the StopOnInterrupt)."""
     from distgan.metrics import metrics_supported
@@ -191,7 +114,7 @@ def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]
     # workers train there is nothing to checkpoint, so a stop signal now stops at once, like a second Ctrl-C
     for sig in StopOnInterrupt.SIGNALS:
         if sig != signal.SIGINT:  # Ctrl-C keeps Python's KeyboardInterrupt, which stops at once too
-            signal.signal(sig, _stop_now)
+            signal.signal(sig, stop_now)
     if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
         cluster.check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0),
                                  cluster.autoscaler_gpu_node_types())
@@ -200,25 +123,19 @@ def _fit(cfg: TrainConfig, ray, joining: bool, found: Optional[tuple[str, dict]]
         from distgan.hardware import ray_nodes
 
         check_execution(cfg, use_gpu)
-        cfg = cluster.size_workers(cfg, ray_nodes(ray.nodes()), use_gpu, found)
+        cfg = cluster.size_workers(cfg, ray_nodes(ray.nodes()), use_gpu, checked.found)
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         print("note: --use-gpu and the cluster has no GPU yet; waiting for the autoscaler", flush=True)
     cluster.wait_for_placement(cfg, use_gpu)
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
-    trainer = build_trainer(cfg, use_gpu, score_fid)
-    worker.pop_stop_note(cfg)  # a note left by an earlier submission is stale now
+    trainer = build_trainer(cfg, use_gpu, score_fid, data=checked.data)
     with StopOnInterrupt(cfg) as interrupt:
         result = fit_in_thread(trainer)
     return cfg, result, use_gpu, score_fid, interrupt
 
 
-def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
-    """run(), from the moment this driver holds the run directory; `data` is check_data's."""
-    from distgan.checkpoint import RANK_METRIC
-
-    found = runs.reconcile_run(cfg)
-    runs.check_resume(cfg, found)
-    runs.check_same_data(cfg, found, data)
+def _run_checked(cfg: TrainConfig, checked: Checked) -> dict:
+    """run(), from the moment this driver holds the run directory and its pre-flight passed."""
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if not joining:  # a local run's cluster is this machine
         gpus = cluster.local_gpu_count()
@@ -227,11 +144,11 @@ def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
                               "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
         check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
         cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus),
-                                   cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, found)
+                                   cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, checked.found)
     t_submit = time.perf_counter()
     ray = cluster.connect_ray(cfg)
     try:
-        cfg, result, use_gpu, score_fid, interrupt = _fit(cfg, ray, joining, found)
+        cfg, result, use_gpu, score_fid, interrupt = _fit(cfg, ray, joining, checked)
     except KeyboardInterrupt:  # a second signal: main stops Ray within a bounded time (_exit_now)
         raise
     except BaseException:
@@ -246,22 +163,22 @@ def _run_claimed(cfg: TrainConfig, data: dict) -> dict:
         if finite:
             best = min(finite, key=lambda cm: cm[1]["fid"])
     # as the user names them: an s3:// storage path keeps its scheme (Ray's result paths drop it)
-    run_dir = storage.join(cfg.storage_path, cfg.name)
+    run = RunDir.of(cfg)
     summary = {
-        "run_dir": run_dir,
-        "checkpoint": storage.join(run_dir, PurePosixPath(result.checkpoint.path).name) if result.checkpoint else None,
-        "best_checkpoint": storage.join(run_dir, PurePosixPath(best[0].path).name) if best else None,
+        "run_dir": run.location,
+        "checkpoint": run.join(PurePosixPath(result.checkpoint.path).name) if result.checkpoint else None,
+        "best_checkpoint": run.join(PurePosixPath(best[0].path).name) if best else None,
         "best_fid": best[1]["fid"] if best else None,
-        "samples": storage.join(run_dir, "samples"),
-        "metrics_jsonl": storage.join(run_dir, storage.METRICS_FILE),
-        "resumed": found is not None,
+        "samples": run.join("samples"),
+        "metrics_jsonl": run.join(storage.METRICS_FILE),
+        "resumed": checked.found is not None,
         "wall_time_s": round(wall, 1),
         "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != RANK_METRIC},
         "num_workers": cfg.num_workers,
         "use_gpu": use_gpu,
         "precision": metrics.get("precision"),
     }
-    stopped = worker.pop_stop_note(cfg)
+    stopped = run.pop_stop_note()
     if stopped:
         summary["stopped"] = stopped
     summary["interrupted"] = interrupt.requested

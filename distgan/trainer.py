@@ -39,7 +39,7 @@ from distgan.evaluation import RANK0_WORK_TIMEOUT, quality_line, run_on_rank0, s
 from distgan.faults import check_replicas, inject_test_faults
 from distgan.models import build_models
 from distgan.precision import checkpoint_precision, decide_run_precision
-from distgan.sampler import build_loader, epoch_batches, steps_per_epoch
+from distgan.sampler import build_loader, epoch_batches
 from distgan.schedule import CheckpointPolicy, lr_factor
 from distgan.step import EMA, gan_step, make_optimizers
 from kernels import auto_backend
@@ -73,6 +73,9 @@ class Trainer:
         tracker_factory: rank 0 builds its tracker with this (called at the start of `fit()` with
             `resumed=`); None = no tracking (tests).
         dataset: the training images, (image, label) pairs; default `build_dataset(cfg, "train")`.
+        data: what the run trains on ({"fingerprint", "images"}, distgan.data.dataset_fingerprint), recorded in
+            every checkpoint; the drivers pass what their pre-flight read. Default: computed here, unless
+            `dataset` is given (then nothing is recorded).
     Units: `step` counts G steps (each preceded by n_critic D steps); `steps_into_epoch` counts G steps done
     in the current epoch; `samples_into_epoch` is what this rank's sampler skips on a resume.
     """
@@ -80,7 +83,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu",
                  wrap_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
                  evaluate: bool = True, tracker_factory: Optional[Callable[..., Any]] = None,
-                 dataset: Optional[torch.utils.data.Dataset] = None):
+                 dataset: Optional[torch.utils.data.Dataset] = None, data: Optional[dict[str, Any]] = None):
         self.cfg = cfg
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -91,6 +94,8 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         if cfg.num_workers is None:  # a config the driver did not size (tests, scripts): the group's size
             cfg = self.cfg = dataclasses.replace(cfg, num_workers=self.world)
+        if cfg.num_workers != self.world:  # the per-worker batch and the data position assume it
+            raise ValueError(f"num_workers={cfg.num_workers}, and the process group has {self.world} ranks")
         self.precision_choice = decide_run_precision(cfg, self.device, self.world, self.rank, self.distributed)
         self.precision = self.precision_choice.precision
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
@@ -112,9 +117,12 @@ class Trainer:
 
         self.dataset = dataset if dataset is not None else build_dataset(cfg, "train")
         # what this run trains on, recorded in every checkpoint (a resume on other data is checked against it)
-        self.data = dataset_fingerprint(cfg, self.dataset) if dataset is None else None
+        self.data = data or (dataset_fingerprint(cfg, self.dataset) if dataset is None else None)
         self.sampler, self.loader = build_loader(self.dataset, cfg, self.world, self.rank, self.device)
-        self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg, self.world)
+        self.steps_per_epoch = cfg.steps_per_epoch(len(self.dataset))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.batch_size} x --n-critic {cfg.n_critic} exceeds the dataset "
+                             f"({len(self.dataset)} images)")
         self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * self.steps_per_epoch)
 
         # Training streams: every rank its own, drawn only by training from here on.
@@ -334,7 +342,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - t_window, 1e-9)
         self.tracker.log_step(self.step, {**self.last_metrics, "lr_g": self.opt_g.param_groups[0]["lr"],
                                           "lr_d": self.opt_d.param_groups[0]["lr"],
-                                          "images_per_s": steps * self.cfg.batch_size * self.cfg.n_critic / elapsed,
+                                          "images_per_s": steps * self.cfg.images_per_g_step / elapsed,
                                           "step_time_s": elapsed / max(steps, 1), "epoch": self.epoch})
 
     def _rollback(self, last_good: dict[str, Any]) -> None:

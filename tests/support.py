@@ -41,6 +41,18 @@ def spawn_and_load(fn, tmp: Path, stem: str, world: int = 2) -> list:
     return [torch.load(tmp / f"{stem}{r}.pt", weights_only=False) for r in range(world)]
 
 
+def plain_state(step: int = 3, **overrides) -> dict:
+    """A checkpoint state that validates (distgan.checkpoint.load_state), with small tensors that differ by step."""
+    torch.manual_seed(step)
+    state = {"format": 2, "config": {"z_dim": 100, "image_size": 28}, "step": step, "epoch": 0,
+             "g_steps_into_epoch": step, "generator": {"w": torch.randn(4, 3)}, "discriminator": {"w": torch.randn(2)},
+             "opt_g": {"state": {}, "param_groups": []}, "opt_d": {"state": {}, "param_groups": []},
+             "fixed_noise": torch.randn(2, 3), "rng": [capture_rng(torch.Generator())], "world_size": 1,
+             "lr_scale": 1.0, "rollbacks": 0}
+    state.update(overrides)
+    return state
+
+
 def make_checkpoint(directory: Path, step: int) -> Path:
     """A real checkpoint of the default models, with weights that differ by step."""
     torch.manual_seed(step)

@@ -9,28 +9,16 @@ from distgan.checkpoint import (
     CheckpointError,
     capture_rng,
     check_compatible,
-    checkpoint_dir_name,
-    load_latest_valid,
     load_state,
     restore_rng,
-    resume_tag,
     save_state,
 )
 
-
-def _state(step=3, **overrides):
-    torch.manual_seed(step)
-    state = {"format": 2, "config": {"z_dim": 100, "image_size": 28}, "step": step, "epoch": 0,
-             "g_steps_into_epoch": step, "generator": {"w": torch.randn(4, 3)}, "discriminator": {"w": torch.randn(2)},
-             "opt_g": {"state": {}, "param_groups": []}, "opt_d": {"state": {}, "param_groups": []},
-             "fixed_noise": torch.randn(2, 3), "rng": [capture_rng(torch.Generator())], "world_size": 1,
-             "lr_scale": 1.0, "rollbacks": 0}
-    state.update(overrides)
-    return state
+from support import plain_state
 
 
 def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path):
-    state = _state()
+    state = plain_state()
     save_state(state, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     loaded = load_state(tmp_path)
@@ -38,18 +26,18 @@ def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path):
 
 
 def test_a_format_1_checkpoint_is_read_with_its_data_position_renamed_and_a_newer_one_refused(tmp_path):
-    old = _state(7, format=1)
+    old = plain_state(7, format=1)
     old["batch_in_epoch"] = old.pop("g_steps_into_epoch")
     torch.save(old, tmp_path / "state.pt")
     loaded = load_state(tmp_path)
     assert loaded["format"] == 2 and loaded["g_steps_into_epoch"] == 7 and "batch_in_epoch" not in loaded
-    torch.save(_state(7, format=3), tmp_path / "state.pt")
+    torch.save(plain_state(7, format=3), tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="format 3 not supported"):
         load_state(tmp_path)
 
 
 def test_saving_non_finite_weights_is_refused(tmp_path):
-    bad = _state(generator={"w": torch.tensor([1.0, float("nan")])})
+    bad = plain_state(generator={"w": torch.tensor([1.0, float("nan")])})
     with pytest.raises(CheckpointError, match="non-finite.*generator.w"):
         save_state(bad, tmp_path)
     assert not (tmp_path / "state.pt").exists()
@@ -62,7 +50,7 @@ def test_a_pickled_object_is_refused_without_being_executed(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({**_state(), "payload": Exploit()}, tmp_path / "state.pt")
+    torch.save({**plain_state(), "payload": Exploit()}, tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="refused: holds objects other than plain tensors") as refused:
         load_state(tmp_path)
     assert not marker.exists()
@@ -71,7 +59,7 @@ def test_a_pickled_object_is_refused_without_being_executed(tmp_path):
 
 
 def test_truncated_file_is_an_error_naming_it(tmp_path):
-    save_state(_state(), tmp_path)
+    save_state(plain_state(), tmp_path)
     path = tmp_path / "state.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=str(path)) as torn:
@@ -80,35 +68,14 @@ def test_truncated_file_is_an_error_naming_it(tmp_path):
 
 
 def test_nan_in_a_saved_file_is_an_error(tmp_path):
-    torch.save(_state(discriminator={"w": torch.tensor([float("inf")])}), tmp_path / "state.pt")
+    torch.save(plain_state(discriminator={"w": torch.tensor([float("inf")])}), tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="non-finite.*discriminator"):
         load_state(tmp_path)
 
 
-def test_latest_valid_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
-    for step in (2, 4, 6):
-        save_state(_state(step), tmp_path / f"checkpoint_{step:08d}")
-    latest = tmp_path / "checkpoint_00000006"
-    (latest / "state.pt").write_bytes(b"\x00" * 10)
-    logged = []
-    with pytest.warns(UserWarning, match="older checkpoint"):
-        state, where = load_latest_valid(latest, log=logged.append)
-    assert state["step"] == 4 and where.name == "checkpoint_00000004"
-    assert "checkpoint_00000006" in logged[0]
-
-
-def test_no_valid_checkpoint_is_an_error_not_a_restart_from_zero(tmp_path):
-    for step in (2, 4):
-        d = tmp_path / f"checkpoint_{step:08d}"
-        d.mkdir()
-        (d / "state.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="no valid checkpoint.*checkpoint_00000004.*checkpoint_00000002"):
-        load_latest_valid(tmp_path / "checkpoint_00000004", log=lambda m: None)
-
-
 def test_incompatible_model_config_is_refused():
     with pytest.raises(CheckpointError, match="z_dim"):
-        check_compatible(_state(), {"z_dim": 64, "image_size": 28}, "ckpt")
+        check_compatible(plain_state(), {"z_dim": 64, "image_size": 28}, "ckpt")
 
 
 def test_rng_capture_and_restore_reproduce_every_stream():
@@ -124,20 +91,6 @@ def test_rng_capture_and_restore_reproduce_every_stream():
     assert np.array_equal(first[2], second[2]) and first[3] == second[3]
 
 
-def test_a_resumed_attempts_checkpoint_at_the_same_step_is_preferred(tmp_path):
-    import time
-
-    save_state(_state(4), tmp_path / "checkpoint_00000004")
-    time.sleep(0.01)
-    save_state(_state(4, epoch=1), tmp_path / "checkpoint_00000004_resume00000002")
-    bad = tmp_path / "checkpoint_00000006"
-    bad.mkdir()
-    (bad / "state.pt").write_bytes(b"torn")
-    with pytest.warns(UserWarning):
-        state, where = load_latest_valid(bad, log=lambda m: None)
-    assert where.name == "checkpoint_00000004_resume00000002" and state["epoch"] == 1
-
-
 def test_locations_keep_a_uris_query_and_errors_name_what_the_user_gave(tmp_path):
     from distgan.checkpoint import fetch_state
     from distgan.storage import is_uri, join
@@ -145,7 +98,7 @@ def test_locations_keep_a_uris_query_and_errors_name_what_the_user_gave(tmp_path
     assert join("s3://b/runs?endpoint_override=h:9&scheme=http", "r", "state.pt") == \
         "s3://b/runs/r/state.pt?endpoint_override=h:9&scheme=http"
     assert join(tmp_path, "r") == f"{tmp_path}/r" and is_uri("gs://b/x") and not is_uri(tmp_path)
-    save_state(_state(5), tmp_path / "c")
+    save_state(plain_state(5), tmp_path / "c")
     assert fetch_state(tmp_path / "c")["step"] == 5
     assert fetch_state(f"file://{tmp_path}/c")["step"] == 5  # a URI: downloaded through pyarrow
     (tmp_path / "c" / "state.pt").write_bytes(b"torn")
@@ -162,25 +115,6 @@ def test_rng_state_of_another_device_kind_is_not_restored():
     before = torch.get_rng_state()
     assert restore_rng(saved, gen) is False
     assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_first_attempt_names_checkpoints_by_step_only():
-    assert resume_tag([], None) == ""
-    assert checkpoint_dir_name(62, "") == "checkpoint_00000062"
-
-
-def test_a_resumed_attempt_tags_its_checkpoints_with_the_resume_step():
-    tag = resume_tag(["checkpoint_00000062", "checkpoint_00000124"], 62)
-    assert checkpoint_dir_name(93, tag) == "checkpoint_00000093_resume00000062"
-
-
-def test_a_second_attempt_resuming_from_the_same_step_never_reuses_a_name():
-    # attempt 2 resumed at 62 and wrote 93 (then its 93 was found bad); attempt 3 resumes at 62 again
-    existing = ["checkpoint_00000062", "checkpoint_00000093_resume00000062"]
-    third = resume_tag(existing, 62)
-    assert checkpoint_dir_name(93, third) not in existing
-    fourth = resume_tag(existing + [checkpoint_dir_name(93, third)], 62)
-    assert len({"resume00000062", third, fourth}) == 3
 
 
 def test_a_trainers_state_goes_through_save_and_load_in_the_current_format(tmp_path):

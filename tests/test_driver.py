@@ -1,6 +1,7 @@
 """The driver (`python -m distgan.train`) before and after Ray: the runtime env it adds to a Ray job's, the run's
 newest checkpoint checked against the flags before Ray starts, and the paths it prints."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from distgan import cluster, runs, storage, train, worker
+from distgan import cluster, driver, runs, train, worker
 from distgan.config import RAY_JOB_CONFIG_ENV, ConfigError, TrainConfig
+from distgan.rundir import RunDir
 
 # ------------------------------------------------------------------ the runtime env inside `ray job submit`
 
@@ -71,7 +73,7 @@ def _cfg(tmp_path, **overrides) -> TrainConfig:
 
 def _check(tmp_path, storage_path=None, **overrides):
     cfg = _cfg(tmp_path, **overrides)
-    runs.check_resume(cfg, runs.newest_valid_checkpoint(storage_path or cfg.storage_path, cfg.name))
+    runs.check_resume(cfg, RunDir(storage_path or cfg.storage_path, cfg.name).resume_point())
 
 
 @pytest.mark.parametrize("flag,field,saved,now", [
@@ -124,7 +126,7 @@ def test_the_newest_checkpoint_decides_and_unreadable_ones_are_skipped(tmp_path)
     torn.mkdir()
     (torn / "state.pt").write_bytes(b"PK\x03\x04 torn")
     notes = []
-    where, state = runs.newest_valid_checkpoint(str(tmp_path), "x", log=notes.append)
+    where, state = RunDir(str(tmp_path), "x").resume_point(log=notes.append)
     assert where.endswith("checkpoint_00000030_resume00000020") and state["g_steps_into_epoch"] == 5
     assert len(notes) == 1 and "skipping checkpoint" in notes[0] and "checkpoint_00000050" in notes[0]
     with pytest.raises(ConfigError, match="^--batch-size: .*batch_size=64; this run has 32"):
@@ -134,18 +136,18 @@ def test_the_newest_checkpoint_decides_and_unreadable_ones_are_skipped(tmp_path)
 def test_the_checkpoint_is_read_through_a_uri_as_well(tmp_path):
     _checkpoint(tmp_path / "x", 30, g_steps_into_epoch=5)
     uri = f"file://{tmp_path}"
-    where, _ = runs.newest_valid_checkpoint(uri, "x")
+    where, _ = RunDir(uri, "x").resume_point()
     assert where.endswith("x/checkpoint_00000030")
     with pytest.raises(ConfigError, match="^--seed: "):
         _check(tmp_path, storage_path=uri, seed=5)
 
 
 def test_a_new_run_or_unreachable_storage_is_not_refused(tmp_path):
-    assert runs.newest_valid_checkpoint(str(tmp_path), "never-ran") is None
+    assert RunDir(str(tmp_path), "never-ran").resume_point() is None
     (tmp_path / "x").mkdir()
-    assert runs.newest_valid_checkpoint(str(tmp_path), "x") is None
+    assert RunDir(str(tmp_path), "x").resume_point() is None
     notes = []
-    assert runs.newest_valid_checkpoint("nosuchscheme://bucket/p", "x", log=notes.append) is None
+    assert RunDir("nosuchscheme://bucket/p", "x").resume_point(log=notes.append) is None
     assert notes and "cannot list" in notes[0]
 
 
@@ -213,10 +215,10 @@ def test_a_resume_on_the_same_data_or_from_a_checkpoint_without_a_fingerprint_is
     for data in (None, now):
         shutil.rmtree(tmp_path / "x", ignore_errors=True)
         _checkpoint(tmp_path / "x", 6, g_steps_into_epoch=3, data=data, dataset="folder", data_root=str(images))
-        runs.check_same_data(cfg, runs.newest_valid_checkpoint(str(tmp_path), "x"), now, log=notes.append)
+        runs.check_same_data(cfg, RunDir(str(tmp_path), "x").resume_point(), now, log=notes.append)
     (images / "a" / "0.png").write_bytes((images / "a" / "1.png").read_bytes())  # same count, other contents
     with pytest.raises(ConfigError, match="12 training images then and now, but other files or contents"):
-        runs.check_same_data(cfg, runs.newest_valid_checkpoint(str(tmp_path), "x"), dataset_fingerprint(cfg))
+        runs.check_same_data(cfg, RunDir(str(tmp_path), "x").resume_point(), dataset_fingerprint(cfg))
     assert notes == []
 
 
@@ -245,12 +247,12 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
                                nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2}}])
     monkeypatch.setattr(cluster, "connect_ray", lambda cfg: fake_ray)
     monkeypatch.setattr(cluster, "wait_for_placement", lambda cfg, use_gpu: None)
-    monkeypatch.setattr(train, "build_trainer", lambda cfg, use_gpu, score_fid: SimpleNamespace(fit=lambda: result))
+    monkeypatch.setattr(train, "build_trainer",
+                        lambda cfg, use_gpu, score_fid, **kw: SimpleNamespace(fit=lambda: result))
     monkeypatch.setattr(runs, "reconcile_run", lambda cfg: None)  # no S3 here
-    monkeypatch.setattr("distgan.worker.pop_stop_note", lambda cfg: None)
-    monkeypatch.setattr(train.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
-    monkeypatch.setattr(runs, "RunClaim", lambda cfg: SimpleNamespace(  # likewise
-        acquire=lambda: SimpleNamespace(release=lambda: None)))
+    monkeypatch.setattr(RunDir, "pop_stop_note", lambda self: None)
+    monkeypatch.setattr(driver.StopOnInterrupt, "clear", lambda self: None)  # would wait out S3 region lookups
+    monkeypatch.setattr(runs, "RunClaim", lambda cfg: contextlib.nullcontext())  # likewise
     monkeypatch.setattr(cluster, "check_ray_address", lambda: None)  # no cluster: connect_ray is replaced
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     summary = train.run(cfg)
@@ -259,23 +261,6 @@ def test_summary_paths_keep_the_storage_uri_scheme(monkeypatch):
     assert summary["best_checkpoint"] == "s3://bucket/prefix/x/checkpoint_00000003" and summary["best_fid"] == 40.0
     assert summary["samples"] == "s3://bucket/prefix/x/samples"
     assert summary["metrics_jsonl"] == "s3://bucket/prefix/x/metrics.jsonl"
-
-
-@pytest.mark.parametrize("storage_path,expected", [
-    ("s3://bucket/prefix/", "s3://bucket/prefix/x/checkpoint_00000006"),
-    ("s3://bucket/p?endpoint_override=localhost:9000&scheme=http",
-     "s3://bucket/p/x/checkpoint_00000006?endpoint_override=localhost:9000&scheme=http"),
-    ("s3://b", "s3://b/x/checkpoint_00000006"),
-])
-def test_run_paths_under_a_uri(storage_path, expected):
-    cfg = TrainConfig(storage_path=storage_path, name="x").validate()
-    assert storage.join(cfg.run_dir, "checkpoint_00000006") == expected
-
-
-def test_run_paths_under_a_local_directory(tmp_path):
-    cfg = TrainConfig(storage_path=str(tmp_path), name="x").validate()
-    assert cfg.run_dir == str(tmp_path / "x")
-    assert storage.join(cfg.run_dir, "checkpoint_00000006") == os.path.join(tmp_path, "x", "checkpoint_00000006")
 
 
 # ------------------------------------------------------------------ through a real `ray job submit`
@@ -464,7 +449,7 @@ def _ray_manager(storage: Path, name: str, num_to_keep: int = 3):
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from distgan.checkpoint import RANK_METRIC
+    from distgan.rundir import RANK_METRIC
 
     config = CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=RANK_METRIC,
                               checkpoint_score_order="min")
@@ -560,7 +545,7 @@ def test_every_checkpoint_score_survives_the_records_json_and_unscored_ones_rank
     from ray.train._checkpoint import Checkpoint
     from ray.train._internal.session import _TrainingResult
 
-    from distgan.checkpoint import RANK_METRIC, UNSCORED
+    from distgan.rundir import RANK_METRIC, UNSCORED
 
     run = _run_with(tmp_path, [2, 4, 6, 8])
     names = [f"checkpoint_{s:08d}" for s in (2, 4, 6, 8)]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from distgan import storage
 from distgan.config import TrainConfig
+from distgan.rundir import RunDir
 from distgan.sample import main as sample_main
 from distgan.storage import read_metrics, upload
 from distgan.tracking import Tracker
@@ -101,7 +102,7 @@ def test_tracker_writes_every_artifact_to_the_bucket(bucket, s3_endpoint, tmp_pa
     options = f"?endpoint_override={s3_endpoint.removeprefix('http://')}&scheme=http" if query else ""
     cfg = TrainConfig(name="t-s3", storage_path=f"s3://{bucket}/runs{options}", wandb_mode="disabled").validate()
     run = f"{bucket}/runs/t-s3"
-    tracker = Tracker(cfg, cfg.run_dir, world_size=2, resumed=False, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=2, resumed=False, kernel_backend="eager")
     assert tracker.location == f"s3://{run}{options}" and tracker.run_dir.is_relative_to(tmp_path / "tmp")
     assert [r["kind"] for r in rows(f"{run}/metrics.jsonl")] == ["start"]  # uploaded at once
     for step in (1, 10, 20):
@@ -228,13 +229,13 @@ def test_an_unreachable_endpoint_is_one_line_for_sample_and_a_warning_for_traini
 def test_the_driver_finds_the_newest_checkpoint_in_the_bucket_and_refuses_a_changed_model(bucket, tmp_path):
     """What a resubmission with an s3:// --storage-path does before Ray starts (distgan.runs.check_resume)."""
     from distgan.config import ConfigError
-    from distgan.runs import check_resume, newest_valid_checkpoint
+    from distgan.runs import check_resume
 
     for step in (3, 5):
         local = make_checkpoint(tmp_path / f"c{step}", step=step)
         upload(local / "state.pt", f"s3://{bucket}/runs/r/checkpoint_{step:08d}/state.pt")
         time.sleep(1.1)  # S3 modification times have a resolution of a second
-    where, state = newest_valid_checkpoint(f"s3://{bucket}/runs", "r")
+    where, state = RunDir(f"s3://{bucket}/runs", "r").resume_point()
     assert where.endswith("runs/r/checkpoint_00000005") and state["step"] == 5
     cfg = TrainConfig(**{**state["config"], "storage_path": f"s3://{bucket}/runs", "name": "r"})
     check_resume(cfg, (where, state))  # the same flags resume

@@ -15,6 +15,7 @@ from PIL import Image
 
 from distgan import tracking
 from distgan.config import TrainConfig
+from distgan.rundir import RunDir
 from distgan.tracking import EPOCH_KEYS, SAMPLES_KEY, STEP_KEYS, Tracker
 
 from wandb_offline import (
@@ -81,7 +82,7 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, wan
     wandb_env.setenv("WANDB_INIT_TIMEOUT", "3")
     cfg = TrainConfig(name="t-fallback", storage_path=str(tmp_path), wandb_mode="online").validate()
     t0 = time.perf_counter()
-    tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=1, resumed=False, kernel_backend="eager")
     took = time.perf_counter() - t0
     assert took < 20, f"wandb.init fallback took {took:.1f}s"
     assert tracker.mode == "offline"
@@ -91,7 +92,7 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, wan
         tracker.log_step(step, step_metrics(step))
     tracker.log_epoch(2, 1, torch.zeros(4, 1, 28, 28), dict(QUALITY))
     tracker.finish({"final_step": 2})
-    offline = read_offline_run(next((Path(cfg.run_dir) / "wandb").glob("offline-run-*")))
+    offline = read_offline_run(next((Path(RunDir.of(cfg).location) / "wandb").glob("offline-run-*")))
     assert offline["run_id"] == "t-fallback" and offline["complete"]
     assert [r["_step"] for r in offline["history"] if "loss_d" in r] == [1, 2]
     assert_key_nowhere(tmp_path)
@@ -111,7 +112,7 @@ def test_curves_redrawn_at_evaluations_and_at_most_once_a_minute_between(tmp_pat
     clock = [1000.0]
     monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
     cfg = TrainConfig(name="t-curves", storage_path=str(tmp_path)).validate()
-    tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=1, resumed=False, kernel_backend="eager")
     drawn = []
     real_plot = tracking.plot_curves
     monkeypatch.setattr(tracking, "plot_curves", lambda rows, path: (drawn.append(len(rows)), real_plot(rows, path)))
@@ -188,7 +189,7 @@ class StubRun:
 
 def stubbed_tracker(tmp_path, name: str) -> tuple[Tracker, StubRun]:
     cfg = TrainConfig(name=name, storage_path=str(tmp_path), wandb_mode="disabled").validate()
-    tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=1, resumed=False, kernel_backend="eager")
     tracker.run, tracker.mode = StubRun(), "online"
     return tracker, tracker.run
 
@@ -232,7 +233,7 @@ def test_rollbacks_and_wandb_failures_never_reach_training(tmp_path, wandb_env, 
 def test_non_finite_values_are_strict_json(tmp_path, wandb_env):
     wandb_env.setenv("WANDB_MODE", "disabled")
     cfg = TrainConfig(name="t-json", storage_path=str(tmp_path)).validate()
-    tracker = Tracker(cfg, cfg.run_dir, world_size=1, resumed=False, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=1, resumed=False, kernel_backend="eager")
     tracker.log_step(1, {"loss_d": float("nan"), "loss_g": torch.tensor(0.5)})
     tracker.finish({"best_fid": float("inf")})
     rows = [json.loads(line, parse_constant=pytest.fail) for line in tracker.metrics_path.read_text().splitlines()]

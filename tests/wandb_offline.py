@@ -194,10 +194,11 @@ def short_tracker_run(storage: Path, name: str, resumed: bool = False, steps=(1,
     import torch
 
     from distgan.config import TrainConfig
+    from distgan.rundir import RunDir
     from distgan.tracking import Tracker
 
     cfg = TrainConfig(name=name, storage_path=str(storage), **cfg_overrides).validate()
-    tracker = Tracker(cfg, cfg.run_dir, world_size=2, resumed=resumed, kernel_backend="eager")
+    tracker = Tracker(cfg, RunDir.of(cfg).location, world_size=2, resumed=resumed, kernel_backend="eager")
     for step in steps:
         tracker.log_step(step, step_metrics(step))
     samples = torch.linspace(-1, 1, 64 * 28 * 28).reshape(64, 1, 28, 28)

@@ -6,7 +6,8 @@
     impl="auto"    Triton on CUDA tensors of a GPU the kernels are compiled and tested for (sm_80 and newer),
                    eager otherwise; `auto_backend(device)` says which, and why, in one line.
 
-See kernels/README.md for what is fused, the memory traffic and the tolerances.
+`kernels.registry` lists the ops (what `set_impl`, the compile report and the benchmarks loop over). See
+kernels/README.md for what is fused, the memory traffic and the tolerances.
 """
 
 from __future__ import annotations

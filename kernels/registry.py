@@ -3,7 +3,8 @@ benchmark (`bench/kernels.py`) loop over, so an op is added here and in its own 
 
 An entry (`Op`) names:
 
-    name            the op's public function in `kernels` and its name in every benchmark record
+    name            the op's name: its public function in `kernels`, and its name in every benchmark record
+    short           its name in the benchmark's tables and checks (default: name)
     module          the op's Triton file; the tools ask it for three things by name:
                       LIMITS                                   its planning limits (`_limits.LimitsSource`):
                                                                `.gpu(sms)` for a GPU that is not here,

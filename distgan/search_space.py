@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from typing import Any, Optional
 
 from distgan.cli import convert_value
-from distgan.config import ConfigError, TrainConfig, _field_kind
+from distgan.config import ConfigError, TrainConfig, _field_kind, check_schedule
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 RECIPES_KEY = "recipes"
@@ -91,17 +91,20 @@ def _combinations(space: dict[str, tuple[str, list]]) -> list[dict[str, Any]]:
 
 
 def check_space(base: TrainConfig, space: dict[str, tuple[str, list]], recipes: dict[str, dict],
-                base_error: Optional[ConfigError] = None) -> None:
+                base_error: Optional[ConfigError] = None, num_images: Optional[int] = None) -> None:
     """Every value the search can reach (each listed value; both ends of a range) makes a valid config with
     the base and each recipe, checked on the driver: a bad value fails here, not in a trial an hour later.
     Fields are checked together, so a base flag that needs a searched value (--augment-p with a grid over
     --augment) is valid when every trial's value allows it. `base_error` is the base's own validation error, if
-    any: raised as it is when a trial would meet it too (the flag itself is wrong, not the space)."""
+    any: raised as it is when a trial would meet it too (the flag itself is wrong, not the space). `num_images`:
+    the training split's size, against which each trial's schedule is checked too (config.check_schedule)."""
     first_bad, only_base_error = None, True
     for recipe, overrides in (recipes or {"": {}}).items():
         for combo in _combinations(space):
             try:
-                replace(base, **{**overrides, **combo}).validate()
+                trial = replace(base, **{**overrides, **combo}).validate()
+                if num_images is not None:
+                    check_schedule(trial, num_images)
                 only_base_error = False
             except ConfigError as e:
                 same = base_error is not None and e.field == base_error.field and str(base_error).startswith(str(e))

@@ -265,6 +265,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
     cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
                   wandb_group=cfg.wandb_group or cfg.name)
     check_space(cfg, space, recipes, base_error)
+    # then the pre-flight distgan.train runs (distgan.driver.check_inputs): the data once, every trial's schedule
+    from distgan.data import check_data  # torch from here on: a bad flag or value is reported first
+
+    check_space(cfg, space, recipes, num_images=check_data(cfg)["images"])
     return args, cfg, space, recipes
 
 

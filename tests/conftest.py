@@ -94,6 +94,20 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_ENDPOINT_URL": endpoint}
 
 
+def use_s3(monkeypatch, endpoint: str, bucket: str):
+    """This process's S3 client settings for `endpoint` (and none of the user's: profile, session, endpoint),
+    with `bucket` created; its pyarrow filesystem."""
+    import pyarrow.fs
+
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+    fs.create_dir(bucket)
+    return fs
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A local S3-protocol server (moto) on a loopback port; its URL (clients: `s3_env(url)`)."""

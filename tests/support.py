@@ -5,8 +5,11 @@ from one another."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,6 +90,13 @@ def readme_smoke_commands() -> list[list[str]]:
         if commands and all(c[:2] == ["python", "-m"] and c[2].startswith("distgan.") for c in commands):
             return commands
     raise AssertionError("README.md has no bash block of `python -m distgan.*` commands")
+
+
+def run_module(module: str, *args, env: dict | None = None, cwd: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in a child process that imports this checkout, its output captured."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -417,12 +417,9 @@ def test_a_dead_drivers_claim_does_not_block_a_resume(tmp_path, holder):
 def test_a_claim_in_a_bucket_is_taken_over_only_when_stale(s3_endpoint, monkeypatch):
     import pyarrow.fs
 
-    from conftest import s3_env
+    from conftest import use_s3
 
-    for key, value in s3_env(s3_endpoint).items():
-        monkeypatch.setenv(key, value)
-    s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
-    s3.create_dir("claims")
+    s3 = use_s3(monkeypatch, s3_endpoint, "claims")
 
     def put(name, heartbeat):
         with s3.open_output_stream(f"claims/runs/{name}/{runs.CLAIM_FILE}") as fh:

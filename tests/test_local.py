@@ -3,23 +3,20 @@ checkpoints; a run whose worker is SIGKILLed fails, and the same command resumes
 ends bitwise equal to the uninterrupted run (the Ray runs are compared with the same processes:
 tests/reference_run.py)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 
 from distgan.checkpoint import load_state
 
-from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe
+from conftest import TRAINING_STATE, assert_bitwise_equal, describe
+from support import run_module
 
 ARGS = ("--max-steps", 20, "--num-workers", 2, "--batch-size", 32, "--checkpoint-every-steps", 5, "--eval-every", 0,
         "--seed", 4, "--checkpoint-every-minutes", 0, "--wandb-mode", "disabled")
 
 
 def local(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "distgan.local", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return run_module("distgan.local", *args, env=env)
 
 
 @pytest.mark.slow

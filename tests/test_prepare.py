@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.fs
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +20,8 @@ from distgan.config import TrainConfig
 from distgan.data import DataError, build_dataset, check_data_root, dataset_fingerprint
 from distgan.prepared import MANIFEST_FILE, read_manifest
 
-from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe, s3_env
+from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe, use_s3
+from support import run_module
 
 
 def in_process(job, todo, verbose, progress):
@@ -305,13 +305,7 @@ def test_above_the_memory_budget_a_worker_memory_maps_one_cached_copy(tmp_path, 
 
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch):
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in s3_env(s3_endpoint).items():
-        monkeypatch.setenv(key, value)
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
-    fs.create_dir("prepared")
-    return fs
+    return use_s3(monkeypatch, s3_endpoint, "prepared")
 
 
 def test_a_prepared_dataset_round_trips_through_a_bucket(tmp_path, no_ray, capsys, bucket):
@@ -377,8 +371,7 @@ LOCAL_ARGS = ("--dataset", "prepared", "--image-size", 28, "--channels", 1, "--m
 
 
 def local(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "distgan.local", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return run_module("distgan.local", *args, env=env)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from distgan.sample import main as sample_main
 from distgan.storage import read_metrics, upload
 from distgan.tracking import Tracker
 
-from conftest import s3_env
+from conftest import s3_env, use_s3
 from ray_local import free_port
 from support import make_checkpoint, ray_snapshot
 from wandb_offline import QUALITY, step_metrics
@@ -71,15 +71,12 @@ def test_first_line_of_an_exception():
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch, tmp_path, request):
     """A fresh bucket; the S3 client settings in the environment; staging directories under tmp_path."""
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "WANDB_DIR"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {**s3_env(s3_endpoint), "WANDB_MODE": "disabled"}.items():
-        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     name = "bucket-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12]
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
-    fs.create_dir(name)
+    use_s3(monkeypatch, s3_endpoint, name)
     return name
 
 

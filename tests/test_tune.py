@@ -54,6 +54,11 @@ def test_tuner_reports_at_evaluations_only_and_groups_wandb_by_search(tmp_path):
     (["--grid", "seed", "0", "--grace-evals", "0"], "error: --grace-evals: must be at least 1, got 0"),
     (["--grid", "seed", "0", "--reduction-factor", "1"],
      "error: --reduction-factor: must be a number above 1 (ASHA keeps the best 1/this), got 1"),
+    # the pre-flight distgan.train runs: the data, and each trial's schedule against it
+    (["--grid", "seed", "0", "--dataset", "mnist", "--data-root", "/nonexistent"],
+     "error: --data-root: /nonexistent does not exist"),
+    (["--grid", "batch_size", "64", "8192"],
+     "error: search space: batch_size=8192: --batch-size 8192 x --n-critic 1 needs 8192 images per generator step"),
 ])
 def test_cli_refuses_bad_input_in_one_line_before_ray(tmp_path, capsys, argv, message):
     assert main([*argv, "--storage-path", str(tmp_path), "--name", "s"]) == 2

@@ -98,7 +98,7 @@ HELP_GROUPS = (
     ("model execution", "where and how the model runs", ("num_workers", "cpus_per_worker", "use_gpu", "kernels", "bn",
                                                           "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
-        "storage_path", "name", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",
+        "storage_path", "name", "init_from", "checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes",
         "num_to_keep")),
     ("fault tolerance", "failures, non-finite losses, placement", (
         "max_failures", "nan_policy", "max_rollbacks", "rollback_lr_factor", "collective_timeout_s",

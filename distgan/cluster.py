@@ -278,9 +278,10 @@ def wait_for_placement(cfg: TrainConfig, use_gpu: bool) -> None:
 
 
 def size_workers(cfg: TrainConfig, nodes: list, use_gpu: bool, found: Optional[tuple[str, dict]] = None,
-                 log=print) -> TrainConfig:
+                 log=print, fork: bool = False) -> TrainConfig:
     """The config with --num-workers and --cpus-per-worker decided (distgan.hardware.plan_workers) for `nodes`
-    (what Ray offers), validated again, checked against the checkpoint it resumes; prints the layout."""
+    (what Ray offers), validated again, checked against the checkpoint it resumes (`fork`: the one a new run forks
+    from, distgan.runs.check_resume); prints the layout."""
     import dataclasses
 
     from distgan.hardware import plan_workers
@@ -295,7 +296,7 @@ def size_workers(cfg: TrainConfig, nodes: list, use_gpu: bool, found: Optional[t
     sized = dataclasses.replace(cfg, num_workers=plan.num_workers, cpus_per_worker=plan.cpus_per_worker).validate()
     from distgan.runs import check_resume
 
-    check_resume(sized, found)
+    check_resume(sized, found, fork=fork)
     log(f"distgan: {plan.describe(cfg.batch_size)}")
     for note in plan.notes:
         log(f"note: {note}")

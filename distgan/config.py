@@ -136,6 +136,10 @@ class TrainConfig:
     storage_path: str = _opt("./runs", "Ray storage path (local dir, NFS or s3://); inside `ray job submit` "
                                        "it must be absolute or a URI")
     name: Optional[str] = _opt(None, "run name; same name = resume", "distgan-<date>-<time>-<6 hex digits>")
+    init_from: Optional[str] = _opt(None, "fork: start this new run from another run's checkpoint (a checkpoint "
+                                          "directory, or a run directory for its newest valid one; local or "
+                                          "s3://), with this run's hyper-parameters; ignored once the run has "
+                                          "checkpoints of its own", "none")
     checkpoint_every: int = _opt(10, "epochs between checkpoints (each is also evaluated)")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N steps; 0 = off")
     checkpoint_every_minutes: float = _opt(3.0, "also checkpoint when this many minutes passed since the "
@@ -269,6 +273,7 @@ class TrainConfig:
                                 f"{' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
         self._validate_data_and_name(bad)
         self._validate_storage_path(bad)
+        self._validate_init_from(bad)
         return self
 
     def _validate_augment(self, bad) -> None:
@@ -330,6 +335,19 @@ class TrainConfig:
         problem = storage.directory_problem(Path(self.storage_path))
         if problem:
             raise bad("storage_path", problem)
+
+    def _validate_init_from(self, bad) -> None:
+        """The location's form only; whether it holds a checkpoint that fits this run is the driver's pre-flight
+        (distgan.fork.parent_checkpoint)."""
+        if self.init_from is None:
+            return
+        if not self.init_from.strip():
+            raise bad("init_from", "give a checkpoint directory or a run directory")
+        problem = storage.location_problem(self.init_from)
+        if problem:
+            raise bad("init_from", f"{self.init_from!r} {problem}")
+        if not storage.is_uri(self.init_from):  # resolved where the user typed it, as --data-root is
+            self.init_from = str(Path(self.init_from).expanduser().resolve())
 
 
 def default_run_name() -> str:

@@ -2,9 +2,9 @@
 checks that run before any worker starts, in one order, and the stop signals.
 
 checked_run is the pre-flight: the data and the schedule, the run directory's claim, the checkpoint the run resumes
-from (the driver chooses it and hands it to the workers) and the flags and data against it. What depends on where
-the workers run (the cluster's GPUs, the workers' sizing) is checked by each driver once it knows. distgan.tune
-checks its base config's data and schedule with check_inputs.
+or forks from (the driver chooses it and hands it to the workers) and the flags and data against it. What depends
+on where the workers run (the cluster's GPUs, the workers' sizing) is checked by each driver once it knows.
+distgan.tune checks its base config's data and schedule with check_inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Iterator, NamedTuple, Optional
 
-from distgan import runs
+from distgan import fork, runs
 from distgan.cluster import STOP_SIGNALS
 from distgan.config import TrainConfig, check_schedule
 from distgan.rundir import Found, RunDir
@@ -23,6 +23,12 @@ from distgan.rundir import Found, RunDir
 class Checked(NamedTuple):
     data: dict  # distgan.data.dataset_fingerprint's: what the run trains on
     found: Optional[Found]  # the checkpoint the run resumes from, None for a new run
+    parent: Optional[Found] = None  # the checkpoint a new run forks from (--init-from, distgan.fork)
+
+    @property
+    def start(self) -> Optional[Found]:
+        """The checkpoint the workers load: the run's own, else the one it forks from."""
+        return self.found or self.parent
 
 
 def check_inputs(cfg: TrainConfig) -> dict:
@@ -39,16 +45,18 @@ def check_inputs(cfg: TrainConfig) -> dict:
 def checked_run(cfg: TrainConfig, ray_record: bool) -> Iterator[Checked]:
     """The pre-flight of one run, holding the run directory's claim (distgan.runs.RunClaim) for the block: the
     inputs (check_inputs); the checkpoint the run resumes from, the newest that validates (`ray_record`: Ray
-    Train's record of the run is mended to name it, distgan.runs.reconcile_run; else RunDir.resume_point); the
-    flags and the data against that checkpoint (check_resume, check_same_data). A stop note left by an earlier
-    run is removed. Raises ConfigError / LaunchError before any worker starts."""
+    Train's record of the run is mended to name it, distgan.runs.reconcile_run; else RunDir.resume_point); for a
+    new run, the checkpoint it forks from (--init-from, distgan.fork.parent_checkpoint); the flags and the data
+    against the checkpoint the workers load (check_resume, check_same_data). A stop note left by an earlier run is
+    removed. Raises ConfigError / LaunchError before any worker starts."""
     data = check_inputs(cfg)
     with runs.RunClaim(cfg):
         found = runs.reconcile_run(cfg) if ray_record else RunDir.of(cfg).resume_point()
-        runs.check_resume(cfg, found)
-        runs.check_same_data(cfg, found, data)
+        checked = Checked(data, found, fork.parent_checkpoint(cfg, found))
+        runs.check_resume(cfg, checked.start, fork=checked.parent is not None)
+        runs.check_same_data(cfg, checked.start, data, fork=checked.parent is not None)
         RunDir.of(cfg).pop_stop_note()  # a note left by an earlier run is stale now
-        yield Checked(data, found)
+        yield checked
 
 
 class StopNow(KeyboardInterrupt):

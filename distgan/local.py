@@ -47,12 +47,15 @@ def _entry(rank: int, fn, world: int, rendezvous: str, timeout_s: float, threads
         dist.destroy_process_group()
 
 
-def _load(trainer, location: Optional[str]) -> Optional[int]:
-    """The checkpoint the driver chose (RunDir.resume_point) into the trainer; its step, None for a new run."""
+def _load(trainer, location: Optional[str], init_from: Optional[str]) -> Optional[int]:
+    """The checkpoint the driver chose (RunDir.resume_point) into the trainer; its step, None for a new run. A new
+    run that forks loads `init_from` (distgan.fork) and names its checkpoints as a new run does."""
     from distgan import worker
     from distgan.checkpoint import fetch_state
 
     if location is None:
+        if init_from is not None:
+            worker.start_fork(trainer, init_from)
         return None
     trainer.load_state_dict(fetch_state(location), location)
     worker.announce_resume(trainer, location)
@@ -72,10 +75,10 @@ def save_checkpoint(state: dict[str, Any], location: str) -> None:
 
 
 def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool, resume_from: Optional[str],
-                 data: dict[str, Any]) -> None:
+                 data: dict[str, Any], init_from: Optional[str] = None) -> None:
     """One training process: what distgan.loop.train_loop_per_worker does, with the run directory in place of
     Ray's checkpoint bookkeeping; `resume_from` is the checkpoint the driver chose (None for a new run), `data`
-    what the run trains on (distgan.driver.Checked.data)."""
+    what the run trains on (distgan.driver.Checked.data), `init_from` the checkpoint a new run forks from."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into a stop request
     from tqdm import tqdm
 
@@ -91,7 +94,7 @@ def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool, resume_fro
         print(f"distgan.local: {trainer.world} worker(s) on cpu, precision {trainer.precision}, kernels "
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
     run = RunDir.of(cfg)
-    tag = worker.shared_resume_tag(trainer, _load(trainer, resume_from))
+    tag = worker.shared_resume_tag(trainer, _load(trainer, resume_from, init_from))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         if rank == 0 and state is not None:
@@ -120,11 +123,11 @@ def run(cfg) -> dict[str, Any]:
     if cfg.use_gpu:
         raise ConfigError("--use-gpu: distgan.local runs on CPU (gloo); distgan.train runs on GPUs", field="use_gpu")
     with checked_run(cfg, ray_record=False) as checked:
-        cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=checked.found)
+        cfg = size_workers(cfg, local_nodes(0), use_gpu=False, found=checked.start, fork=checked.parent is not None)
         check_execution(cfg, False)
         with StopOnInterrupt(cfg) as interrupt:
             spawn(train_worker, cfg.num_workers, cfg.to_dict(), cfg.eval_every > 0 and metrics_supported(cfg)[0],
-                  checked.found and checked.found.location, checked.data,
+                  checked.found and checked.found.location, checked.data, checked.parent and checked.parent.location,
                   timeout_s=cfg.collective_timeout_s, threads=cfg.cpus_per_worker)
     run = RunDir.of(cfg)
     return {"run_dir": run.location, "checkpoint": run.newest_checkpoint(), "stopped": run.pop_stop_note(),

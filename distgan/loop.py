@@ -33,12 +33,14 @@ from distgan.rundir import RANK_METRIC, RunDir, StopRequest, checkpoint_dir_name
 from distgan.trainer import Trainer
 
 
-def _load_checkpoint(trainer: Trainer) -> Optional[int]:
+def _load_checkpoint(trainer: Trainer, init_from: Optional[str]) -> Optional[int]:
     """Ray's latest checkpoint into the trainer; its step, None for a new run. On a (re)submission that is the one
     the driver chose (distgan.runs.reconcile_run made Ray's record name it); after a worker failure, the last
-    one this run registered."""
+    one this run registered. While Ray has none, a new run that forks loads `init_from` (distgan.fork)."""
     checkpoint = ray.train.get_checkpoint()  # (3)
     if checkpoint is None:
+        if init_from is not None:
+            worker.start_fork(trainer, init_from)
         return None
     # Ray's path drops a URI's scheme; the name shown is in the user's storage path
     where = RunDir.of(trainer.cfg).join(Path(checkpoint.path).name)
@@ -110,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(f"distgan: {trainer.world} worker(s) on {device}, precision {trainer.precision} "
               f"({trainer.precision_choice.reason}), kernels {trainer.kernel_backend} ({trainer.kernel_reason}), "
               f"{int(trainer.total_steps)} steps", flush=True)
-    tag = worker.shared_resume_tag(trainer, _load_checkpoint(trainer))
+    tag = worker.shared_resume_tag(trainer, _load_checkpoint(trainer, loop_config.get("init_from")))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         metrics[RANK_METRIC] = rank_of(metrics)

@@ -186,10 +186,11 @@ class RunClaim:
         self.release()
 
 
-def check_resume(cfg: TrainConfig, found: Optional[Found]) -> None:
+def check_resume(cfg: TrainConfig, found: Optional[Found], fork: bool = False) -> None:
     """Refuses a resubmission whose flags would change what the run's newest checkpoint means: the model's
     shape at any position; the data position's meaning (seed, batch, D steps, workers) mid-epoch. At an
-    epoch boundary there is no position to misread, so those may change there."""
+    epoch boundary there is no position to misread, so those may change there. `fork`: `found` is the checkpoint
+    a new run starts from (--init-from, distgan.fork), held to the same rules."""
     from distgan.checkpoint import POSITION_FIELDS, model_mismatch
 
     if found is None:
@@ -199,26 +200,37 @@ def check_resume(cfg: TrainConfig, found: Optional[Found]) -> None:
     mismatch = model_mismatch(saved, cfg)  # what the workers' check_compatible compares
     if mismatch:
         key, before, now = mismatch
+        if fork:
+            raise ConfigError(f"--init-from: {where} was checkpointed with {key}={before!r}; this run has {now!r}, "
+                              f"which changes the model; a fork keeps its parent's --{key.replace('_', '-')}",
+                              field="init_from")
         raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed with {key}={before!r} "
                               f"({where}); this run has {now!r}, which changes the model; resubmit with "
                               f"{before!r} or use a new --name", field=key)
     g_steps_into_epoch = state.get("g_steps_into_epoch", 0)
     if not g_steps_into_epoch:
         return
+    position = f"mid-epoch (epoch {state.get('epoch')}, G step {g_steps_into_epoch})"
     for key in POSITION_FIELDS:
         before = state.get("world_size", saved.num_workers) if key == "num_workers" else getattr(saved, key)
         now = getattr(cfg, key)
-        if now is not None and before != now:  # None: auto, checked again once decided
-            raise ConfigError(f"--{key.replace('_', '-')}: run {cfg.name} was checkpointed mid-epoch (epoch "
-                              f"{state.get('epoch')}, G step {g_steps_into_epoch}) with {key}={before!r}; this run has "
-                              f"{now!r}, which changes what that data position means; resubmit with {before!r}, "
-                              f"or use a new --name", field=key)
+        flag = f"--{key.replace('_', '-')}"
+        if now is None or before == now:  # None: auto, checked again once decided
+            continue
+        if fork:
+            raise ConfigError(f"--init-from: {where} was checkpointed {position} with {key}={before!r}; this run "
+                              f"has {now!r}, which changes what that data position means; fork with {flag} "
+                              f"{before!r}, or from a checkpoint at an epoch's end", field="init_from")
+        raise ConfigError(f"{flag}: run {cfg.name} was checkpointed {position} with {key}={before!r}; this run has "
+                          f"{now!r}, which changes what that data position means; resubmit with {before!r}, "
+                          f"or use a new --name", field=key)
 
 
-def check_same_data(cfg: TrainConfig, found: Optional[Found], data: dict, log=print) -> None:
+def check_same_data(cfg: TrainConfig, found: Optional[Found], data: dict, log=print, fork: bool = False) -> None:
     """Refuses to resume mid-epoch on other data than the newest checkpoint trained on (its data position would
     index another set of images); at an epoch boundary the run goes on with the data as it is, with a note.
-    `data` is distgan.data.dataset_fingerprint's; a checkpoint that does not record its data is not checked."""
+    `data` is distgan.data.dataset_fingerprint's; a checkpoint that does not record its data is not checked.
+    `fork`: `found` is the checkpoint a new run starts from (--init-from)."""
     if found is None or not found[1].get("data"):
         return
     where, state = found
@@ -232,11 +244,20 @@ def check_same_data(cfg: TrainConfig, found: Optional[Found], data: dict, log=pr
     else:
         what = f"{data['images']} training images then and now, but other files or contents"
     g_steps_into_epoch = state.get("g_steps_into_epoch", 0)
+    if g_steps_into_epoch and fork:
+        raise ConfigError(f"--init-from: {where} was checkpointed mid-epoch (epoch {state.get('epoch')}, G step "
+                          f"{g_steps_into_epoch}) on other data than {source} holds ({what}), so its data position "
+                          f"means nothing here; fork from a checkpoint at an epoch's end, or train on its data",
+                          field="init_from")
     if g_steps_into_epoch:
         raise ConfigError(f"{flag}: run {cfg.name} was checkpointed mid-epoch (epoch {state.get('epoch')}, G step "
                           f"{g_steps_into_epoch}; {where}) on other data than {source} holds now ({what}), so its "
                           f"data position means nothing here; restore the data it trained on, or use a new --name",
                           field="data_root" if cfg.data_root else "dataset")
+    if fork:
+        log(f"note: --init-from: {where} trained on other data than {source} holds ({what}); that checkpoint ends "
+            f"an epoch, so the fork trains on the data as it is now")
+        return
     log(f"note: run {cfg.name}: the data in {source} changed since {where} ({what}); that checkpoint ends an "
         f"epoch, so training goes on with the data as it is now")
 

@@ -115,6 +115,18 @@ def parent(location: str | os.PathLike) -> str:
     return base.rstrip("/").rsplit("/", 1)[0] + query
 
 
+def within(location: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether `location` is `directory` or lies under it: local paths once resolved (links, `..`), URIs by their
+    path (the ?query left out)."""
+    if is_uri(location) != is_uri(directory):
+        return False
+    if not is_uri(location):
+        inner, outer = Path(location).expanduser().resolve(), Path(directory).expanduser().resolve()
+        return inner == outer or outer in inner.parents
+    inner, outer = _split(location)[0].rstrip("/"), _split(directory)[0].rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
 def suffix(location: str | os.PathLike) -> str:
     """The file extension of a location's last name (".png"), the query left out."""
     return Path(basename(location)).suffix

@@ -183,10 +183,12 @@ def _plain(value: Any) -> Any:
 
 class Tracker:
     """run_dir: the run directory, a local path or a URI string. `run_dir` (the attribute) is always the
-    local directory the files are written to; `location` is where they end up (the URI, or run_dir)."""
+    local directory the files are written to; `location` is where they end up (the URI, or run_dir). `parent`:
+    {"checkpoint", "step"} of the checkpoint a fork started from (distgan.fork), recorded in its start row and its
+    W&B config."""
 
     def __init__(self, cfg, run_dir: str | os.PathLike, world_size: int, resumed: bool, kernel_backend: str,
-                 run_id: str | None = None):
+                 run_id: str | None = None, parent: dict[str, Any] | None = None):
         self.cfg = cfg
         self.staged = StagedDir(run_dir, every_s=UPLOAD_EVERY_S)
         self.location, self.remote, self.run_dir = self.staged.location, self.staged.remote, self.staged.local
@@ -195,6 +197,7 @@ class Tracker:
         self.metrics_path = self.run_dir / METRICS_FILE
         self.curves_path = self.run_dir / "curves.png"
         self.world_size, self.resumed, self.kernel_backend = world_size, resumed, kernel_backend
+        self.parent = parent
         self._last_curves = -math.inf  # time.monotonic() of the last curves.png
         if self.remote is not None:
             print(f"distgan: run files go to {self.location} (staged in {self.run_dir}, where the W&B files "
@@ -215,7 +218,8 @@ class Tracker:
         self.run_id = run_id or cfg.name or basename(self.location)
         self._init_wandb()
         self._append({"kind": "start", "time": time.time(), "resumed": resumed, "world_size": world_size,
-                      "kernel_backend": kernel_backend, "wandb_mode": self.mode, "wandb_id": self.run_id})
+                      "kernel_backend": kernel_backend, "wandb_mode": self.mode, "wandb_id": self.run_id,
+                      **({"init_from": parent["checkpoint"], "init_from_step": parent["step"]} if parent else {})})
         self._sync("eval")  # the start row at once: an unreachable store shows up before the first step
 
     # ------------------------------------------------------------------ W&B
@@ -223,7 +227,8 @@ class Tracker:
         cfg = self.cfg.to_dict()
         return _redact({**cfg, "world_size": self.world_size,
                         "per_worker_batch": cfg["batch_size"] // max(self.world_size, 1),
-                        "kernel_backend": self.kernel_backend, "versions": versions()})
+                        "kernel_backend": self.kernel_backend, "versions": versions(),
+                        **({"init_from_step": self.parent["step"]} if self.parent else {})})
 
     def _init_wandb(self) -> None:
         mode, source = resolve_mode(self.cfg.wandb_mode)

@@ -65,9 +65,10 @@ def resume_command(cfg: TrainConfig, argv: list[str]) -> str:
 
 
 def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: tuple = (),
-                  data: Optional[dict] = None):
+                  data: Optional[dict] = None, init_from: Optional[str] = None):
     """Ray Train's TorchTrainer for the run; `data`: what it trains on (distgan.driver.Checked.data), recorded in
-    its checkpoints, None to have the workers read it."""
+    its checkpoints, None to have the workers read it; `init_from`: the checkpoint a new run forks from
+    (distgan.driver.Checked.parent), loaded while Ray has no checkpoint of the run."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -77,7 +78,7 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, score_fid: bool, callbacks: t
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": cluster._forwarded_env(), "score_fid": score_fid,
-                           "progress_every_s": worker.progress_every_s(), "data": data},
+                           "progress_every_s": worker.progress_every_s(), "data": data, "init_from": init_from},
         scaling_config=cluster.scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.collective_timeout_s),
         run_config=RunConfig(
@@ -123,12 +124,13 @@ def _fit(cfg: TrainConfig, ray, joining: bool, checked: Checked):
         from distgan.hardware import ray_nodes
 
         check_execution(cfg, use_gpu)
-        cfg = cluster.size_workers(cfg, ray_nodes(ray.nodes()), use_gpu, checked.found)
+        cfg = cluster.size_workers(cfg, ray_nodes(ray.nodes()), use_gpu, checked.start, fork=checked.parent is not None)
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         print("note: --use-gpu and the cluster has no GPU yet; waiting for the autoscaler", flush=True)
     cluster.wait_for_placement(cfg, use_gpu)
     score_fid = cfg.eval_every > 0 and metrics_supported(cfg)[0]
-    trainer = build_trainer(cfg, use_gpu, score_fid, data=checked.data)
+    trainer = build_trainer(cfg, use_gpu, score_fid, data=checked.data,
+                            init_from=checked.parent and checked.parent.location)
     with StopOnInterrupt(cfg) as interrupt:
         result = fit_in_thread(trainer)
     return cfg, result, use_gpu, score_fid, interrupt
@@ -142,9 +144,10 @@ def _run_checked(cfg: TrainConfig, checked: Checked) -> dict:
         if cfg.use_gpu and gpus == 0:
             raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
                               "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
-        check_execution(cfg, cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1)
-        cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus),
-                                   cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1, checked.found)
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1
+        check_execution(cfg, use_gpu)
+        cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus), use_gpu, checked.start,
+                                   fork=checked.parent is not None)
     t_submit = time.perf_counter()
     ray = cluster.connect_ray(cfg)
     try:
@@ -172,6 +175,7 @@ def _run_checked(cfg: TrainConfig, checked: Checked) -> dict:
         "samples": run.join("samples"),
         "metrics_jsonl": run.join(storage.METRICS_FILE),
         "resumed": checked.found is not None,
+        "init_from": cfg.init_from,  # the checkpoint the run forked from (distgan.fork), None for one that did not
         "wall_time_s": round(wall, 1),
         "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != RANK_METRIC},
         "num_workers": cfg.num_workers,

@@ -33,7 +33,7 @@ from distgan import seeds
 from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
 from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
-from distgan.config import TrainConfig
+from distgan.config import TrainConfig, config_from_dict
 from distgan.data import build_dataset, dataset_fingerprint
 from distgan.evaluation import RANK0_WORK_TIMEOUT, quality_line, run_on_rank0, sample_and_score, start_services
 from distgan.faults import check_replicas, inject_test_faults
@@ -139,6 +139,7 @@ class Trainer:
         self.best_fid = math.inf
         self.last_metrics: dict[str, float] = {}
         self.resumed_from: Optional[str] = None
+        self.parent: Optional[dict[str, Any]] = None  # {"checkpoint", "step"} of the checkpoint a fork started from
         self._batches = None
         self._want_evaluator = evaluate and cfg.eval_every > 0
         self._tracker_factory = tracker_factory
@@ -206,9 +207,17 @@ class Trainer:
             state["augment"] = self._all_gather_objects(self.augment.state_dict())
         return state
 
-    def load_state_dict(self, state: dict[str, Any], where: str = "state") -> None:
+    def load_state_dict(self, state: dict[str, Any], where: str = "state", fork: bool = False) -> None:
         """Restores everything `state_dict()` saved. A checkpoint of another world size or device kind loads,
-        but its RNG streams cannot continue: they restart from the seed with one warning."""
+        but its RNG streams cannot continue: they restart from the seed with one warning. The hyper-parameters in
+        force are this run's flags: learning rates (times the schedule at the loaded step), Adam betas, EMA decay.
+
+        `fork`: `state` is another run's checkpoint that this new run starts from (--init-from, distgan.fork). Its
+        training state loads as on a resume: weights, optimizer moments, EMA, step, epoch and data position, RNG
+        streams, and its fixed noise, so the fork's sample grids stay comparable with its parent's. Augmentation
+        state (ADA's p) carries over only under the parent's --augment and --augment-p, and another --seed
+        reseeds the noise and dropout streams. The NaN guard's learning-rate scale and rollback count, and the
+        best FID, are the new run's own and start afresh."""
         check_compatible(state, self.cfg.to_dict(), where)
         load_into(state, where, generator=self.g_bare, discriminator=self.d_bare, opt_g=self.opt_g, opt_d=self.opt_d)
         if self.ema is not None:
@@ -219,8 +228,11 @@ class Trainer:
                 self.ema = EMA(self.g_bare, self.cfg.ema_decay)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.steps_into_epoch = int(state["g_steps_into_epoch"])
-        self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
-        self.best_fid = float(state.get("best_fid", math.inf))
+        if fork:
+            self.lr_scale, self.rollbacks, self.best_fid = 1.0, 0, math.inf
+        else:
+            self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
+            self.best_fid = float(state.get("best_fid", math.inf))
         self.fixed_noise = state["fixed_noise"]
         self._keep_checkpoint_precision(state.get("precision"), where)
         # fp16's loss scale carries over only between scaled runs (a disabled GradScaler saves {}); bf16/fp32
@@ -228,20 +240,35 @@ class Trainer:
         for scaler, saved in zip(self.scalers, state["scalers"]):
             if saved and scaler.is_enabled():
                 scaler.load_state_dict(saved)
+        for opt in (self.opt_g, self.opt_d):  # Adam's saved param groups carry the betas it was trained with
+            for group in opt.param_groups:
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         self._apply_lr()
         self._batches = None
-        if self.augment is not None and state.get("augment"):  # a checkpoint without it keeps the start p
-            saved = state["augment"]
-            same = state["world_size"] == self.world and self.rank < len(saved)
-            self.augment.load_state_dict(saved[self.rank] if same else saved[0], with_generator=same)
+        self._load_streams(state, where, fork)
+        if fork:
+            self.resumed_from, self.parent = None, {"checkpoint": where, "step": self.step}
+        else:
+            self.resumed_from = where
+
+    def _load_streams(self, state: dict[str, Any], where: str, fork: bool) -> None:
+        """The augmentation state and the RNG streams of a loaded checkpoint (load_state_dict)."""
+        saved = config_from_dict(state["config"])
+        same_seed = saved.seed == self.cfg.seed or not fork
+        same_augment = (saved.augment, saved.augment_p) == (self.cfg.augment, self.cfg.augment_p) or not fork
+        if self.augment is not None and state.get("augment") and same_augment:  # without it: the start p
+            augment = state["augment"]
+            same = state["world_size"] == self.world and self.rank < len(augment)
+            self.augment.load_state_dict(augment[self.rank] if same else augment[0], with_generator=same and same_seed)
         rng = state["rng"]
-        if state["world_size"] == self.world and self.rank < len(rng):
+        if not same_seed:  # a fork asked for other noise and dropout draws than its parent's
+            self._reseed_streams()
+        elif state["world_size"] == self.world and self.rank < len(rng):
             self._restore_rng(rng[self.rank])
         else:
             warnings.warn(f"{where} was written by {state['world_size']} workers, this run has {self.world}: "
-                          f"RNG streams restart from the seed, so the resume is not bit-exact", stacklevel=2)
+                          f"RNG streams restart from the seed, so the resume is not bit-exact", stacklevel=3)
             self._reseed_streams()
-        self.resumed_from = where
 
     def lr_factor(self, step: int) -> float:
         """The schedule's multiplier for the step after `step` G steps (distgan.schedule.lr_factor): a resume

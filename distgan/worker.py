@@ -25,14 +25,23 @@ def tracker_factory(cfg, trainer: Callable[[], Trainer]) -> Callable[..., Any]:
         t = trainer()
         # the W&B config records the precision that runs, not "auto"
         return Tracker(dataclasses.replace(cfg, precision=t.precision), RunDir.of(cfg).location, t.world,
-                       resumed=resumed, kernel_backend=t.kernel_backend)
+                       resumed=resumed, kernel_backend=t.kernel_backend, parent=t.parent)
 
     return build
 
 
-def announce_resume(trainer: Trainer, where: str) -> None:
-    print(f"[rank {trainer.rank}] resumed from {where} at step {trainer.step} (epoch {trainer.epoch}, "
+def announce_resume(trainer: Trainer, where: str, what: str = "resumed") -> None:
+    print(f"[rank {trainer.rank}] {what} from {where} at step {trainer.step} (epoch {trainer.epoch}, "
           f"G step {trainer.steps_into_epoch} of it)", flush=True)
+
+
+def start_fork(trainer: Trainer, location: str) -> None:
+    """A new run that forks: the checkpoint the driver chose for --init-from (distgan.fork) into the trainer, with
+    this run's hyper-parameters (Trainer.load_state_dict(fork=True))."""
+    from distgan.checkpoint import fetch_state
+
+    trainer.load_state_dict(fetch_state(location), location, fork=True)
+    announce_resume(trainer, location, "forked")
 
 
 def shared_resume_tag(trainer: Trainer, resumed_at: Optional[int]) -> str:

@@ -5,6 +5,7 @@ that outlasts the collective timeout, RNG streams restored across device kinds."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 import traceback
@@ -411,3 +412,62 @@ def test_an_fp32_checkpoint_loads_into_a_bf16_trainer_and_trains(tmp_path):
     assert all(t.dtype == torch.float32 for t in state["ema"]["model"].values() if t.is_floating_point())
     assert state["opt_g"]["state"][0]["exp_avg"].dtype == torch.float32
     assert torch.isfinite(state["generator"]["project.weight"]).all()
+
+
+# ----------------------------------------------------------------------------------------------- a fork (--init-from)
+
+
+def _parent_states(cfg: TrainConfig) -> tuple[Trainer, dict[int, dict]]:
+    """A one-process run of `cfg` and the state it reported at each checkpoint, by step."""
+    parent, states = Trainer(cfg, dataset=small_dataset()), {}
+
+    def report(metrics, state):
+        if state is not None:  # the state's tensors are the live weights: copied as a checkpoint would be
+            states[metrics["step"]] = copy.deepcopy(state)
+
+    parent.fit(report)
+    return parent, states
+
+
+def test_a_fork_with_unchanged_flags_trains_the_same_bits_as_its_parent_continuing(tmp_path):
+    # 16 steps an epoch: the fork starts mid-epoch, before the decay (from step 6) and goes through it
+    cfg = make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=12, eval_every=0, checkpoint_every_steps=5,
+                   precision="fp32", lr_decay_start=0.5, augment="ada", augment_p=0.3)
+    parent, states = _parent_states(cfg)
+    fork = Trainer(dataclasses.replace(cfg, name="fork"), dataset=small_dataset())
+    fork.load_state_dict(states[5], "parent/checkpoint_00000005", fork=True)
+    assert (fork.step, fork.epoch, fork.steps_into_epoch) == (5, 0, 5)
+    assert fork.parent == {"checkpoint": "parent/checkpoint_00000005", "step": 5} and fork.resumed_from is None
+    fork.fit()
+    got, want = fork.state_dict(), parent.state_dict()
+    for key in (*TRAINING_STATE, "rng", "augment", "fixed_noise"):
+        assert_bitwise_equal(got[key], want[key], key)
+
+
+def test_a_fork_takes_its_own_hyper_parameters_and_continues_its_parents_position(tmp_path):
+    cfg = make_cfg(tmp_path, num_workers=1, batch_size=4, max_steps=6, eval_every=0, checkpoint_every_steps=5,
+                   precision="fp32", augment="ada", augment_p=0.3)
+    _, states = _parent_states(cfg)
+    state = states[5]
+    state["lr_scale"], state["rollbacks"] = 0.25, 2  # what two rollbacks leave in the parent
+    flags = dict(name="fork", max_steps=20, lr_g=3e-3, beta1=0.3, ema_decay=0.99, augment_p=0.5, seed=cfg.seed + 1)
+    fork = Trainer(dataclasses.replace(cfg, **flags), dataset=small_dataset())
+    fork.load_state_dict(copy.deepcopy(state), "parent", fork=True)
+    assert (fork.step, fork.epoch, fork.steps_into_epoch) == (state["step"], state["epoch"],
+                                                               state["g_steps_into_epoch"])
+    # this run's learning rates (its own NaN guard: no inherited rollback scale), betas, EMA decay, start p
+    assert [fork.opt_g.param_groups[0]["lr"], fork.opt_d.param_groups[0]["lr"]] == [3e-3, cfg.lr_d]
+    assert fork.opt_g.param_groups[0]["betas"] == fork.opt_d.param_groups[0]["betas"] == (0.3, cfg.beta2)
+    assert (fork.lr_scale, fork.rollbacks, fork.ema.decay, fork.augment.p) == (1.0, 0, 0.99, 0.5)
+    # the parent's weights, optimizer moments and sample-grid noise; another seed's noise stream
+    assert_bitwise_equal(fork.g_bare.state_dict(), state["generator"], "generator")
+    assert_bitwise_equal(fork.opt_g.state_dict()["state"], state["opt_g"]["state"], "opt_g")
+    assert torch.equal(fork.fixed_noise, state["fixed_noise"])
+    assert not torch.equal(fork.noise_gen.get_state(), state["rng"][0]["noise"])
+    fork.train_step()
+    assert fork.step == state["step"] + 1
+    # a resume, unlike a fork, keeps the NaN guard's scale; the flags' betas hold for both
+    resumed = Trainer(dataclasses.replace(cfg, beta1=0.3), dataset=small_dataset())
+    resumed.load_state_dict(copy.deepcopy(state), "own")
+    assert (resumed.lr_scale, resumed.rollbacks) == (0.25, 2) and resumed.opt_g.param_groups[0]["lr"] == cfg.lr_g / 4
+    assert resumed.opt_g.param_groups[0]["betas"] == (0.3, cfg.beta2) and resumed.augment.p == state["augment"][0]["p"]

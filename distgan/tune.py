@@ -253,6 +253,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
     if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
         raise ConfigError(f"--max-concurrent-trials: must be at least 1, got {args.max_concurrent_trials}")
     cfg, base_error = base_config(rest)
+    if cfg.init_from:
+        raise ConfigError("--init-from: a search starts every trial from step 0; fork a run with distgan.train",
+                          field="init_from")
     if cfg.eval_every <= 0:
         raise ConfigError("--eval-every: the tuner compares trials by FID at evaluations; it must be positive")
     from distgan.metrics import metrics_supported

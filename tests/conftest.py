@@ -29,6 +29,11 @@ if not gpu_present():
 # workers they start, which inherit this environment) keep theirs in a directory of this session.
 os.environ.setdefault("DISTGAN_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="distgan-test-cache-"))
 
+# pytest-xdist runs one session per core: torch's intra-op threads, one per core in each, would contend for the
+# cores with the other session (and with the processes the tests start), and a contended OpenMP barrier costs
+# more than the thread gains. One thread each, as a one-CPU Ray worker runs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def requires_gpu(test):

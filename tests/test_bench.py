@@ -382,6 +382,7 @@ def _committed_results() -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted((REPO / "bench" / "results").glob("*.*")) if p.is_file()}
 
 
+@pytest.mark.slow  # the whole CLI end to end, every op interpreted
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU counting path (a GPU machine times instead)")
 def test_bench_kernels_smoke_writes_a_new_ignored_run_and_leaves_committed_results_alone(tmp_path):
     before = _committed_results()

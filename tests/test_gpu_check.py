@@ -59,6 +59,7 @@ def test_triton_launcher_needs_a_c_compiler(monkeypatch):
     assert not any("C compiler" in p for p in preflight.launcher_problems(environ={}))
 
 
+@pytest.mark.slow  # the script end to end, four times, each with its pre-flight's imports
 @pytest.mark.skipif(not CPU_ONLY, reason="shows the CPU mode; this machine has an NVIDIA device")
 def test_cpu_mode_exits_0_saying_there_is_no_gpu_and_the_dry_run_lists_stages_budgets_and_preflight(tmp_path):
     proc = _bash("gpu_check.sh")

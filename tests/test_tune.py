@@ -54,6 +54,7 @@ def test_tuner_reports_at_evaluations_only_and_groups_wandb_by_search(tmp_path):
     (["--grid", "seed", "0", "--grace-evals", "0"], "error: --grace-evals: must be at least 1, got 0"),
     (["--grid", "seed", "0", "--reduction-factor", "1"],
      "error: --reduction-factor: must be a number above 1 (ASHA keeps the best 1/this), got 1"),
+    (["--grid", "seed", "0", "--init-from", "/tmp"], "error: --init-from: a search starts every trial from step 0"),
     # the pre-flight distgan.train runs: the data, and each trial's schedule against it
     (["--grid", "seed", "0", "--dataset", "mnist", "--data-root", "/nonexistent"],
      "error: --data-root: /nonexistent does not exist"),

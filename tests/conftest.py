@@ -209,6 +209,12 @@ def assert_close_to_reference(actual, expected, tol: float, what: str = "") -> N
 TRAINING_STATE = ("generator", "discriminator", "ema", "opt_g", "opt_d", "step", "epoch", "g_steps_into_epoch")
 
 
+def assert_same_training_state(got: dict, want: dict) -> None:
+    """Two checkpoint states hold the same bits in every TRAINING_STATE entry."""
+    for key in TRAINING_STATE:
+        assert_bitwise_equal(got[key], want[key], key)
+
+
 @contextlib.contextmanager
 def one_rank_group(tmp_path: Path, backend: str = "gloo"):
     """A real one-process torch.distributed group (file rendezvous under tmp_path), destroyed afterwards."""

@@ -99,6 +99,19 @@ def run_module(module: str, *args, env: dict | None = None, cwd: Path | None = N
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (bench/ holds scripts, not a package), imported once a session."""
+    import importlib.util
+
+    if f"bench_{name}" in sys.modules:
+        return sys.modules[f"bench_{name}"]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     """Polls `predicate` every half second; AssertionError naming `what` after `timeout` seconds."""
     import time

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from kernels import reference
 
+from support import load_bench_script
+
 REPO = Path(__file__).resolve().parent.parent
 # The repository first, as bench/*.py do it: processes spawned later inherit sys.path, and with bench/ first their
 # `import kernels` would find bench/kernels.py instead of the kernels package.
@@ -41,17 +42,6 @@ from kernel_bench.counters import DispatchCounter, SavedCounter, TritonCounter, 
 BN, BCE, DLOSS = "batch_norm_leaky_relu", "bce_with_logits", "discriminator_loss"
 
 RECORD_FIELDS = {"op", "shape", "dtype", "mode", "provider", "metric", "value", "unit", "source", "method"}
-
-
-def _load_bench(name: str):
-    """bench/<name>.py as a module (bench/ holds scripts, not a package)."""
-    if f"bench_{name}" in sys.modules:
-        return sys.modules[f"bench_{name}"]
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @triton.jit
@@ -185,7 +175,7 @@ def test_benches_take_the_eager_providers_from_kernels_reference():
     (["--ops", "training_step", "--gpu-check"], "--ops training_step: nothing to count: the gpu-check preset counts"),
 ])
 def test_kernels_refuses_bad_flags_before_running_anything(argv, message, capsys, tmp_path):
-    km = _load_bench("kernels")
+    km = load_bench_script("kernels")
     with pytest.raises(SystemExit) as e:
         km.main([*argv, "--no-compile-report", "--out", str(tmp_path)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -202,7 +192,7 @@ def test_the_training_step_needs_the_batch_the_flag_asks_for():
 
 
 def test_kernels_says_what_it_will_count_for_the_training_step():
-    km = _load_bench("kernels")
+    km = load_bench_script("kernels")
     parser, cpu = km.build_parser(), torch.device("cpu")
     step_only = km.plan_run(parser.parse_args(["--smoke", "--ops", "training_step"]), cpu)
     assert step_only.cases == [] and step_only.step_batches == (4,)
@@ -222,7 +212,7 @@ def test_kernels_says_what_it_will_count_for_the_training_step():
 
 @pytest.mark.parametrize("script", ["kernels", "train"])
 def test_bench_help_states_each_default_once_and_tells_output_from_out(script, capsys):
-    module = _load_bench(script)
+    module = load_bench_script(script)
     with pytest.raises(SystemExit):
         (module.main if script == "kernels" else module.parse_args)(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -464,7 +454,7 @@ _WRITERS = {  # each bench script that writes results, with arguments that would
 @pytest.mark.parametrize("script, flag", [(script, flag) for script in _WRITERS for flag in ("--output", "--out")
                                           if flag == "--output" or script not in ("recipe", "recipe_report")])
 def test_every_bench_refuses_an_unwritable_output_before_it_runs(script, flag, tmp_path, capsys):
-    module = _load_bench(script)
+    module = load_bench_script(script)
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     with pytest.raises(SystemExit) as e:
@@ -502,7 +492,7 @@ def _plain_args(precision: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_plain_loop_runs_in_fp32_and_bf16(precision, capsys):
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     threads = torch.get_num_threads()
     try:
         out = bt.plain_child(_plain_args(precision))
@@ -515,7 +505,7 @@ def test_plain_loop_runs_in_fp32_and_bf16(precision, capsys):
 def test_plain_loop_uses_the_textbook_dropout_and_adam():
     from distgan.models import Dropout
 
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     g, d, opt_g, opt_d, *_ = bt.plain_setup(_plain_args("fp32"), torch.device("cpu"))
     drops = [m for m in d.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(drops) == 2 and not any(isinstance(m, Dropout) for m in drops) and drops[0].p == 0.3
@@ -529,7 +519,7 @@ def test_plain_bf16_runs_the_forwards_under_autocast_and_the_losses_in_fp32():
     from distgan.models import build_models
     from distgan.step import gan_step, make_optimizers, unwrap_ddp
 
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     cfg = TrainConfig(batch_size=4, num_workers=1, kernels="eager")
     g, d = build_models(cfg)
     opt_g, opt_d = make_optimizers(g, d, cfg)
@@ -556,7 +546,7 @@ def _fake_runs() -> list[dict]:
 
 
 def test_train_summary_carries_precision_and_the_two_ratios():
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     preset = bt.PRESETS["smoke"]
     records, rows = bt.summarise(_fake_runs(), preset)
     assert all(TRAIN_FIELDS <= r.keys() for r in records)
@@ -588,7 +578,7 @@ def test_train_summary_carries_precision_and_the_two_ratios():
 
 
 def test_train_plans_interleave_precisions_and_pass_them_to_distgan(tmp_path):
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     args = bt.parse_args(["--smoke"])
     specs = bt.plan_specs(args, [2], ["eager"])
     assert [(s.config, s.precision) for s in specs] == [("plain", "fp32"), ("ray", "fp32"), ("plain", "bf16"),
@@ -601,7 +591,7 @@ def test_train_plans_interleave_precisions_and_pass_them_to_distgan(tmp_path):
 
 
 def test_train_throughput_comes_from_the_steady_state_step_stamps(tmp_path):
-    bt = _load_bench("train")
+    bt = load_bench_script("train")
     preset = bt.PRESETS["smoke"]  # 2 warm-up steps, 3 measured, batch 16
     rows = [{"kind": "start", "time": 101.0}]
     rows += [{"kind": "step", "step": s, "time": 100.0 + 2 * s} for s in range(1, 6)]
@@ -688,7 +678,7 @@ def test_a_busy_machine_is_named_and_its_comparison_written_only_when_allowed(be
 
 
 def test_kernels_starts_no_case_past_its_budget_nor_a_compile_case_without_time_to_compile(monkeypatch):
-    km = _load_bench("kernels")
+    km = load_bench_script("kernels")
     plan = km.plan_run(km.build_parser().parse_args(["--smoke"]), torch.device("cpu"))
     case = plan.cases[0]
     clock = {"t": 0.0}
@@ -724,7 +714,7 @@ def test_a_partial_result_is_marked_incomplete_and_the_last_write_complete(tmp_p
 
 
 def test_train_starts_no_run_without_the_time_it_needs_and_saves_after_each(monkeypatch):
-    tm = _load_bench("train")
+    tm = load_bench_script("train")
     clock = {"t": 1000.0}
     monkeypatch.setattr(tm.time, "time", lambda: clock["t"])
     started = []
@@ -752,7 +742,7 @@ def test_train_starts_no_run_without_the_time_it_needs_and_saves_after_each(monk
 def test_every_recipe_is_a_valid_config_that_changes_the_seed_recipe():
     from distgan.config import TrainConfig
 
-    br = _load_bench("recipe")
+    br = load_bench_script("recipe")
     for name, overrides in br.RECIPES.items():
         cfg = TrainConfig(**{**br.SEED_RECIPE, **overrides}).validate()
         changed = {k for k, v in overrides.items() if br.SEED_RECIPE.get(k, getattr(TrainConfig(), k)) != v}
@@ -761,7 +751,7 @@ def test_every_recipe_is_a_valid_config_that_changes_the_seed_recipe():
 
 
 def test_recipe_results_are_committed_and_plot(tmp_path):
-    br = _load_bench("recipe")
+    br = load_bench_script("recipe")
     files = sorted((REPO / "bench" / "results").glob("recipe-*.json"))
     assert {"recipe-sweep", "recipe-decay", "recipe-long", "recipe-beta2-batch128"} <= {f.name.split("_")[0]
                                                                                        for f in files}
@@ -778,7 +768,7 @@ def test_recipe_results_are_committed_and_plot(tmp_path):
 def test_recipe_sweep_is_a_fifo_tune_search_of_named_recipes_over_the_seed_recipe(tmp_path):
     from distgan import tune
 
-    br = _load_bench("recipe")
+    br = load_bench_script("recipe")
     argv = br.search_argv(["seed", "lr6e-4"], [0, 1], 40, 4, str(tmp_path), "sweep", tmp_path / "space.yaml")
     args, cfg, space, recipes = tune.parse(argv)
     assert args.scheduler == "fifo" and space == {"seed": ("grid", [0, 1])}
@@ -787,7 +777,7 @@ def test_recipe_sweep_is_a_fifo_tune_search_of_named_recipes_over_the_seed_recip
 
 
 def test_a_search_becomes_recipe_records():
-    br = _load_bench("recipe")
+    br = load_bench_script("recipe")
     points = [{"step": 248, "seconds": 30.0, "fid": 40.0, "kid": 3.0, "classifier_score": 3.0, "coverage": 0.9},
               {"step": 496, "seconds": 60.0, "fid": 30.0, "kid": 2.0, "classifier_score": 3.5, "coverage": 0.95}]
     search = {"base": {"seed": 0, "epochs": 8}, "trials": [
@@ -808,7 +798,7 @@ def test_a_search_becomes_recipe_records():
 
 
 def test_default_run_summary_reads_startup_throughput_and_evaluations_from_the_rows():
-    dr = _load_bench("default_run")
+    dr = load_bench_script("default_run")
     rows = [{"kind": "start", "time": 100.0},
             {"kind": "step", "step": 10, "time": 125.0, "images_per_s": 50.0},  # the warm-up window: left out
             {"kind": "step", "step": 20, "time": 127.0, "images_per_s": 400.0},
@@ -834,7 +824,7 @@ def test_default_run_summary_reads_startup_throughput_and_evaluations_from_the_r
 
 
 def test_recipe_report_tabulates_every_committed_recipe_record():
-    rr = _load_bench("recipe_report")
+    rr = load_bench_script("recipe_report")
     files = sorted((REPO / "bench" / "results").glob("recipe-*.json"))
     text = rr.table(files)
     records = [r for f in files for r in json.loads(f.read_text())["records"]]
@@ -848,7 +838,7 @@ def test_recipe_report_tabulates_every_committed_recipe_record():
 
 
 def test_data_summary_compares_each_source_with_the_embedded_digits_at_its_size():
-    bd = _load_bench("data")
+    bd = load_bench_script("data")
     runs = [{"size": 64, "source": s, "images_per_s": v, "first_step_s": f}
             for s, v, f in [("embedded", 300.0, 5.0), ("embedded", 310.0, 5.5), ("folder", 170.0, 9.0),
                             ("prepared", 305.0, 5.25), ("prepared", 295.0, 5.75)]]
@@ -860,7 +850,7 @@ def test_data_summary_compares_each_source_with_the_embedded_digits_at_its_size(
 
 
 def test_data_bench_trains_each_source_through_distgan_local_with_the_same_flags(tmp_path):
-    bd = _load_bench("data")
+    bd = load_bench_script("data")
     preset = bd.PRESETS["smoke"]
     commands = {s: bd.train_command(preset, 64, s, tmp_path / s, tmp_path, "n", "auto", 3) for s in bd.SOURCES}
     assert commands["embedded"][2:5] == ["distgan.local", "--dataset", "mnist5k"]
@@ -870,7 +860,7 @@ def test_data_bench_trains_each_source_through_distgan_local_with_the_same_flags
 
 
 def test_data_throughput_leaves_out_the_intervals_that_end_an_epoch(tmp_path):
-    bd = _load_bench("data")
+    bd = load_bench_script("data")
     # steps 1-8 a second apart; the end of epoch 0 (after step 3: its grid, the loaders' restart) costs 5 s more
     rows = [{"kind": "step", "step": s, "time": 100.0 + s + 5 * (s >= 4), "epoch": int(s >= 4)} for s in range(1, 9)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -274,28 +274,25 @@ def test_raw_file_has_no_secret_looking_values():
 # ------------------------------------------------------------------------------------------------ mutations
 
 
-def _set(path: str, value: Any) -> Callable[[dict], None]:
+def _at(path: str, change: Callable[[dict, str], None]) -> Callable[[dict], None]:
+    """A mutation of the config's dotted `path`: change(the parent mapping, the leaf key)."""
     *parents, leaf = path.split(".")
 
     def mutate(cfg: dict) -> None:
         node = cfg
         for p in parents:
             node = node[p]
-        node[leaf] = value
+        change(node, leaf)
 
     return mutate
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    return _at(path, lambda node, leaf: node.__setitem__(leaf, value))
 
 
 def _delete(path: str) -> Callable[[dict], None]:
-    *parents, leaf = path.split(".")
-
-    def mutate(cfg: dict) -> None:
-        node = cfg
-        for p in parents:
-            node = node[p]
-        del node[leaf]
-
-    return mutate
+    return _at(path, lambda node, leaf: node.__delitem__(leaf))
 
 
 def _both(*fns: Callable[[dict], None]) -> Callable[[dict], None]:

@@ -15,7 +15,7 @@ from distgan.checkpoint import load_state, save_state
 from distgan.config import ConfigError, TrainConfig
 from distgan.rundir import Found, RunDir
 
-from conftest import TRAINING_STATE, assert_bitwise_equal, describe, use_s3
+from conftest import assert_same_training_state, describe, use_s3
 from support import plain_state, run_module
 
 
@@ -187,8 +187,7 @@ def test_an_unchanged_fork_killed_and_resubmitted_ends_bitwise_equal_to_its_pare
     assert "note: run child has checkpoints of its own" in resumed.stdout and "forked from" not in resumed.stdout
     got = load_state(tmp_path / "child" / "checkpoint_00000020_resume00000015")
     want = load_state(tmp_path / "parent" / "checkpoint_00000020")
-    for key in TRAINING_STATE:
-        assert_bitwise_equal(got[key], want[key], key)
+    assert_same_training_state(got, want)
     assert got["config"]["init_from"] == str(tmp_path / "parent" / "checkpoint_00000010")
     starts = _start_rows(tmp_path / "child")
     assert [(s["resumed"], s.get("init_from"), s.get("init_from_step")) for s in starts] == [

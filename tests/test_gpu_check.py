@@ -3,7 +3,6 @@ run: what can be shown without a GPU or a network."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,16 +11,9 @@ import sys
 import pytest
 
 from conftest import REPO, hiding_modules_env
+from support import load_bench_script
 
-
-def _preflight_module():
-    spec = importlib.util.spec_from_file_location("gpu_preflight", REPO / "bench" / "_preflight.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-preflight = _preflight_module()
+preflight = load_bench_script("_preflight")
 CPU_ONLY = shutil.which("nvidia-smi") is None and not any(p.startswith("nvidia") for p in os.listdir("/dev"))
 
 
@@ -152,13 +144,6 @@ def test_every_test_that_puts_something_on_cuda_is_marked_gpu():
 # ------------------------------------------------------------------ each stage's PASS, fed failing input
 
 
-def _report_module():
-    spec = importlib.util.spec_from_file_location("gpu_report", REPO / "bench" / "_gpu_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _stage_inputs(logs, work, *, versions=None, pytest_tail=None, kernels=None, faults=None, train=None):
     """A stage's output as bench/gpu_check.sh leaves it: logs/<stage>.log, logs/<bench>.json, work/runs/."""
     import json
@@ -216,7 +201,7 @@ KILLED_AND_RESUMED = "[rank 0] SIGKILL at step 25\n[rank 0] resumed from /tmp/w/
     ("train", dict(), False, False, "wrote no train.json"),
 ])
 def test_each_stage_passes_only_on_what_its_pass_promises(tmp_path, stage, given, rehearse, passes, says):
-    report = _report_module()
+    report = load_bench_script("_gpu_report")
     logs, work = tmp_path / "logs", tmp_path / "work"
     _stage_inputs(logs, work, **given)
     ok, why = report.check(stage, logs, work, rehearse)
@@ -224,7 +209,7 @@ def test_each_stage_passes_only_on_what_its_pass_promises(tmp_path, stage, given
 
 
 def test_a_check_cut_short_or_with_a_skipped_stage_fails_the_report(tmp_path, capsys):
-    report = _report_module()
+    report = load_bench_script("_gpu_report")
     logs = tmp_path / "logs"
     _stage_inputs(logs, tmp_path, versions={"torch": "2.11", "gpu": "H100"})
     (logs / "stages.tsv").write_text("versions\tPASS\t0\t3\t20\ttorch 2.11 on H100\n"

@@ -7,7 +7,6 @@ reported by bench/kernels.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ from torch import nn
 import kernels
 from kernels import registry
 from kernels._limits import LimitsSource
+
+from support import load_bench_script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # the repository first: bench/kernels.py would shadow `kernels`
@@ -124,17 +125,6 @@ def scale_registered():
         yield SCALE
 
 
-def _bench_script(name: str):
-    """bench/<name>.py as a module (bench/ holds scripts, not a package)."""
-    if f"bench_{name}" in sys.modules:
-        return sys.modules[f"bench_{name}"]
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------------------------------------------
 # The list itself
 
@@ -219,7 +209,7 @@ def test_the_benchmark_cases_a_registered_op_and_counts_it(scale_registered, tmp
     assert got[("forward", "launches")] == got[("backward", "launches")] == 1
     assert got[("forward", "bytes")] == got[("backward", "bytes")] == 2 * 256 * 4  # read and write, fp32
 
-    km = _bench_script("kernels")
+    km = load_bench_script("kernels")
     out = tmp_path / "scale.json"
     assert km.main(["--smoke", "--ops", "scale", "--no-compile-report", "--output", str(out)]) == 0
     result = json.loads(out.read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from distgan.checkpoint import load_state
 
-from conftest import TRAINING_STATE, assert_bitwise_equal, describe
+from conftest import assert_same_training_state, describe
 from support import run_module
 
 ARGS = ("--max-steps", 20, "--num-workers", 2, "--batch-size", 32, "--checkpoint-every-steps", 5, "--eval-every", 0,
@@ -36,8 +36,7 @@ def test_a_killed_local_run_resumes_from_its_run_directory_bit_exactly(tmp_path)
     assert f"resumed from {tmp_path}/killed/checkpoint_00000010 at step 10" in resumed.stdout
     got = load_state(tmp_path / "killed" / "checkpoint_00000020_resume00000010")
     want = load_state(tmp_path / "full" / "checkpoint_00000020")
-    for key in TRAINING_STATE:
-        assert_bitwise_equal(got[key], want[key], key)
+    assert_same_training_state(got, want)
 
 
 def test_bad_flags_are_one_line_before_any_worker_starts(tmp_path):

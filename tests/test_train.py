@@ -16,7 +16,13 @@ from reference_run import trainer_reference
 from distgan.checkpoint import load_state
 from distgan.tracking import EPOCH_KEYS, STEP_KEYS
 
-from conftest import REPO, TRAINING_STATE, assert_bitwise_equal, describe, run_train, summary_of
+from conftest import (
+    REPO,
+    assert_same_training_state,
+    describe,
+    run_train,
+    summary_of,
+)
 from support import Background, wait_for
 from wandb_offline import FAKE_KEY, read_offline_run
 
@@ -128,8 +134,7 @@ def test_ray_job_submit_runs_the_trainer_and_the_same_submission_resumes_bit_exa
     got = load_state(tmp_path / "job" / "checkpoint_00000008_resume00000005")
     want = trainer_reference((*recipe, "--max-steps", "8", "--name", "reference", "--wandb-mode", "disabled"),
                              tmp_path / "want.pt")
-    for key in TRAINING_STATE:
-        assert_bitwise_equal(got[key], want[key], key)
+    assert_same_training_state(got, want)
 
 
 def test_too_many_workers_fails_fast_naming_the_flag(ray_cluster, tmp_path):

@@ -20,7 +20,7 @@ from distgan.config import TrainConfig
 from distgan.local import spawn
 from distgan.trainer import Trainer
 
-from conftest import TRAINING_STATE, assert_bitwise_equal, requires_gpu
+from conftest import TRAINING_STATE, assert_bitwise_equal, assert_same_training_state, requires_gpu
 from support import make_cfg, small_dataset, spawn_and_load
 
 # ----------------------------------------------------------------------------------------------- round trip
@@ -71,8 +71,7 @@ def test_state_round_trip_continues_bit_identically(round_trips, name):
     result = round_trips[name]
     if name != "lr-decay":  # a --max-steps run evaluates at its last step, which must change nothing
         assert result["evaluated"] < float("inf")
-    for key in TRAINING_STATE:
-        assert_bitwise_equal(result["got"][key], result["want"][key], key)
+    assert_same_training_state(result["got"], result["want"])
 
 
 # ----------------------------------------------------------------------------------------------- behaviours
@@ -346,8 +345,7 @@ def _checkpoint_and_resume_exactly(tmp_path, device: torch.device, kernels: str,
     resumed.load_state_dict(saved, "step-3 checkpoint")
     resumed.fit()
     want, got = reference.state_dict(), resumed.state_dict()
-    for key in TRAINING_STATE:
-        assert_bitwise_equal(got[key], want[key], key)
+    assert_same_training_state(got, want)
 
 
 def test_trainer_in_a_one_rank_group_checkpoints_and_resumes_exactly(tmp_path, gloo_world):

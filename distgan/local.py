@@ -47,21 +47,6 @@ def _entry(rank: int, fn, world: int, rendezvous: str, timeout_s: float, threads
         dist.destroy_process_group()
 
 
-def _load(trainer, location: Optional[str], init_from: Optional[str]) -> Optional[int]:
-    """The checkpoint the driver chose (RunDir.resume_point) into the trainer; its step, None for a new run. A new
-    run that forks loads `init_from` (distgan.fork) and names its checkpoints as a new run does."""
-    from distgan import worker
-    from distgan.checkpoint import fetch_state
-
-    if location is None:
-        if init_from is not None:
-            worker.start_fork(trainer, init_from)
-        return None
-    trainer.load_state_dict(fetch_state(location), location)
-    worker.announce_resume(trainer, location)
-    return trainer.step
-
-
 def save_checkpoint(state: dict[str, Any], location: str) -> None:
     """state.pt into a checkpoint directory of a local run directory, or uploaded to a URI one."""
     from distgan import storage
@@ -83,6 +68,7 @@ def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool, resume_fro
     from tqdm import tqdm
 
     from distgan import worker
+    from distgan.checkpoint import fetch_state
     from distgan.config import config_from_dict
     from distgan.rundir import RunDir, StopRequest
     from distgan.trainer import Trainer
@@ -94,7 +80,8 @@ def train_worker(rank: int, cfg_dict: dict[str, Any], evaluate: bool, resume_fro
         print(f"distgan.local: {trainer.world} worker(s) on cpu, precision {trainer.precision}, kernels "
               f"{trainer.kernel_backend}, {int(trainer.total_steps)} steps", flush=True)
     run = RunDir.of(cfg)
-    tag = worker.shared_resume_tag(trainer, _load(trainer, resume_from, init_from))
+    resumed = (fetch_state(resume_from), resume_from) if resume_from else None  # the checkpoint the driver chose
+    tag = worker.shared_resume_tag(trainer, worker.start(trainer, resumed, init_from))
 
     def report(metrics: dict[str, float], state: Optional[dict[str, Any]]) -> None:
         if rank == 0 and state is not None:

@@ -39,16 +39,11 @@ def _load_checkpoint(trainer: Trainer, init_from: Optional[str]) -> Optional[int
     one this run registered. While Ray has none, a new run that forks loads `init_from` (distgan.fork)."""
     checkpoint = ray.train.get_checkpoint()  # (3)
     if checkpoint is None:
-        if init_from is not None:
-            worker.start_fork(trainer, init_from)
-        return None
+        return worker.start(trainer, None, init_from)
     # Ray's path drops a URI's scheme; the name shown is in the user's storage path
     where = RunDir.of(trainer.cfg).join(Path(checkpoint.path).name)
     with checkpoint.as_directory() as directory:  # local storage: the directory itself; remote: a download
-        state = load_state(directory, where)
-    trainer.load_state_dict(state, where)
-    worker.announce_resume(trainer, where)
-    return trainer.step
+        return worker.start(trainer, (load_state(directory, where), where), init_from)
 
 
 def persist_checkpoint(cfg) -> Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]:

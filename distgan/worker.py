@@ -35,13 +35,22 @@ def announce_resume(trainer: Trainer, where: str, what: str = "resumed") -> None
           f"G step {trainer.steps_into_epoch} of it)", flush=True)
 
 
-def start_fork(trainer: Trainer, location: str) -> None:
-    """A new run that forks: the checkpoint the driver chose for --init-from (distgan.fork) into the trainer, with
-    this run's hyper-parameters (Trainer.load_state_dict(fork=True))."""
+def start(trainer: Trainer, resumed: Optional[tuple[dict, str]], init_from: Optional[str]) -> Optional[int]:
+    """Where a training process starts: `resumed`, the run's own checkpoint (state, where) when it has one; else,
+    for a new run that forks, the checkpoint the driver chose for --init-from (distgan.fork), loaded with this
+    run's hyper-parameters (Trainer.load_state_dict(fork=True)). Returns the step a resume starts at, None for a
+    new run (forked or not), whose checkpoints are named as a new run's."""
     from distgan.checkpoint import fetch_state
 
-    trainer.load_state_dict(fetch_state(location), location, fork=True)
-    announce_resume(trainer, location, "forked")
+    if resumed is not None:
+        state, where = resumed
+        trainer.load_state_dict(state, where)
+        announce_resume(trainer, where)
+        return trainer.step
+    if init_from is not None:
+        trainer.load_state_dict(fetch_state(init_from), init_from, fork=True)
+        announce_resume(trainer, init_from, "forked")
+    return None
 
 
 def shared_resume_tag(trainer: Trainer, resumed_at: Optional[int]) -> str:

@@ -175,6 +175,10 @@ class TrainConfig:
             raise ValueError("per_worker_batch: --num-workers auto is decided by the driver (distgan.hardware)")
         return self.batch_size // self.num_workers
 
+    def uses_gpu(self, gpus: float) -> bool:
+        """Whether the workers run on GPUs: --use-gpu when given, else whether the machine or cluster has `gpus`."""
+        return self.use_gpu if self.use_gpu is not None else gpus >= 1
+
     @property
     def images_per_g_step(self) -> int:
         """Real images D sees per G step over all ranks: the global batch, once per D step."""

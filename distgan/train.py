@@ -119,7 +119,7 @@ def _fit(cfg: TrainConfig, ray, joining: bool, checked: Checked):
     if joining:  # GPU nodes an autoscaler has not started yet are not in cluster_resources()
         cluster.check_gpu_choice(cfg.use_gpu, ray.cluster_resources().get("GPU", 0),
                                  cluster.autoscaler_gpu_node_types())
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = cfg.uses_gpu(ray.cluster_resources().get("GPU", 0))
     if joining:  # the cluster's GPUs are known only now; still before any worker starts
         from distgan.hardware import ray_nodes
 
@@ -144,7 +144,7 @@ def _run_checked(cfg: TrainConfig, checked: Checked) -> dict:
         if cfg.use_gpu and gpus == 0:
             raise ConfigError("--use-gpu: this machine has no CUDA GPU, and a local run uses only this machine "
                               "(set RAY_ADDRESS to join a cluster)", field="use_gpu")
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1
+        use_gpu = cfg.uses_gpu(gpus)
         check_execution(cfg, use_gpu)
         cfg = cluster.size_workers(cfg, cluster.local_nodes(gpus), use_gpu, checked.start,
                                    fork=checked.parent is not None)

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
 
         from distgan.hardware import ray_nodes
 
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        use_gpu = cfg.uses_gpu(ray.cluster_resources().get("GPU", 0))
         # trials share the machine: a worker takes one CPU unless --cpus-per-worker says more, so trials run side
         # by side
         cfg = size_workers(replace(cfg, cpus_per_worker=cfg.cpus_per_worker or 1), ray_nodes(ray.nodes()), use_gpu)

@@ -222,13 +222,12 @@ def decide_precision(cfg, device, per_worker_batch: int, threads: int,
 # -------------------------------------------------------------------- the process group's decision
 
 
-def decide_run_precision(cfg: TrainConfig, device: torch.device, world: int, rank: int,
-                         distributed: bool) -> PrecisionChoice:
+def decide_run_precision(cfg: TrainConfig, device: torch.device, rank: int, distributed: bool) -> PrecisionChoice:
     """--precision on this rank: "auto" is rank 0's decision (a measurement when not cached), broadcast, so
     every rank runs the same precision. A failure on rank 0 is raised on every rank. Collective when
     `distributed` and --precision is auto."""
     def decide() -> PrecisionChoice:
-        return decide_precision(cfg, device, cfg.batch_size // world, torch.get_num_threads(),
+        return decide_precision(cfg, device, cfg.per_worker_batch, torch.get_num_threads(),
                                 log=lambda m: print(m, flush=True))
 
     if cfg.precision != "auto" or not distributed:

@@ -96,7 +96,7 @@ class Trainer:
             cfg = self.cfg = dataclasses.replace(cfg, num_workers=self.world)
         if cfg.num_workers != self.world:  # the per-worker batch and the data position assume it
             raise ValueError(f"num_workers={cfg.num_workers}, and the process group has {self.world} ranks")
-        self.precision_choice = decide_run_precision(cfg, self.device, self.world, self.rank, self.distributed)
+        self.precision_choice = decide_run_precision(cfg, self.device, self.rank, self.distributed)
         self.precision = self.precision_choice.precision
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
             auto_backend(self.device))

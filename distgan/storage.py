@@ -1,4 +1,4 @@
-"""The run directory, local / NFS / s3:// alike: the only module that knows what a location looks like.
+"""Locations, local / NFS / s3:// alike: the only module that knows what a location looks like.
 
 A location is a local path or a URI that pyarrow (and so Ray Train) understands: `s3://bucket/prefix`, or, for
 an S3-protocol server other than AWS, `s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http`. The
@@ -7,8 +7,8 @@ an S3-protocol server other than AWS, `s3://bucket/prefix?endpoint_override=HOST
 an S3 server is found through AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), which pyarrow >= 15 reads;
 credentials come from the usual AWS variables and files.
 
-A run directory is `join(storage_path, name)`. Writes to a local directory are atomic (a temporary file,
-fsync, rename: a crash leaves the old file or none); an object store replaces an object in one PUT.
+A run directory and what it holds are distgan.rundir's. Writes to a local directory are atomic (a temporary
+file, fsync, rename: a crash leaves the old file or none); an object store replaces an object in one PUT.
 StagedDir keeps a URI run directory's files in a local staging directory and uploads the ones that changed.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 from dataclasses import fields
@@ -94,7 +95,7 @@ HELP_GROUPS = (
     ("schedule", "how long", ("epochs", "max_steps", "batch_size")),
     ("optimisation", "the recipe; configs/tf-tutorial.yaml holds the TensorFlow tutorial's", (
         "lr_g", "lr_d", "lr_decay_start", "beta1", "beta2", "n_critic", "label_smoothing", "z_dim", "negative_slope",
-        "ema_decay", "seed", "augment", "augment_p", "ada_target", "ada_kimg")),
+        "ema_decay", "seed", "augment", "augment_p", "ada_target", "ada_kimg", "schedule")),
     ("model execution", "where and how the model runs", ("num_workers", "cpus_per_worker", "use_gpu", "kernels", "bn",
                                                           "precision")),
     ("outputs and checkpoints", "a run lives in <storage path>/<name>/; the same pair resumes it", (
@@ -175,6 +176,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path}: a config file cannot name another (key config)", field="config")
     out = {}
     for key, value in data.items():
+        if key == "schedule" and isinstance(value, list):  # the file's list form: checked when the config is
+            value = json.dumps(value, default=str)          # validated, like the flag's text
         try:
             out[key] = convert_field(by_name[key], value)
         except ValueError as e:

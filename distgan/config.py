@@ -42,6 +42,10 @@ MIN_EVAL_SAMPLES = 2
 # W&B refuses these in a project name; a refused wandb.init would silently fall back to offline
 WANDB_NAME_FORBIDDEN = set("/\\#?%:")
 WANDB_NAME_MAX = 128
+# What a schedule may switch mid-run: values the Trainer can change between two steps without rebuilding anything
+# (the optimizers' rates and betas, the EMA's decay, the label, the augmentation probability). What shapes the
+# model, the data position or the run's length stays fixed for a run.
+SCHEDULE_FIELDS = ("lr_g", "lr_d", "beta1", "beta2", "ema_decay", "label_smoothing", "augment_p")
 # `ray job submit` hands the job's config (runtime env included) to the driver in this variable
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -119,6 +123,11 @@ class TrainConfig:
                                       "1 for a policy, 0 for ada")
     ada_target: float = _opt(0.6, "ada: the target of r_t = E[sign D(real)] (StyleGAN2-ADA's 0.6)")
     ada_kimg: float = _opt(100.0, "ada: thousands of real images over which p can move from 0 to 1")
+    # --- hyper-parameters that change at given steps (a PBT search's replay file writes one)
+    schedule: Optional[str] = _opt(None, "values that switch at given G steps, as YAML/JSON: [{step: 310, lr_g: "
+                                         "1.6e-4}, ...] (in a --config file, a list); each entry holds from the "
+                                         "step after `step` on; fields: " + ", ".join(SCHEDULE_FIELDS),
+                                    "none")
     # --- model execution
     num_workers: Optional[int] = _opt(None, "Ray Train workers (DDP ranks); auto: every GPU, as many as keep 16 "
                                             "images a worker for --bn local's BatchNorm statistics; on CPU 2 "
@@ -267,6 +276,7 @@ class TrainConfig:
             raise bad("precision", "fp16 is CUDA only (autocast fp16 and its GradScaler), and --no-use-gpu "
                                    "runs on CPU; use bf16 or fp32")
         self._validate_augment(bad)
+        self._validate_schedule()
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise bad("wandb_mode", f"unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
         for name in ("wandb_project", "wandb_group"):
@@ -294,6 +304,26 @@ class TrainConfig:
             raise bad("ada_target", f"must be in (0, 1) (r_t is a mean of signs), got {self.ada_target!r}")
         if self.ada_kimg <= 0:
             raise bad("ada_kimg", f"must be positive, got {self.ada_kimg!r}")
+
+    def _validate_schedule(self) -> None:
+        """Every entry of --schedule parses and, applied over the flags and the entries before it, makes a valid
+        config; the text is rewritten in its one canonical form (JSON), which checkpoints and W&B record."""
+        if self.schedule is None:
+            return
+        entries = parse_schedule(self.schedule)
+        values: dict[str, Any] = {}
+        for entry in entries:
+            step, changes = entry["step"], {k: v for k, v in entry.items() if k != "step"}
+            if "ema_decay" in changes and (changes["ema_decay"] == 0) != (self.ema_decay == 0):
+                raise ConfigError(f"--schedule: step {step}: ema_decay {changes['ema_decay']!r}: a schedule "
+                                  f"cannot turn the EMA on or off (--ema-decay {self.ema_decay!r})",
+                                  field="schedule")
+            values.update(changes)
+            try:
+                dataclasses.replace(self, schedule=None, **values).validate()
+            except ConfigError as e:
+                raise ConfigError(f"--schedule: step {step}: {e}", field="schedule") from None
+        self.schedule = schedule_text(entries)
 
     def _validate_data_and_name(self, bad) -> None:
         if self.dataset == "mnist5k":
@@ -386,6 +416,82 @@ def parse_augment(text: str) -> tuple[bool, tuple[str, ...]]:
     return adaptive, ops
 
 
+# -------------------------------------------------------------------- --schedule
+
+def parse_schedule(text: Any) -> list[dict[str, Any]]:
+    """--schedule's entries, [{"step": int, field: value, ...}] with steps strictly increasing, from its text (YAML
+    or JSON) or an already-parsed list; values converted like flags. Raises ConfigError naming --schedule."""
+    import yaml
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"--schedule: {why}", field="schedule")
+
+    if isinstance(text, str):
+        try:
+            text = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise bad(f"not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(text, list) or not text:
+        raise bad(f"expected a list of entries like {{step: 310, lr_g: 1.6e-4}}, got {text!r}")
+    entries, last = [], -1
+    for raw in text:
+        if not isinstance(raw, dict) or "step" not in raw:
+            raise bad(f"each entry needs a step and the values that change there, got {raw!r}")
+        step = raw["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise bad(f"step must be a non-negative integer, got {step!r}")
+        if step <= last:
+            raise bad(f"steps must increase, and {step} follows {last}")
+        last = step
+        changes = {str(k).replace("-", "_"): v for k, v in raw.items() if k != "step"}
+        if not changes:
+            raise bad(f"step {step}: no values")
+        entry: dict[str, Any] = {"step": step}
+        for key, value in changes.items():
+            if key not in SCHEDULE_FIELDS:
+                raise bad(f"step {step}: {key} cannot change mid-run; a schedule changes "
+                          f"{', '.join(SCHEDULE_FIELDS)}")
+            entry[key] = _schedule_number(value)
+            if entry[key] is None:
+                raise bad(f"step {step}: {key}: expected a finite number, got {value!r}")
+        entries.append(entry)
+    return entries
+
+
+def _schedule_number(value: Any) -> Optional[float]:
+    """A schedule's value as a float (YAML 1.1 reads 1.6e-4 as text); None when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def schedule_text(entries: list[dict[str, Any]]) -> str:
+    """The canonical --schedule text of parsed entries (JSON, which YAML reads too)."""
+    import json
+
+    return json.dumps(entries, separators=(", ", ": "))
+
+
+def schedule_values(cfg: TrainConfig, step: int) -> dict[str, Any]:
+    """The values --schedule has set by the time `step` G steps are done: every entry at `step` or before, later
+    ones winning; {} without a schedule."""
+    values: dict[str, Any] = {}
+    for entry in parse_schedule(cfg.schedule) if cfg.schedule else []:
+        if entry["step"] <= step:
+            values.update({k: v for k, v in entry.items() if k != "step"})
+    return values
+
+
+def config_at(cfg: TrainConfig, step: int) -> TrainConfig:
+    """The config in force for the G step after `step`: the flags with --schedule's values up to `step`."""
+    values = schedule_values(cfg, step)
+    return dataclasses.replace(cfg, **values) if values else cfg
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -406,6 +512,12 @@ def check_schedule(cfg: TrainConfig, num_images: int) -> int:
         raise ConfigError(f"--max-steps {cfg.max_steps}: --epochs {cfg.epochs} ends the run at step {total} "
                           f"({steps_per_epoch} steps an epoch); raise --epochs to "
                           f"{math.ceil(cfg.max_steps / steps_per_epoch)} or lower --max-steps", field="max_steps")
+    if cfg.schedule:
+        last = parse_schedule(cfg.schedule)[-1]["step"]
+        end = min(cfg.max_steps or math.inf, total)
+        if last >= end:
+            raise ConfigError(f"--schedule: step {last} is at or past the run's last step, {end}: nothing would "
+                              f"train with its values", field="schedule")
     return steps_per_epoch
 
 

@@ -33,7 +33,7 @@ from distgan import seeds
 from distgan.augment import SEED_OFFSET as AUGMENT_SEED_OFFSET
 from distgan.augment import build_augment
 from distgan.checkpoint import FORMAT_VERSION, capture_rng, check_compatible, load_into, restore_rng
-from distgan.config import TrainConfig, config_from_dict
+from distgan.config import TrainConfig, config_at, config_from_dict, parse_schedule
 from distgan.data import build_dataset, dataset_fingerprint
 from distgan.evaluation import RANK0_WORK_TIMEOUT, quality_line, run_on_rank0, sample_and_score, start_services
 from distgan.faults import check_replicas, inject_test_faults
@@ -96,6 +96,10 @@ class Trainer:
             cfg = self.cfg = dataclasses.replace(cfg, num_workers=self.world)
         if cfg.num_workers != self.world:  # the per-worker batch and the data position assume it
             raise ValueError(f"num_workers={cfg.num_workers}, and the process group has {self.world} ranks")
+        # self.cfg is what holds for the next step: the flags with --schedule's values up to it (config_at)
+        self.flags = cfg
+        self._switches = {entry.pop("step"): entry for entry in parse_schedule(cfg.schedule)} if cfg.schedule else {}
+        cfg = self.cfg = config_at(cfg, 0)
         self.precision_choice = decide_run_precision(cfg, self.device, self.rank, self.distributed)
         self.precision = self.precision_choice.precision
         self.kernel_backend, self.kernel_reason = (cfg.kernels, "--kernels") if cfg.kernels != "auto" else (
@@ -219,6 +223,7 @@ class Trainer:
         reseeds the noise and dropout streams. The NaN guard's learning-rate scale and rollback count, and the
         best FID, are the new run's own and start afresh."""
         check_compatible(state, self.cfg.to_dict(), where)
+        self.cfg = config_at(self.flags, int(state["step"]))  # --schedule's values at the loaded step
         load_into(state, where, generator=self.g_bare, discriminator=self.d_bare, opt_g=self.opt_g, opt_d=self.opt_d)
         if self.ema is not None:
             if "ema" in state:
@@ -281,6 +286,25 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr * factor
 
+    def _switch_schedule(self) -> None:
+        """--schedule's entry at this step takes effect for the next G step: the optimizers' rates and betas and
+        the EMA's decay are set here; label smoothing is read from self.cfg where it is used; the augmentation's p
+        is set only when the entry names augment_p, so that ADA's adapted p is not reset by another field's switch.
+        A resume at this step switches the same way, so a resumed run trains the same bits."""
+        before, self.cfg = self.cfg, config_at(self.flags, self.step)
+        named = self._switches[self.step]
+        self._apply_lr()
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+        if self.ema is not None:
+            self.ema.decay = self.cfg.ema_decay
+        if self.augment is not None and "augment_p" in named:
+            self.augment.p = float(self.cfg.augment_p)
+        if self.rank == 0:
+            changes = ", ".join(f"{k} {getattr(before, k)!r} -> {getattr(self.cfg, k)!r}" for k in sorted(named))
+            print(f"schedule: from step {self.step + 1}: {changes or 'no change'}", flush=True)
+
     # ------------------------------------------------------------------ one step
     def _next_reals(self) -> list[torch.Tensor]:
         if self._batches is None:
@@ -296,6 +320,8 @@ class Trainer:
         the EMA. Returns 0-dim device tensors (STAT_KEYS); no host sync."""
         reals = self._next_reals()
         inject_test_faults(self.step + 1, self.rank, reals)
+        if self.step in self._switches:
+            self._switch_schedule()
         if self.cfg.lr_decay_start < 1:
             self._apply_lr()
         out = gan_step(self.g, self.d, self.opt_g, self.opt_d, reals, self._sample_z,

@@ -285,9 +285,8 @@ class TrainConfig:
                                       or WANDB_NAME_FORBIDDEN & set(value)):
                 raise bad(name, f"{value!r} must be 1-{WANDB_NAME_MAX} characters without "
                                 f"{' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
-        self._validate_data_and_name(bad)
-        self._validate_storage_path(bad)
-        self._validate_init_from(bad)
+        for check in (self._validate_data_and_name, self._validate_storage_path, self._validate_init_from):
+            check(bad)
         return self
 
     def _validate_augment(self, bad) -> None:

@@ -301,9 +301,11 @@ class Trainer:
             self.ema.decay = self.cfg.ema_decay
         if self.augment is not None and "augment_p" in named:
             self.augment.p = float(self.cfg.augment_p)
-        if self.rank == 0:
-            changes = ", ".join(f"{k} {getattr(before, k)!r} -> {getattr(self.cfg, k)!r}" for k in sorted(named))
-            print(f"schedule: from step {self.step + 1}: {changes or 'no change'}", flush=True)
+        # a run loaded at this step (a resume, a fork) has these values already: it says nothing
+        changes = ", ".join(f"{k} {getattr(before, k)!r} -> {getattr(self.cfg, k)!r}" for k in sorted(named)
+                            if getattr(before, k) != getattr(self.cfg, k))
+        if self.rank == 0 and changes:
+            print(f"schedule: from step {self.step + 1}: {changes}", flush=True)
 
     # ------------------------------------------------------------------ one step
     def _next_reals(self) -> list[torch.Tensor]:

@@ -28,6 +28,9 @@ def _convert(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown option {name!r} (a TrainConfig field, e.g. lr_g)")
     if name in TUNER_FIELDS:
         raise ConfigError(f"{where}: {name} is set by the tuner for every trial, not searched")
+    if name == "schedule":
+        raise ConfigError(f"{where}: schedule is not searched: every trial follows the base --schedule (under "
+                          f"--scheduler pbt, the one its exploits make)")
     try:
         return convert_value(*_field_kind(by_name[name]), value)
     except ValueError as e:

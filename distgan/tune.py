@@ -26,15 +26,25 @@ Reports happen only at evaluations (checkpoints every --eval-every epochs, no st
 ASHA's time axis is the evaluation count and every report carries an FID. `--scheduler fifo` runs every trial
 to the end (a study, not a search).
 
+`--scheduler pbt`: population based training (Jaderberg et al., 2017) over --num-samples trials. Every
+--perturbation-interval evaluations, a trial among the worst --quantile-fraction copies one among the best: it
+starts a new distgan run, `trial_<id>_x<k>`, forked (--init-from) from that trial's newest checkpoint, with the
+searched values mutated (a range x0.8 or x1.2 within its bounds, or resampled; a choice resampled or moved to a
+neighbouring value). Only values a run can change between two steps are searched (distgan.pbt). Every exploit is
+in results.json and the printed table, and the winner's values over its steps are written to `replay.yaml`, which
+`python -m distgan.train --config` trains on its own.
+
 Output: `<storage path>/<name>/` holds Tune's experiment, each trial's distgan run directory (its name is the
 trial's), and `results.json`: one row per trial (parameters, best FID, classifier score, KID and coverage at
-that evaluation, steps, seconds, status, every evaluation). The same rows print as a table. Every trial logs to
+that evaluation, steps, seconds, status, every evaluation; under pbt, each trial's runs, every exploit and the
+replay file). The same rows print as a table. Every trial logs to
 one W&B group, the search's name, unless --wandb-group is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -49,12 +59,14 @@ from typing import Any, Optional
 
 import yaml
 
+from distgan import pbt
 from distgan.cli import parse_args
 from distgan.config import (
     ConfigError,
     TrainConfig,
     check_schedule,
     config_from_dict,
+    schedule_text,
 )
 from distgan.search_space import (
     KINDS,
@@ -110,6 +122,121 @@ def _trial(params: dict[str, Any], base: dict[str, Any], recipes: dict[str, dict
     build_trainer(cfg, use_gpu, score_fid=True, callbacks=[TuneReportCallback()]).fit()
 
 
+# Every Ray cluster's head node holds one unit of this resource. PBT takes turns among its trials only when the ones
+# that do not run are known to Tune and wait (Tune's max_concurrent_trials would hide them): a PBT trial asks for
+# TRIAL_SLOT_SHARE/concurrent of it, so that no more trials than the cluster's CPUs or GPUs hold run at once,
+# whatever their Ray Train workers (which Tune does not see) take. The rest stays free: Ray Train places an actor of
+# its own per run on the head node with 0.001 of it.
+TRIAL_SLOT = "node:__internal_head__"
+TRIAL_SLOT_SHARE = 0.9
+
+
+def pbt_resources(concurrent: int) -> dict[str, float]:
+    """A PBT trial's Tune resources: its driver's CPU and its share of TRIAL_SLOT."""
+    return {"CPU": TRIAL_DRIVER_CPUS, TRIAL_SLOT: math.floor(10_000 * TRIAL_SLOT_SHARE / concurrent) / 10_000}
+
+
+def _forward_reports(queue):
+    """A Ray Train callback that hands each report (its metrics, and where its checkpoint went) to the trial's own
+    process through `queue`, where the trial reports it to Tune with a Tune checkpoint of its own (PBT's exploit
+    restores one; Ray's TuneReportCallback passes metrics only)."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            queue.put({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None})
+
+    return ForwardReports()
+
+
+def _report_while_fitting(trainer, queue, report) -> None:
+    """trainer.fit() on a thread of its own while this thread hands every item of `queue` to `report` (Tune's
+    report must be called from the trial's thread); the fit's error, if any, is raised once every item is out."""
+    import threading
+
+    from ray.util.queue import Empty
+
+    box: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised on the trial's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while True:
+        try:
+            item = queue.get(timeout=1.0)
+        except Empty:
+            if thread.is_alive():
+                continue
+            try:  # the callback's last put happens before fit() returns
+                item = queue.get(block=False)
+            except Empty:
+                break
+        report(item)
+    if "error" in box:
+        raise box["error"]
+
+
+def _pbt_trial(params: dict[str, Any], base: dict[str, Any], search: str, use_gpu: bool, env: dict[str, str],
+               fields: list[str]) -> None:
+    """A PBT trial: the distgan run it trains now (distgan.pbt.plan_segment: its first, its own after a pause, or a
+    fork from the donor's checkpoint after an exploit), reporting each evaluation to Tune with a Tune checkpoint
+    that names the distgan checkpoint."""
+    import tempfile
+    from pathlib import Path, PurePosixPath
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from distgan import storage
+    from distgan.driver import checked_run
+    from distgan.rundir import RunDir
+    from distgan.train import build_trainer
+
+    os.environ.update(env)
+    trial = f"trial_{tune.get_context().get_trial_id()}"
+    restored = None
+    if tune.get_checkpoint() is not None:
+        with tune.get_checkpoint().as_directory() as directory:
+            restored = json.loads((Path(directory) / pbt.TUNE_STATE).read_text())
+    previous = pbt.newest_exploit(pbt.read_exploits(base["storage_path"], search), trial) if restored else None
+    segment = pbt.plan_segment(trial, params, fields, restored,
+                               storage.list_names(storage.join(base["storage_path"], search)), previous)
+    overrides = {"schedule": schedule_text(segment.history)} if len(segment.history) > 1 else {}
+    if segment.init_from:
+        overrides["init_from"] = segment.init_from
+    cfg = trial_config(base, {**params, **overrides}, {}, search, segment.run)
+    if segment.exploit is not None:
+        pbt.write_exploit(base["storage_path"], search, segment.exploit)
+        print(f"distgan.tune: {pbt.format_exploits([segment.exploit])}", flush=True)
+
+    def report(item: dict[str, Any]) -> None:
+        path = item.pop("checkpoint_path", None)
+        metrics = {k: v for k, v in item.items() if isinstance(v, (int, float, str))}
+        metrics["run"] = segment.run
+        if path is None:
+            tune.report(metrics)
+            return
+        location = RunDir.of(cfg).join(PurePosixPath(path).name)  # Ray's path drops a URI's scheme
+        with tempfile.TemporaryDirectory() as tmp:
+            state = pbt.tune_state(trial, segment, location, int(item["step"]))
+            (Path(tmp) / pbt.TUNE_STATE).write_text(json.dumps(state))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    with checked_run(cfg, ray_record=True) as checked:  # the pre-flight of distgan.train: resume, fork, data
+        end = min(cfg.max_steps or math.inf, cfg.epochs * cfg.steps_per_epoch(checked.data["images"]))
+        if checked.found is not None and checked.found.state["step"] >= end:
+            return  # paused at its last report: nothing is left to train
+        trainer = build_trainer(cfg, use_gpu, score_fid=True, callbacks=[_forward_reports(queue)], data=checked.data,
+                                init_from=checked.parent and checked.parent.location)
+        _report_while_fitting(trainer, queue, report)
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 
@@ -145,6 +272,33 @@ def result_rows(results, base: dict[str, Any], recipes: dict[str, dict], search:
                      "precision": reports[-1].get("precision") if reports else None,
                      "status": status, "points": points})
     return rows
+
+
+def pbt_results(rows: list[dict[str, Any]], base: dict[str, Any], space: dict, args: argparse.Namespace,
+                storage_path: str, search: str) -> dict[str, Any]:
+    """A PBT search's part of results.json: its settings, every exploit (each row gets its trial's runs), and the
+    winner's schedule written as the replay file (distgan.pbt.REPLAY_FILE), None when no trial evaluated."""
+    from distgan import storage
+
+    exploits = pbt.read_exploits(storage_path, search)
+    for row in rows:
+        row["runs"] = [row["trial"], *dict.fromkeys(r["run"] for r in exploits if r["trial"] == row["trial"])]
+    out = {"pbt": {"perturbation_interval": args.perturbation_interval, "quantile_fraction": args.quantile_fraction,
+                   "mutated": args.pbt_fields}, "exploits": exploits, "replay": None}
+    best = pbt.winner(rows)
+    if best is None:
+        return out
+    run = best["runs"][-1]
+    history = pbt.replay_history(run, exploits, {k: best["params"][k] for k in args.pbt_fields})
+    fixed = {k: values[0] for k, (kind, values) in space.items() if kind == "fixed"}
+    location = storage.join(storage_path, search, pbt.REPLAY_FILE)
+    last = best["points"][-1]
+    comment = (f"distgan.tune search {search}: the values {best['trial']} trained with over its steps, through its "
+               f"exploits\n(its run {run}: FID {last['fid']:.2f} at step {last['step']}). Train with them:\n"
+               f"  python -m distgan.train --config {location} --name <name>")
+    storage.write_bytes(location, pbt.replay_yaml(pbt.replay_config(base, fixed, history), comment).encode())
+    out["replay"] = {"trial": best["trial"], "run": run, "schedule": history, "location": location}
+    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -199,8 +353,10 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # no abbreviations: `--schedule` (a distgan.train flag) must not be taken for `--scheduler`
     p = argparse.ArgumentParser(prog="python -m distgan.tune", description=__doc__.split("\n\n")[0],
-                                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--space", default=None, metavar="FILE", help="YAML file of the search space (its form: below)")
     for kind in ("grid", "choice"):
         p.add_argument(f"--{kind}", action="append", nargs="+", default=[], metavar="FIELD VALUE",
@@ -210,12 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{kind} range of a field (repeatable)")
     p.add_argument("--num-samples", type=int, default=1, help="samples of the space (each grid point this many "
                                                               "times) (default: 1)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
-                   help="asha: stop trials with a poor FID at an evaluation; fifo: run all to the end (default: asha)")
+    p.add_argument("--scheduler", choices=("asha", "fifo", "pbt"), default="asha",
+                   help="asha: stop trials with a poor FID at an evaluation; fifo: run all to the end; pbt: "
+                        "population based training, the worst trials copy the best and mutate (default: asha)")
     p.add_argument("--grace-evals", type=int, default=1, help="ASHA: evaluations before a trial can be stopped "
                                                               "(default: 1)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/this at each rung "
                                                                        "(default: 2)")
+    p.add_argument("--perturbation-interval", type=int, default=1,
+                   help="PBT: evaluations between a trial's chances to copy a better one (default: 1)")
+    p.add_argument("--quantile-fraction", type=float, default=0.25,
+                   help="PBT: the worst this fraction of trials copy the best this fraction, in (0, 0.5] "
+                        "(default: 0.25)")
     p.add_argument("--max-concurrent-trials", type=int, default=None,
                    help="default: as many as the cluster's CPUs (GPUs with --use-gpu) hold, at least 1")
     return p
@@ -264,6 +426,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, dict, dict]
     if not ok:
         raise ConfigError(f"--dataset: the tuner ranks trials by FID, which {why}")
     space, recipes = search_space(args)
+    args.pbt_fields = pbt.check_space(space, recipes, args.num_samples, args.perturbation_interval,
+                                      args.quantile_fraction, cfg.schedule) if args.scheduler == "pbt" else []
     # reports (and checkpoints) at evaluations only: each carries an FID, and ASHA counts evaluations
     cfg = replace(cfg, checkpoint_every=cfg.eval_every, checkpoint_every_steps=0, checkpoint_every_minutes=0,
                   wandb_group=cfg.wandb_group or cfg.name)
@@ -338,7 +502,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
     try:  # however the search ends, the local Ray instance it started goes with it
         stop = StopSearch()
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
         from distgan.hardware import ray_nodes
 
@@ -355,19 +519,33 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         epochs = max([cfg.epochs, *(v for k, (_, vs) in space.items() if k == "epochs" for v in vs),
                       *(r.get("epochs", 0) for r in recipes.values())])
         max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_evals,
-                                  reduction_factor=args.reduction_factor, max_t=max_t) \
-            if args.scheduler == "asha" else FIFOScheduler()
-        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, recipes=recipes, search=search,
-                                                             use_gpu=use_gpu, env=_forwarded_env()),
+        if args.scheduler == "pbt":
+            # epochs, not Tune's iterations: an exploit restores the donor's checkpoint and its epoch with it
+            scheduler = PopulationBasedTraining(
+                time_attr="epoch", perturbation_interval=args.perturbation_interval * cfg.eval_every,
+                hyperparam_mutations=pbt.mutations(space), quantile_fraction=args.quantile_fraction,
+                custom_explore_fn=functools.partial(pbt.within_range, space))
+            trial_fn = tune.with_parameters(_pbt_trial, base=base, search=search, use_gpu=use_gpu,
+                                            env=_forwarded_env(), fields=args.pbt_fields)
+        else:
+            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_evals,
+                                      reduction_factor=args.reduction_factor, max_t=max_t) \
+                if args.scheduler == "asha" else FIFOScheduler()
+            trial_fn = tune.with_parameters(_trial, base=base, recipes=recipes, search=search, use_gpu=use_gpu,
+                                            env=_forwarded_env())
+        trainable = tune.with_resources(trial_fn, pbt_resources(concurrent) if args.scheduler == "pbt" else
                                         {"CPU": TRIAL_DRIVER_CPUS})
         print(f"distgan.tune: search {search}: {args.scheduler}, {args.num_samples} sample(s) of "
               f"{space_text(space, recipes)}; {concurrent} trial(s) at a time, {cfg.num_workers} worker(s) each; "
               f"W&B group {cfg.wandb_group}", flush=True)
         t0 = time.perf_counter()
         tuner = tune.Tuner(trainable, param_space=param_space(space, recipes),
+                           # a paused trial's process ends, and its Ray Train run with it (PBT pauses trials)
                            tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=scheduler,
-                                                       num_samples=args.num_samples, max_concurrent_trials=concurrent),
+                                                       num_samples=args.num_samples,
+                                                       max_concurrent_trials=args.num_samples
+                                                       if args.scheduler == "pbt" else concurrent,
+                                                       reuse_actors=False),
                            run_config=tune.RunConfig(name=search, storage_path=cfg.storage_path,
                                                      verbose=1 if cfg.verbose else 0))
         results = tuner.fit()
@@ -379,6 +557,8 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
               "scheduler": args.scheduler, "num_samples": args.num_samples, "space": space_text(space, recipes),
               "recipes": recipes, "base": base, "wall_s": round(wall, 1), "provenance": collect(), "trials": rows,
               "stopped_by": signal.Signals(stop.signum).name if stop.signum else None}
+    if args.scheduler == "pbt":
+        record.update(pbt_results(rows, base, space, args, cfg.storage_path, search))
     record["location"] = write_results(cfg.storage_path, search, record)
     return record
 
@@ -395,6 +575,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distgan.tune: interrupted ({e or 'SIGINT'}); no results were written", file=sys.stderr)
         return 128 + (signal.Signals[str(e)] if str(e) in ("SIGTERM", "SIGHUP") else signal.SIGINT)
     print(format_table(record["trials"]))
+    if record["scheduler"] == "pbt":
+        print(f"\nexploits ({len(record['exploits'])}):\n{pbt.format_exploits(record['exploits']) or '(none)'}")
+        if record["replay"]:
+            print(f"\nreplay of {record['replay']['trial']}: python -m distgan.train --config "
+                  f"{record['replay']['location']} --name <name>")
     print(f"\nresults: {record['location']}")
     stopped_by = record["stopped_by"]
     if not stopped_by:

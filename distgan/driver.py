@@ -4,7 +4,7 @@ checks that run before any worker starts, in one order, and the stop signals.
 checked_run is the pre-flight: the data and the schedule, the run directory's claim, the checkpoint the run resumes
 or forks from (the driver chooses it and hands it to the workers) and the flags and data against it. What depends
 on where the workers run (the cluster's GPUs, the workers' sizing) is checked by each driver once it knows.
-distgan.tune checks its base config's data and schedule with check_inputs.
+distgan.tune runs the same checks of the data once and of the schedule for every trial it can reach.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ def _entry(rank: int, fn, world: int, rendezvous: str, timeout_s: float, threads
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, *args)
+        # No rank leaves while another is still inside a collective with it: a rank that finishes first and exits
+        # closes its connections, and a peer still completing one (a new_group's handshake on a busy machine)
+        # fails with "Connection closed by peer".
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

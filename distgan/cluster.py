@@ -136,10 +136,11 @@ def connect_ray(cfg: TrainConfig, extra_cpus: int = 0):
         # The dashboard process serves the State API (without it every poll logs "State API may be temporarily
         # unavailable"); loopback only. address="local": a new instance of our own, where a bare ray.init()
         # would join any instance that `ray start` left on this machine (and then refuse num_cpus).
+        # The State API's address is named even without a dashboard: left to discover it, the cleaner scans the
+        # machine's Ray processes and, with another instance running, warns on every poll that it found several.
         port, dashboard = _free_port(), dashboard_available()
-        if dashboard:
-            env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        else:
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        if not dashboard:
             runtime_env["worker_process_setup_hook"] = "distgan.cluster.without_state_api"
         # Ray Train's preemption watcher is for cloud nodes; on this machine it only logs a core_worker error.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

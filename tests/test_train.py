@@ -426,12 +426,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_it_and_the_checkpoint_to
     assert load_state(run / "checkpoint_00000010")["step"] == 10
 
 
-def test_a_local_run_without_rays_dashboard_trains_end_to_end_quietly(tmp_path):
+def test_a_local_run_without_rays_dashboard_trains_end_to_end_quietly(tmp_path, ray_cluster):
     """What a minimal Ray (an offline GPU image's) gives: no dashboard, so no State API, which Ray Train's
-    placement-group cleaner polls; the run trains, checkpoints and ends with distgan's lines only."""
+    placement-group cleaner polls; the run trains, checkpoints and ends with distgan's lines only. Another
+    instance on the machine, recorded by `ray start` as the latest, does not draw the cleaner's polls to it."""
+    import tempfile
+
     from conftest import hiding_modules_env
 
-    env = hiding_modules_env(tmp_path, "ray.dashboard.optional_deps", base=_local_run_env())
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a limit
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(ray_cluster.address + "\n")
+    env = hiding_modules_env(tmp_path, "ray.dashboard.optional_deps", base=_local_run_env(RAY_TMPDIR=str(ray_tmp)))
     args = ["--max-steps", 200, "--eval-every", 0, "--storage-path", tmp_path / "runs", "--name", "nodash"]
     proc = subprocess.run([sys.executable, "-m", "distgan.train", *map(str, args)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
@@ -439,3 +445,4 @@ def test_a_local_run_without_rays_dashboard_trains_end_to_end_quietly(tmp_path):
     assert (tmp_path / "runs" / "nodash" / "checkpoint_00000200").is_dir()
     noise = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip() and "img/s" not in line]
     assert noise == [], noise
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -29,11 +29,26 @@ from distgan.config import SCHEDULE_FIELDS, ConfigError
 TUNE_STATE = "distgan_run.json"  # the file in each Tune checkpoint of a PBT trial
 EXPLOITS_DIR = "exploits"  # <search>/exploits/<run>.json: one record per exploit, written by the trial
 REPLAY_FILE = "replay.yaml"  # <search>/replay.yaml: the winner's schedule for distgan.train --config
+LAST_REPORT = "last_report"  # 1 in a trial's report at its run's last step, else 0
 RUN_NAME = re.compile(r"(trial_.+?)(?:_x(\d+))?")
 # What the replay file leaves out of the search's base config: where and under which name a run lives, and what
 # the tuner set only to compare trials (checkpoints at evaluations) is the replay's own choice
 NOT_REPLAYED = ("name", "storage_path", "config", "init_from", "schedule", "wandb_group", "checkpoint_every",
                 "checkpoint_every_steps", "checkpoint_every_minutes")
+
+
+def scheduler(**options: Any):
+    """Ray Tune's PopulationBasedTraining (`options` are its own), except that a report marked LAST_REPORT
+    continues: an exploit there would fork a run with nothing left to train, so the trial ends as it stands."""
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    class UntilTheLastStep(PopulationBasedTraining):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            if result.get(LAST_REPORT):
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return UntilTheLastStep(**options)
 
 
 # ---------------------------------------------------------------------------------------------- the space

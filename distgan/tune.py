@@ -218,6 +218,7 @@ def _pbt_trial(params: dict[str, Any], base: dict[str, Any], search: str, use_gp
         path = item.pop("checkpoint_path", None)
         metrics = {k: v for k, v in item.items() if isinstance(v, (int, float, str))}
         metrics["run"] = segment.run
+        metrics[pbt.LAST_REPORT] = int(int(item["step"]) >= end)
         if path is None:
             tune.report(metrics)
             return
@@ -502,7 +503,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
     try:  # however the search ends, the local Ray instance it started goes with it
         stop = StopSearch()
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
         from distgan.hardware import ray_nodes
 
@@ -521,7 +522,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
         if args.scheduler == "pbt":
             # epochs, not Tune's iterations: an exploit restores the donor's checkpoint and its epoch with it
-            scheduler = PopulationBasedTraining(
+            scheduler = pbt.scheduler(
                 time_attr="epoch", perturbation_interval=args.perturbation_interval * cfg.eval_every,
                 hyperparam_mutations=pbt.mutations(space), quantile_fraction=args.quantile_fraction,
                 custom_explore_fn=functools.partial(pbt.within_range, space))

@@ -230,7 +230,11 @@ def test_the_rehearsal_runs_every_stage_on_this_cpu_and_everything_comes_back(tm
     import tarfile
 
     out = tmp_path / "out"
-    proc = _bash("gpu_check.sh", "--rehearse", env={**os.environ, "OUT": str(out)}, timeout=900)
+    # Twice the GPU's budget: CPU stages beside another test process run at half speed or worse, and what this
+    # checks is the stages' plumbing; the GPU budget's own arithmetic is the dry-run test's.
+    budget = 2 * 470
+    proc = _bash("gpu_check.sh", "--rehearse", env={**os.environ, "OUT": str(out),
+                                                     "GPU_CHECK_BUDGET_S": str(budget)}, timeout=budget + 300)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     files = [p for p in out.rglob("*") if p.is_file()]
     # what a device machine returns: at most 8 files, at most two folders down, plain names
@@ -240,7 +244,7 @@ def test_the_rehearsal_runs_every_stage_on_this_cpu_and_everything_comes_back(tm
     assert result["rehearsal"] and [s["stage"] for s in result["stages"]] == \
         ["versions", "pytest", "kernels", "faults", "train"]
     assert all(s["status"] == "PASS" for s in result["stages"]), result["stages"]
-    assert sum(s["limit_s"] for s in result["stages"]) <= 470
+    assert sum(s["limit_s"] for s in result["stages"]) <= budget
     with tarfile.open(next(out.glob("gpu-*-logs.tar.gz"))) as archive:
         names = set(archive.getnames())
     assert {f"logs/{stage}.log" for stage in ("versions", "pytest", "kernels", "faults", "train")} <= names

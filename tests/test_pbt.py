@@ -179,6 +179,25 @@ def test_the_winner_is_the_best_last_evaluation_of_a_completed_trial():
 # ---------------------------------------------------------------------------------------------- a real search
 
 
+def test_a_trials_last_report_is_never_exploited():
+    """An exploit at a run's last step would fork a run with nothing left to train: PBT lets that trial end."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler = pbt.scheduler(time_attr="epoch", perturbation_interval=1, hyperparam_mutations={"lr_g": [1e-4, 1e-3]})
+    scheduler.set_search_properties(metric="fid", mode="min", config={})
+    trial = Trial("distgan_trial", config={"lr_g": 1e-4}, stub=True)  # as Ray's own scheduler tests make one
+    tuner = SimpleNamespace(search_alg=None, get_trials=lambda: [trial], get_live_trials=lambda: [trial])
+    scheduler.on_trial_add(tuner, trial)
+    decision = scheduler.on_trial_result(tuner, trial, {"epoch": 3, "fid": 90.0, pbt.LAST_REPORT: 1})
+    assert decision == TrialScheduler.CONTINUE and scheduler._trial_state[trial].last_perturbation_time == 0
+    # any other report at a perturbation goes on to PBT's own decision, which marks the perturbation
+    scheduler.on_trial_result(tuner, trial, {"epoch": 2, "fid": 90.0, pbt.LAST_REPORT: 0})
+    assert scheduler._trial_state[trial].last_perturbation_time == 2
+
+
 @pytest.mark.slow
 def test_a_two_trial_pbt_search_exploits_logs_it_and_writes_a_replay_distgan_train_reads(ray_cluster, tmp_path):
     env = ray_cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAST_POLL})
@@ -194,6 +213,8 @@ def test_a_two_trial_pbt_search_exploits_logs_it_and_writes_a_replay_distgan_tra
     assert record["scheduler"] == "pbt" and record["pbt"]["mutated"] == ["lr_g"] and len(record["trials"]) == 2
     exploits = record["exploits"]
     assert exploits, describe(proc)
+    assert all(t["status"] == "complete" for t in record["trials"])
+    assert all(e["step"] < record["trials"][0]["total_steps"] for e in exploits)  # none at the last report
     for e in exploits:  # a new run of the trial, forked from the donor's checkpoint, in the search's directory
         assert e["run"].startswith(f"{e['trial']}_x") and e["donor_trial"] != e["trial"]
         assert e["checkpoint"].startswith(str(runs / "pbt" / e["donor_run"] / "checkpoint_"))

@@ -66,14 +66,16 @@ def search_argv(recipes: list[str], seeds: list[int], epochs: int, eval_every: i
 
 def records_from_search(search: dict) -> list[dict]:
     """A distgan.tune results.json -> records (one per trial that evaluated): the recipe is the trial's named
-    recipe, else its overrides other than the seed."""
+    recipe, else its overrides other than the seed, else the search's base (its replayed schedule, if any)."""
     records = []
     for trial in search["trials"]:
         if not trial["points"]:
             continue
         overrides = {k: v for k, v in trial["overrides"].items() if k != "seed"}
         recipe = trial["params"].get(search_space.RECIPES_KEY) or ", ".join(f"{k}={v}" for k, v in overrides.items())
-        records.append({"recipe": recipe or "base", "seed": trial["overrides"].get("seed", search["base"]["seed"]),
+        # a search over a --config with a schedule (a PBT winner's replay) trains that schedule, not the base recipe
+        base = "replayed schedule" if search["base"].get("schedule") else "base"
+        records.append({"recipe": recipe or base, "seed": trial["overrides"].get("seed", search["base"]["seed"]),
                         "overrides": overrides, "precision": trial.get("precision"),
                         "epochs": overrides.get("epochs", search["base"]["epochs"]), "wall_s": trial["seconds"],
                         "status": trial["status"], "points": trial["points"],

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -26,8 +29,11 @@ if not gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # --precision auto caches its measurement in the user's cache directory; the tests (and the drivers, Ray nodes and
-# workers they start, which inherit this environment) keep theirs in a directory of this session.
-os.environ.setdefault("DISTGAN_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="distgan-test-cache-"))
+# workers they start, which inherit this environment) keep theirs in a directory of this session, removed with it
+# (pytest-xdist's workers inherit the directory of the process that made it, which ends last).
+if "DISTGAN_CACHE_DIR" not in os.environ:
+    os.environ["DISTGAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="distgan-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DISTGAN_CACHE_DIR"], ignore_errors=True)
 
 # pytest-xdist runs one session per core: torch's intra-op threads, one per core in each, would contend for the
 # cores with the other session (and with the processes the tests start), and a contended OpenMP barrier costs

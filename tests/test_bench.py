@@ -792,6 +792,13 @@ def test_a_search_becomes_recipe_records():
         ("lr6e-4", 1, {"lr_g": 6e-4, "lr_d": 6e-4}, points[1])
     assert (ada["recipe"], ada["seed"], ada["epochs"], ada["best"], ada["status"]) == \
         ("augment=ada", 0, 8, points[0], "stopped at step 248")
+    # a search over a seed alone is its base; with a schedule in the base (a PBT winner's replay), that schedule
+    seeds = {"base": {"seed": 0, "epochs": 8}, "trials": [
+        {"params": {"seed": 2}, "overrides": {"seed": 2}, "precision": "bf16", "seconds": 61.0, "status": "complete",
+         "points": points}]}
+    assert br.records_from_search(seeds)[0]["recipe"] == "base"
+    seeds["base"]["schedule"] = '[{"step": 0, "lr_g": 0.001}, {"step": 496, "lr_g": 0.0012}]'
+    assert br.records_from_search(seeds)[0]["recipe"] == "replayed schedule"
 
 
 # bench/default_run.py and bench/recipe_report.py: the generators of committed results files

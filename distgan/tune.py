@@ -285,7 +285,7 @@ def pbt_results(rows: list[dict[str, Any]], base: dict[str, Any], space: dict, a
     for row in rows:
         row["runs"] = [row["trial"], *dict.fromkeys(r["run"] for r in exploits if r["trial"] == row["trial"])]
     out = {"pbt": {"perturbation_interval": args.perturbation_interval, "quantile_fraction": args.quantile_fraction,
-                   "mutated": args.pbt_fields}, "exploits": exploits, "replay": None}
+                   "mutated": args.pbt_fields, "synchronous": args.synch}, "exploits": exploits, "replay": None}
     best = pbt.winner(rows)
     if best is None:
         return out
@@ -522,8 +522,11 @@ def run(args: argparse.Namespace, cfg: TrainConfig, space: dict, recipes: dict) 
         max_t = max(math.ceil(epochs / cfg.eval_every) + 1, args.grace_evals)
         if args.scheduler == "pbt":
             # epochs, not Tune's iterations: an exploit restores the donor's checkpoint and its epoch with it
+            # Trials that take turns are compared when all have reached the perturbation (Ray's synchronous PBT):
+            # asynchronously, a trial a turn ahead would be ranked against one a turn behind and win on length alone
+            args.synch = concurrent < args.num_samples
             scheduler = pbt.scheduler(
-                time_attr="epoch", perturbation_interval=args.perturbation_interval * cfg.eval_every,
+                synch=args.synch, time_attr="epoch", perturbation_interval=args.perturbation_interval * cfg.eval_every,
                 hyperparam_mutations=pbt.mutations(space), quantile_fraction=args.quantile_fraction,
                 custom_explore_fn=functools.partial(pbt.within_range, space))
             trial_fn = tune.with_parameters(_pbt_trial, base=base, search=search, use_gpu=use_gpu,

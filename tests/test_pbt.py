@@ -202,7 +202,7 @@ def test_a_trials_last_report_is_never_exploited():
 def test_a_two_trial_pbt_search_exploits_logs_it_and_writes_a_replay_distgan_train_reads(ray_cluster, tmp_path):
     env = ray_cluster.client_env(**{"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAST_POLL})
     runs = tmp_path / "runs"
-    # with 2 trials and a quantile of 0.5, the worse one copies the better at every evaluation after the first
+    # with 2 trials taking turns and a quantile of 0.5, the worse copies the better at every evaluation but the last
     proc = subprocess.run([sys.executable, "-m", "distgan.tune", "--scheduler", "pbt", "--num-samples", "2",
                            "--loguniform", "lr_g", "1e-5", "1e-3", "--perturbation-interval", "1",
                            "--quantile-fraction", "0.5", "--epochs", "3", "--batch-size", "256", "--eval-every", "1",
@@ -211,6 +211,7 @@ def test_a_two_trial_pbt_search_exploits_logs_it_and_writes_a_replay_distgan_tra
     assert proc.returncode == 0, describe(proc)
     record = json.loads((runs / "pbt" / "results.json").read_text())
     assert record["scheduler"] == "pbt" and record["pbt"]["mutated"] == ["lr_g"] and len(record["trials"]) == 2
+    assert record["pbt"]["synchronous"]  # the 3-CPU cluster runs one trial at a time: they take turns
     exploits = record["exploits"]
     assert exploits, describe(proc)
     assert all(t["status"] == "complete" for t in record["trials"])
